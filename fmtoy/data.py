@@ -1,0 +1,331 @@
+"""2D target distributions with exact sampling and exact log-densities (the playground's ground truth).
+
+Gaussian mixtures (closed form), a checkerboard (uniform on squares, closed form), rings (circles + Gaussian
+noise, closed form through the Bessel function I_0), and moons / spirals (curves + Gaussian noise: the density
+is an integral over the curve parameter, evaluated by composite Gauss-Legendre quadrature).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_points, check_positive, check_positive_int
+from .device import resolve_device
+
+LOG_2PI = math.log(2 * math.pi)
+_CHUNK = 1 << 22  # max elements of an (n, K) temporary in log_prob; larger inputs are processed in row chunks
+
+
+def _chunks(x: Tensor, k: int) -> list[Tensor]:
+    """Split the rows of x so that each chunk times k stays below _CHUNK elements."""
+    return list(x.split(max(1, _CHUNK // max(k, 1))))
+
+
+class Distribution:
+    """A distribution on R^dim with `sample(n)` and an exact `log_prob(x)`."""
+
+    name: str = "distribution"
+    dim: int = 2
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Draw n iid samples x ~ p, shape (n, dim), float32, on `device` (default: the generator's, else cpu)."""
+        n = check_positive_int("n", n)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if device is None:
+            dev = generator.device if generator is not None else torch.device("cpu")
+        else:
+            dev = resolve_device(device)
+        if generator is not None and generator.device.type != dev.type:
+            raise ValueError(f"the generator lives on {generator.device} but samples were requested on {dev}; "
+                             "make the generator on the same device (fmtoy.device.make_generator(seed, device))")
+        return self._sample(n, generator, dev)
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x) for x of shape (n, dim); returns shape (n,) in the dtype of x."""
+        return self._log_prob(check_points(x, self.dim))
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
+
+
+def _as_float64(name: str, value, ndim: int) -> Tensor:
+    """Convert an array-like to a float64 cpu tensor with `ndim` dimensions and finite entries."""
+    try:
+        t = value.detach() if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float64))
+        t = t.to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from e
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must contain only finite numbers")
+    return t
+
+
+class GaussianMixture(Distribution):
+    """p(x) = sum_k w_k N(x; m_k, S_k); log p = logsumexp_k [log w_k + log N(x; m_k, S_k)]."""
+
+    def __init__(self, weights, means, covs, name: str = "gaussian_mixture") -> None:
+        w = _as_float64("weights", weights, 1)
+        m = _as_float64("means", means, 2)
+        c = _as_float64("covs", covs, 3)
+        k, d = m.shape
+        if k == 0 or d == 0:
+            raise ValueError(f"means must have shape (K, d) with K, d >= 1, got {tuple(m.shape)}")
+        if w.shape != (k,) or c.shape != (k, d, d):
+            raise ValueError(f"shapes must be weights (K,), means (K, d), covs (K, d, d); got weights "
+                             f"{tuple(w.shape)}, means {tuple(m.shape)}, covs {tuple(c.shape)}")
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
+        scale = 1.0 + c.abs().amax(dim=(1, 2))
+        asym = (c - c.transpose(1, 2)).abs().amax(dim=(1, 2))
+        if (asym > 1e-8 * scale).any():
+            bad = int(torch.nonzero(asym > 1e-8 * scale)[0])
+            raise ValueError(f"covs[{bad}] is not symmetric: {c[bad].tolist()}")
+        c = 0.5 * (c + c.transpose(1, 2))
+        eig, vec = torch.linalg.eigh(c)
+        if (eig[:, 0] < -1e-10 * scale).any():
+            bad = int(torch.nonzero(eig[:, 0] < -1e-10 * scale)[0])
+            raise ValueError(f"covs[{bad}] is not positive semi-definite (smallest eigenvalue "
+                             f"{eig[bad, 0].item():.3g}); a covariance matrix must be symmetric PSD")
+        self.name, self.dim = name, d
+        self.weights, self.means, self.covs = w / w.sum(), m, c
+        self._root = vec * eig.clamp_min(0).sqrt()[:, None, :]          # S_k = root_k root_k^T (works for PSD)
+        chol, info = torch.linalg.cholesky_ex(c)
+        self._singular = [int(i) for i in torch.nonzero(info)]
+        if not self._singular:
+            self._chol_inv = torch.linalg.inv(chol)                       # whitening: z = L^{-1}(x - m)
+            self._log_det = 2 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)
+
+    @property
+    def n_components(self) -> int:
+        """Number of mixture components K."""
+        return self.weights.shape[0]
+
+    @property
+    def is_empirical(self) -> bool:
+        """True when every covariance is zero (point masses, e.g. from_points): no density exists."""
+        return bool((self.covs == 0).all())
+
+    @classmethod
+    def from_points(cls, points: Tensor, name: str = "empirical") -> GaussianMixture:
+        """Empirical distribution (1/N) sum_i delta_{x_i}: equal weights, zero covariances (no density)."""
+        points = check_points(points, name="points")
+        n, d = points.shape
+        return cls(torch.ones(n), points, torch.zeros(n, d, d), name=name)
+
+    def component(self, k: int) -> GaussianMixture:
+        """The k-th component N(m_k, S_k) as a one-component mixture."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_components:
+            raise ValueError(f"component index must be an int in [0, {self.n_components - 1}], got {k!r}")
+        return GaussianMixture(torch.ones(1), self.means[k:k + 1], self.covs[k:k + 1], name=f"{self.name}[{k}]")
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        idx = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
+        z = torch.randn(n, self.dim, generator=g, device=dev)
+        root, mean = self._root.float().to(dev)[idx], self.means.float().to(dev)[idx]
+        return mean + (root @ z[:, :, None])[:, :, 0]
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        if self._singular:
+            if self.is_empirical:
+                raise ValueError(f"{self.name!r} is an empirical data set (point masses, zero covariances, e.g. "
+                                 "from_points): it has no density, so log_prob is undefined; compare samples "
+                                 "instead (fmtoy.metrics.w2 / energy_distance)")
+            raise ValueError(f"components {self._singular} of {self.name!r} have singular covariances, so the "
+                             "mixture has no density on R^d; log_prob needs positive-definite covariances")
+        like = dict(dtype=x.dtype, device=x.device)
+        m, a = self.means.to(**like), self._chol_inv.to(**like)
+        const = (self.weights.log() - 0.5 * self._log_det - 0.5 * self.dim * LOG_2PI).to(**like)
+        out = []
+        for xc in _chunks(x, self.n_components * self.dim):
+            z = torch.einsum("kij,nkj->nki", a, xc[:, None, :] - m)        # whitened residuals (n, K, d)
+            out.append(torch.logsumexp(const - 0.5 * (z * z).sum(-1), dim=1))
+        return torch.cat(out)
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(name={self.name!r}, dim={self.dim}, n_components={self.n_components})"
+
+
+class StandardNormal(GaussianMixture):
+    """The source N(0, I_dim): one component, log p = -|x|^2/2 - (d/2) log 2 pi."""
+
+    def __init__(self, dim: int = 2) -> None:
+        dim = check_positive_int("dim", dim)
+        super().__init__(torch.ones(1), torch.zeros(1, dim), torch.eye(dim)[None], name="standard_normal")
+
+
+def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
+    """Eight equal-weight isotropic Gaussians N(r (cos 2 pi k/8, sin 2 pi k/8), std^2 I) on a circle."""
+    radius, std = check_positive("radius", radius), check_positive("std", std)
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    return GaussianMixture(torch.ones(8), means, std**2 * torch.eye(2).expand(8, 2, 2), name="eight_gaussians")
+
+
+class Checkerboard(Distribution):
+    """Uniform on the black squares (i + j even) of a squares x squares grid on [-h, h]^2; log p = -inf elsewhere."""
+
+    def __init__(self, squares: int = 4, half_width: float = 4.0) -> None:
+        self.squares = check_positive_int("squares", squares)
+        self.half_width = check_positive("half_width", half_width)
+        self.name, self.dim, self.side = "checkerboard", 2, 2 * self.half_width / self.squares
+        ij = torch.cartesian_prod(torch.arange(self.squares), torch.arange(self.squares))
+        self.black = ij[ij.sum(1) % 2 == 0]                                  # (n_black, 2) cell indices
+        self.log_density = -math.log(len(self.black) * self.side**2)
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        cell = torch.randint(len(self.black), (n,), generator=g, device=dev)
+        u = torch.rand(n, 2, generator=g, device=dev)
+        return -self.half_width + self.side * (self.black.to(dev)[cell] + u)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        ij = torch.floor((x + self.half_width) / self.side)
+        inside = ((ij >= 0) & (ij < self.squares)).all(1) & (ij.sum(1) % 2 == 0)
+        return torch.full_like(x[:, 0], self.log_density).masked_fill(~inside, -math.inf)
+
+
+def _isotropic_mixture_log_prob(x: Tensor, centres: Tensor, log_w: Tensor, std: float) -> Tensor:
+    """log sum_m w_m N(x; c_m, std^2 I) in 2D; -|x - c|^2/2s^2 is expanded so one addmm gives all logits."""
+    c, s2 = centres.to(x), std**2
+    bias = log_w.to(x) - (c * c).sum(1) / (2 * s2)
+    out = [torch.logsumexp(torch.addmm(bias, xc, c.T / s2), dim=1) for xc in _chunks(x, len(c))]
+    return torch.cat(out) - (x * x).sum(1) / (2 * s2) - math.log(2 * math.pi * s2)
+
+
+class Rings(Distribution):
+    """Circles + N(0, s^2 I) noise, w_k ~ R_k: p = sum_k w_k e^{-(r-R_k)^2/2s^2} i0e(r R_k/s^2) / (2 pi s^2)."""
+
+    def __init__(self, radii: Sequence[float] = (1.0, 2.5, 4.0), std: float = 0.25) -> None:
+        if not isinstance(radii, (list, tuple)) or len(radii) == 0:
+            raise ValueError(f"radii must be a non-empty list or tuple of positive numbers, got {radii!r}")
+        self.radii = torch.tensor([check_positive("each radius", r) for r in radii], dtype=torch.float64)
+        self.std, self.name, self.dim = check_positive("std", std), "rings", 2
+        self.weights = self.radii / self.radii.sum()                          # uniform along the total length
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        k = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
+        theta = 2 * math.pi * torch.rand(n, generator=g, device=dev)
+        circle = self.radii.float().to(dev)[k, None] * torch.stack([theta.cos(), theta.sin()], dim=1)
+        return circle + self.std * torch.randn(n, 2, generator=g, device=dev)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        r, radii = x.norm(dim=1, keepdim=True), self.radii.to(x)
+        s2 = self.std**2
+        log_k = (self.weights.log().to(x) - (r - radii) ** 2 / (2 * s2)
+                 + torch.special.i0e(r * radii / s2).log())                   # angular integral = I_0(r R / s^2)
+        return torch.logsumexp(log_k, dim=1) - math.log(2 * math.pi * s2)
+
+
+class CurveNoise(Distribution):
+    """x = c_a(u) + std * eps, arc a ~ weights, u ~ U[0, 1]: p(x) = sum_a w_a int_0^1 N(x; c_a(u), std^2 I) du.
+
+    The u-integral is computed by composite Gauss-Legendre quadrature (`order` nodes per panel, panels at most
+    2 std long along the curve by default), i.e. an isotropic mixture with the nodes as centres. Against an 8x
+    finer rule (tests/test_data.py) log p differs by < 1e-7 where p > 1e-8 max p and by < 1e-4 where
+    p > 1e-20 max p; only in the far tails (> 9 std from every curve) does the relative error grow.
+    """
+
+    def __init__(self, curves: Sequence[Callable[[Tensor], Tensor]], weights: Sequence[float], std: float,
+                 name: str = "curve", panels: int | None = None, order: int = 8) -> None:
+        if len(curves) == 0 or len(weights) != len(curves) or any(not callable(c) for c in curves):
+            raise ValueError("curves must be a non-empty list of callables u -> (m, 2) with one weight each")
+        w = torch.tensor([check_positive("each weight", v) for v in weights], dtype=torch.float64)
+        self.curves, self.weights, self.name, self.dim = list(curves), w / w.sum(), name, 2
+        self.std, self.order = check_positive("std", std), check_positive_int("order", order)
+        if panels is None:                                                 # panel length <= 2 std on every arc
+            fine = torch.linspace(0, 1, 2001, dtype=torch.float64)
+            speed = max(float((c(fine).diff(dim=0).norm(dim=1) * 2000).max()) for c in self.curves)
+            panels = max(8, math.ceil(speed / (2 * self.std)))
+        self.panels = check_positive_int("panels", panels)
+        g, gw = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(self.order))
+        left = torch.arange(self.panels, dtype=torch.float64)[:, None] / self.panels
+        u = (left + (g + 1) / (2 * self.panels)).reshape(-1)                # nodes in [0, 1]
+        log_du = (gw / (2 * self.panels)).log().repeat(self.panels)         # their weights (sum to 1)
+        self.centres = torch.cat([c(u) for c in self.curves])               # (arcs * panels * order, 2)
+        self.log_w = torch.cat([log_du + lw for lw in self.weights.log()])
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        a = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
+        u = torch.rand(n, generator=g, device=dev)
+        on_curve = torch.stack([c(u) for c in self.curves])                # (arcs, n, 2)
+        point = on_curve[a, torch.arange(n, device=dev)]
+        return point.float() + self.std * torch.randn(n, 2, generator=g, device=dev)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        return _isotropic_mixture_log_prob(x, self.centres, self.log_w, self.std)
+
+
+def checkerboard(squares: int = 4, half_width: float = 4.0) -> Checkerboard:
+    """Uniform on the black squares of a checkerboard on [-half_width, half_width]^2 (log p = -inf off them)."""
+    return Checkerboard(squares, half_width)
+
+
+def rings(radii: Sequence[float] = (1.0, 2.5, 4.0), std: float = 0.25) -> Rings:
+    """Concentric noisy circles; exact density via I_0 (torch.special.i0e)."""
+    return Rings(radii, std)
+
+
+def two_moons(scale: float = 2.5, std: float = 0.25, panels: int | None = None) -> CurveNoise:
+    """sklearn-style two moons (half circles of radius `scale`, centred at 0) + N(0, std^2 I) noise."""
+    s = check_positive("scale", scale)
+
+    def upper(u: Tensor) -> Tensor:
+        return s * torch.stack([torch.cos(math.pi * u) - 0.5, torch.sin(math.pi * u) - 0.25], dim=-1)
+
+    def lower(u: Tensor) -> Tensor:
+        return s * torch.stack([0.5 - torch.cos(math.pi * u), 0.25 - torch.sin(math.pi * u)], dim=-1)
+
+    return CurveNoise([upper, lower], [1.0, 1.0], std, name="two_moons", panels=panels)
+
+
+def spirals(radius: float = 4.0, turns: float = 1.5, std: float = 0.25, panels: int | None = None) -> CurveNoise:
+    """Two interleaved Archimedean arms r = radius theta/theta_max (theta^2 uniform: ~uniform length) + noise."""
+    radius, std = check_positive("radius", radius), check_positive("std", std)
+    th1 = 2 * math.pi * check_positive("turns", turns)
+    th0 = min(math.pi / 4, th1 / 2)
+
+    def arm(shift: float) -> Callable[[Tensor], Tensor]:
+        def curve(u: Tensor) -> Tensor:
+            th = torch.sqrt(th0**2 + (th1**2 - th0**2) * u)
+            r = radius * th / th1
+            return torch.stack([r * torch.cos(th + shift), r * torch.sin(th + shift)], dim=-1)
+        return curve
+
+    return CurveNoise([arm(0.0), arm(math.pi)], [1.0, 1.0], std, name="spirals", panels=panels)
+
+
+DATASETS: dict[str, Callable[..., Distribution]] = {
+    "eight_gaussians": eight_gaussians,
+    "checkerboard": checkerboard,
+    "two_moons": two_moons,
+    "rings": rings,
+    "spirals": spirals,
+    "standard_normal": StandardNormal,
+    "gaussian_mixture": GaussianMixture,
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by get_dataset."""
+    return sorted(DATASETS)
+
+
+def get_dataset(name: str, **kwargs) -> Distribution:
+    """Build the named distribution (gaussian_mixture needs weights=, means=, covs=)."""
+    check_choice("dataset", name, DATASETS)
+    try:
+        return DATASETS[name](**kwargs)
+    except TypeError as e:
+        raise TypeError(f"get_dataset({name!r}): {e}") from e
