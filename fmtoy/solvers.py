@@ -1,0 +1,199 @@
+"""Fixed-step ODE solvers for dx/dt = v_t(x), the divergence of a field, and exact log-likelihoods of a flow.
+
+Sampling integrates the flow ODE from t=0 (source) to t=1 (data). The log-likelihood uses the instantaneous
+change of variables, d/dt log p_t(x_t) = -div v_t(x_t), integrated backwards from t=1 to t=0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_points, check_positive_int, check_time
+
+Velocity = Callable[[Tensor, Tensor], Tensor]  # v(x, t): x (n, d), t (n,) -> (n, d)
+Field = Callable[[Tensor, float], Tensor]       # the same field with a scalar time, as the steps below use it
+
+SOLVERS = ("euler", "midpoint", "rk4")
+STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}   # velocity evaluations per step
+DIVERGENCES = ("exact", "hutchinson")
+
+
+# ----------------------------------------------------------------------------------------------- one step each
+def euler_step(f: Field, x: Tensor, t: float, t_next: float) -> Tensor:
+    """Explicit Euler, order 1: x_{k+1} = x_k + h v(x_k, t_k), h = t_{k+1} - t_k."""
+    h = t_next - t
+    return x + h * f(x, t)
+
+
+def midpoint_step(f: Field, x: Tensor, t: float, t_next: float) -> Tensor:
+    """Explicit midpoint, order 2: x_{k+1} = x_k + h v(x_k + h/2 v(x_k, t_k), t_k + h/2)."""
+    h, t_mid = t_next - t, 0.5 * (t + t_next)
+    return x + h * f(x + 0.5 * h * f(x, t), t_mid)
+
+
+def rk4_step(f: Field, x: Tensor, t: float, t_next: float) -> Tensor:
+    """Classical Runge-Kutta, order 4: x_{k+1} = x_k + h/6 (k1 + 2 k2 + 2 k3 + k4)."""
+    h, t_mid = t_next - t, 0.5 * (t + t_next)
+    k1 = f(x, t)
+    k2 = f(x + 0.5 * h * k1, t_mid)
+    k3 = f(x + 0.5 * h * k2, t_mid)
+    k4 = f(x + h * k3, t_next)
+    return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+STEP_FUNCTIONS = {"euler": euler_step, "midpoint": midpoint_step, "rk4": rk4_step}
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_velocity(velocity) -> None:
+    if not callable(velocity):
+        raise TypeError(f"velocity must be a callable v(x, t) -> (n, d), got {type(velocity).__name__}")
+
+
+def _check_endpoint(name: str, value: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (t=0 is noise, t=1 is data), got {value!r}")
+    return float(value)
+
+
+def _check_output(v: Tensor, x: Tensor) -> Tensor:
+    if not isinstance(v, Tensor) or v.shape != x.shape:
+        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"velocity(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+    return v
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator lives on {generator.device} but x is on {device}; "
+                         "make it with fmtoy.device.make_generator(seed, device)")
+
+
+def nfe(method: str, steps: int) -> int:
+    """Number of velocity evaluations of `steps` fixed steps: 1 (euler), 2 (midpoint) or 4 (rk4) per step."""
+    check_choice("solver", method, SOLVERS)
+    return STAGES[method] * check_positive_int("steps", steps)
+
+
+# ----------------------------------------------------------------------------------------------- integration
+def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler", t0: float = 0.0, t1: float = 1.0,
+              return_trajectory: bool = False, grad: bool = False) -> Tensor:
+    """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t, Eq. (ODE).
+
+    Returns x(t1), shape (n, d), or the trajectory x(t_0..t_steps), shape (steps + 1, n, d).
+    Runs under torch.no_grad unless grad=True.
+    """
+    _check_velocity(velocity)
+    x0 = check_points(x0, name="x0")
+    steps = check_positive_int("steps", steps)
+    step = STEP_FUNCTIONS[check_choice("solver", method, SOLVERS)]
+    t0, t1 = _check_endpoint("t0", t0), _check_endpoint("t1", t1)
+    n = x0.shape[0]
+
+    def f(x: Tensor, t: float) -> Tensor:
+        return _check_output(velocity(x, x.new_full((n,), t)), x)
+
+    times = [t0 + (t1 - t0) * k / steps for k in range(steps)] + [t1]
+    with torch.enable_grad() if grad else torch.no_grad():
+        x, trajectory = x0, [x0]
+        for k in range(steps):
+            x = step(f, x, times[k], times[k + 1])
+            if return_trajectory:
+                trajectory.append(x)
+    return torch.stack(trajectory) if return_trajectory else x
+
+
+def sample(velocity: Velocity, source, n: int, steps: int = 100, method: str = "euler",
+           generator: torch.Generator | None = None, device=None, return_trajectory: bool = False) -> Tensor:
+    """Draw x_0 ~ p_0 = source and push it through the flow: x_1 = psi_1(x_0) ~ p_1 (integrate from 0 to 1)."""
+    if not hasattr(source, "sample"):
+        raise TypeError(f"source must be a fmtoy Distribution with .sample(n, generator, device), "
+                        f"got {type(source).__name__}")
+    x0 = source.sample(n, generator, device)
+    return integrate(velocity, x0, steps, method, 0.0, 1.0, return_trajectory)
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Probes with iid entries +-1 (prob 1/2 each): E[eps eps^T] = I, Hutchinson's estimator."""
+    _check_generator(generator, like.device)
+    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return bits.to(like.dtype).mul_(2).sub_(1)
+
+
+def _time_vector(t: float | Tensor, n: int, like: Tensor) -> Tensor:
+    """t (float, 0-d, (n,) or (n, 1)) checked to lie in [0, 1], as the (n,) vector velocity fields take."""
+    return check_time(t, n, like=like).expand(n, 1).reshape(n).contiguous()
+
+
+def _velocity_and_divergence(velocity: Velocity, x: Tensor, t: Tensor,
+                             probes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """v_t(x) and div v_t(x) from one forward pass: exact, or Hutchinson with probes (K, n, d); both detached.
+
+    Gradients are taken with respect to x only, so parameters' .grad is never touched."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        v = _check_output(velocity(x, t), x)
+        if not v.requires_grad:
+            raise ValueError("velocity(x, t) is not differentiable in x (was it computed under torch.no_grad or "
+                             "detached?); the divergence needs autograd through the field")
+        div = x.new_zeros(x.shape[0])
+        if probes is None:  # tr(J) = sum_i d v_i / d x_i: one vector-Jacobian product per coordinate
+            d = x.shape[1]
+            for i in range(d):
+                (g,) = torch.autograd.grad(v[:, i].sum(), x, retain_graph=i < d - 1, materialize_grads=True)
+                div += g[:, i]
+        else:  # eps^T J eps, averaged over the K probes
+            k = probes.shape[0]
+            for j in range(k):
+                (g,) = torch.autograd.grad(v, x, probes[j], retain_graph=j < k - 1, materialize_grads=True)
+                div += (g * probes[j]).sum(1)
+            div /= k
+    return v.detach(), div
+
+
+def divergence(velocity: Velocity, x: Tensor, t: float | Tensor, method: str = "exact",
+               generator: torch.Generator | None = None, n_probes: int = 1) -> Tensor:
+    """div v_t(x) = tr(dv_t/dx), shape (n,): exact (autograd) or Hutchinson E[eps^T (dv_t/dx) eps], eps = +-1."""
+    _check_velocity(velocity)
+    x = check_points(x)
+    check_choice("divergence method", method, DIVERGENCES)
+    n_probes = check_positive_int("n_probes", n_probes)
+    n = x.shape[0]
+    t = _time_vector(t, n, x)
+    probes = None if method == "exact" else _rademacher((n_probes, *x.shape), x, generator)
+    return _velocity_and_divergence(velocity, x, t, probes)[1]
+
+
+# ----------------------------------------------------------------------------------------------- likelihood
+def log_likelihood(velocity: Velocity, x1: Tensor, source, steps: int = 50, method: str = "rk4",
+                   divergence: str = "exact", generator: torch.Generator | None = None,
+                   n_probes: int = 1) -> Tensor:
+    """log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (instantaneous change of variables, Eq. (CoV)).
+
+    The augmented state (x_t, l_t) with dl/dt = div v_t(x_t), l_1 = 0 is integrated backwards from t=1 to t=0
+    (velocity and divergence from one forward pass per stage), so log p_1(x_1) = log p_0(x_0) + l_0. Shape (n,).
+    Hutchinson probes are drawn once per call and reused along the path (as in FFJORD).
+    """
+    _check_velocity(velocity)
+    if not hasattr(source, "log_prob"):
+        raise TypeError(f"source must be a fmtoy Distribution with .log_prob(x), got {type(source).__name__}")
+    x1 = check_points(x1, getattr(source, "dim", None), name="x1")
+    check_choice("divergence method", divergence, DIVERGENCES)
+    n_probes = check_positive_int("n_probes", n_probes)
+    n, d = x1.shape
+    probes = None if divergence == "exact" else _rademacher((n_probes, n, d), x1, generator)
+
+    def augmented(z: Tensor, t: Tensor) -> Tensor:
+        v, div = _velocity_and_divergence(velocity, z[:, :d], t, probes)
+        return torch.cat([v.to(z.dtype), div[:, None]], dim=1)
+
+    z1 = torch.cat([x1.detach(), x1.new_zeros(n, 1)], dim=1)
+    z0 = integrate(augmented, z1, steps, method, t0=1.0, t1=0.0)
+    return source.log_prob(z0[:, :d]) + z0[:, d]
