@@ -1,0 +1,171 @@
+"""Tests for fmtoy.symbolic: the SymPy derivations equal the paper's closed forms, satisfy the continuity equation
+and the instantaneous change of variables, fail for wrong fields, and agree with the numeric fmtoy.paths."""
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+
+from fmtoy import symbolic as S
+from fmtoy.symbolic import t, x, x1, y
+
+mu = sp.Function("mu", real=True)(t)
+sigma = sp.Function("sigma", positive=True)(t)
+dmu, dsigma = sp.diff(mu, t), sp.diff(sigma, t)
+thm3 = dsigma / sigma * (x - mu) + dmu  # FM paper Thm 3
+
+
+def test_gaussian_conditional_velocity_is_thm3_and_generates_the_flow():
+    u = S.gaussian_conditional_velocity(mu, sigma)
+    assert S.is_zero(u - thm3)
+    x0 = sp.Symbol("x_0", real=True)
+    psi = sigma * x0 + mu  # Eq. (13): d/dt psi_t(x_0) = u_t(psi_t(x_0))
+    assert S.is_zero(sp.diff(psi, t) - u.subs(x, psi))
+    assert not S.is_zero(sp.diff(psi, t) - (2 * u).subs(x, psi))
+
+
+CASES = {"ot": S.ot_velocity, "ve-generic": lambda: S.ve_velocity("generic"),
+         "ve-geometric": lambda: S.ve_velocity("geometric"), "vp-linear": lambda: S.vp_velocity("linear"),
+         "vp-generic": lambda: S.vp_velocity("generic")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_special_cases_match_paper(case):
+    derived, paper = CASES[case]()
+    assert sp.simplify(derived - paper) == 0
+    assert S.is_zero(derived - paper, method="points")
+    wrong = paper.subs(x1, 2 * x1)  # a field that ignores part of the mean: must be caught
+    assert not S.is_zero(derived - wrong, method="points")
+
+
+def test_ot_endpoints():
+    derived, _ = S.ot_velocity()
+    assert sp.simplify(derived.subs(t, 0) - (x1 - (1 - S.sigma_min) * x)) == 0  # u_0 = x_1 - (1 - sigma_min) x
+    assert sp.simplify(derived.subs(S.sigma_min, 0) - (x1 - x) / (1 - t)) == 0  # rectified flow field
+
+
+def test_continuity_1d_generic_gaussian_path():
+    p = S.gaussian_density(x, mu, sigma)
+    assert S.continuity_residual(p, thm3) == 0
+
+
+@pytest.mark.parametrize("wrong", [dsigma / sigma * (x - mu), 2 * thm3, thm3 + 1, -thm3, dsigma / sigma * x + dmu])
+def test_continuity_1d_wrong_fields_fail(wrong):
+    p = S.gaussian_density(x, mu, sigma)
+    assert S.continuity_residual(p, wrong) != 0
+
+
+@pytest.mark.parametrize("name", ["ot", "ve", "vp"])
+def test_continuity_fmtoy_paths_closed_forms(name):
+    alpha, sig = S.path_schedule(name)
+    u = {"ot": S.ot_velocity, "ve": lambda: S.ve_velocity("geometric"), "vp": S.vp_velocity}[name]()[1]
+    p = S.gaussian_density(x, alpha * x1, sig)
+    r = S.continuity_residual(p, u, simplify=False)
+    assert S.is_zero(r, method="points", n=4)
+    assert not S.is_zero(S.continuity_residual(p, u.subs(x1, 0), simplify=False), method="points")
+
+
+def test_continuity_2d_affine_flow():
+    m1, m2 = sp.Function("m_1", real=True)(t), sp.Function("m_2", real=True)(t)
+    p = S.gaussian_density(x, m1, sigma) * S.gaussian_density(y, m2, sigma)
+    u = [dsigma / sigma * (x - m1) + sp.diff(m1, t), dsigma / sigma * (y - m2) + sp.diff(m2, t)]
+    assert S.continuity_residual(p, u, xs=[x, y]) == 0
+    # a rotation about the mean leaves an isotropic Gaussian unchanged: the generating field is not unique
+    omega = sp.Function("omega", real=True)(t)
+    rotated = [u[0] - omega * (y - m2), u[1] + omega * (x - m1)]
+    assert S.continuity_residual(p, rotated, xs=[x, y]) == 0
+    assert S.continuity_residual(p, [u[0], 2 * u[1]], xs=[x, y]) != 0
+    assert S.continuity_residual(p, [u[0], u[1] - sp.diff(m2, t)], xs=[x, y]) != 0
+
+
+def test_instantaneous_change_of_variables_linear_field():
+    lhs, rhs = S.linear_flow_log_density()  # generic a(t), b(t)
+    assert sp.simplify(lhs - rhs) == 0 and rhs == -sp.Function("a", real=True)(t)
+    lhs, rhs = S.linear_flow_log_density(t ** 2 - 1, sp.exp(t))
+    assert sp.simplify(lhs - rhs) == 0 and rhs == 1 - t ** 2
+
+
+def test_log_density_rate_is_minus_divergence_along_gaussian_path():
+    p = S.gaussian_density(x, mu, sigma)
+    assert S.is_zero(S.log_density_rate(p, thm3) + sp.diff(thm3, x))
+    wrong = dsigma / sigma * (x - mu)
+    assert not S.is_zero(S.log_density_rate(p, wrong) + sp.diff(wrong, x))
+
+
+def test_two_point_marginal_satisfies_continuity():
+    p, u = S.two_component_marginal_1d()
+    assert S.continuity_residual(p, u) == 0
+    m1, m2 = sp.symbols("m_1 m_2", real=True)
+    w = sp.Symbol("w", positive=True)
+    a, sg = sp.Function("alpha", real=True)(t), sp.Function("sigma", positive=True)(t)
+    p1, p2 = S.gaussian_density(x, a * m1, sg), S.gaussian_density(x, a * m2, sg)
+    u1, u2 = (S.gaussian_conditional_velocity(a * m, sg) for m in (m1, m2))
+    unweighted = (p1 * u1 + p2 * u2) / p  # forgets the weights w_k: a wrong field
+    assert not S.is_zero(S.continuity_residual(p, unweighted, simplify=False), method="points")
+    average = w * u1 + (1 - w) * u2  # prior average instead of posterior average: also wrong
+    assert not S.is_zero(S.continuity_residual(p, average, simplify=False), method="points")
+
+
+@pytest.mark.parametrize("tau", [0, sp.Rational(1, 2), sp.Symbol("tau", positive=True)])
+@pytest.mark.parametrize("name", ["generic", "ot", "vp"])
+def test_two_gaussian_marginal_satisfies_continuity(name, tau):
+    kw = {} if name == "generic" else dict(zip(("alpha", "sigma"), S.path_schedule(name)))
+    p, u = S.two_component_marginal_1d(x1s=(-1, sp.Rational(5, 2)), weights=(sp.Rational(1, 3), sp.Rational(2, 3)),
+                                       target_std=tau, **kw)
+    assert S.is_zero(S.continuity_residual(p, u, simplify=False), method="points")
+    assert not S.is_zero(S.continuity_residual(p, 1.5 * u, simplify=False), method="points")
+
+
+def test_is_zero_points_is_exact():
+    a, b = sp.symbols("a b")
+    assert S.is_zero(sp.exp(a) * sp.exp(b) - sp.exp(a + b), method="points")
+    assert S.is_zero(sp.sqrt(a ** 2 + b ** 2) ** 2 - a ** 2 - b ** 2, method="points")
+    assert not S.is_zero(a * b - b * a + sp.Rational(1, 10 ** 30), method="points")  # relative, not absolute
+    assert S.is_zero(sp.log(a / b) - sp.log(a) + sp.log(b), method="points")  # not exact-expandable: 60 digits
+    assert not S.is_zero(sp.diff(mu, t) - mu, method="points")  # derivative and value are independent
+
+
+@pytest.mark.parametrize("call, err", [
+    (lambda: S.gaussian_conditional_velocity(x * t, sigma), ValueError),
+    (lambda: S.gaussian_conditional_velocity(mu, 0), ValueError),
+    (lambda: S.gaussian_conditional_velocity(mu, sigma, t="t"), TypeError),
+    (lambda: S.gaussian_conditional_velocity("t", sigma), TypeError),
+    (lambda: S.gaussian_conditional_velocity([mu], sigma), TypeError),
+    (lambda: S.path_schedule("rectified"), ValueError),
+    (lambda: S.ve_velocity("linear"), ValueError),
+    (lambda: S.vp_velocity("cosine"), ValueError),
+    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x]), ValueError),
+    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=x), TypeError),
+    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x, x]), ValueError),
+    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=[t]), ValueError),
+    (lambda: S.linear_flow_log_density(a=x * t), ValueError),
+    (lambda: S.two_component_marginal_1d(weights=(sp.Rational(1, 2), sp.Rational(1, 3))), ValueError),
+    (lambda: S.two_component_marginal_1d(weights=(2, -1)), ValueError),
+    (lambda: S.two_component_marginal_1d(x1s=(0, 1, 2)), ValueError),
+    (lambda: S.two_component_marginal_1d(target_std=-1), ValueError),
+    (lambda: S.is_zero(x, method="numeric"), ValueError),
+    (lambda: S.values_at_random_points(x, n=0), ValueError),
+])
+def test_bad_inputs(call, err):
+    with pytest.raises(err):
+        call()
+
+
+# --- one source of truth: the closed forms against the numeric fmtoy.paths -------------------------------------
+
+def test_cross_check_paths_agree():
+    pytest.importorskip("fmtoy.paths")
+    errors = S.cross_check_paths(n=64, seed=0)
+    assert {k.split(":")[1].split("/")[0] for k in errors} == {"ot", "ve", "vp"}
+    assert max(errors.values()) < 1e-9, errors
+
+
+def test_cross_check_paths_catches_drift():
+    paths = pytest.importorskip("fmtoy.paths")
+
+    class Drifted(paths.VPPath):
+        def conditional_velocity(self, x, t, x1):
+            return super().conditional_velocity(x, t, x1) * 1.01
+
+    errors = S.cross_check_paths([paths.VPPath(beta_min=0.5, beta_max=10.0), Drifted()], n=16, seed=1)
+    assert max(v for k, v in errors.items() if k.startswith("0:")) < 1e-9
+    assert errors["1:vp/conditional_velocity"] > 1e-4 and errors["1:vp/alpha"] < 1e-9
