@@ -1,0 +1,109 @@
+"""ipywidgets controls the chapters reuse (data set, path, solver, t, NFE, seed, sigma_min) and a live figure."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import ipywidgets as W
+
+from ._checks import check_choice
+from .data import DATASETS, list_datasets
+from .paths import list_paths
+from .solvers import SOLVERS
+
+NFE_CHOICES = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256 velocity evaluations
+_STYLE = {"description_width": "initial"}
+
+
+def buildable_datasets() -> list[str]:
+    """The data sets get_dataset(name) builds without arguments (gaussian_mixture needs weights/means/covs)."""
+    def needs_args(name: str) -> bool:
+        params = inspect.signature(DATASETS[name]).parameters.values()
+        return any(p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+    return [name for name in list_datasets() if not needs_args(name)]
+
+
+def dataset_dropdown(value: str = "eight_gaussians", description: str = "data") -> W.Dropdown:
+    """Dropdown of the data sets q(x_1) (fmtoy.data registry, those that need no arguments)."""
+    options = buildable_datasets()
+    return W.Dropdown(options=options, value=check_choice("dataset", value, options), description=description)
+
+
+def path_dropdown(value: str = "ot", description: str = "path") -> W.Dropdown:
+    """Dropdown of the probability paths x_t = alpha_t x_1 + sigma_t x_0 (fmtoy.paths registry)."""
+    options = list_paths()
+    return W.Dropdown(options=options, value=check_choice("path", value, options), description=description)
+
+
+def solver_dropdown(value: str = "euler", description: str = "solver") -> W.Dropdown:
+    """Dropdown of the fixed-step ODE solvers (fmtoy.solvers.SOLVERS)."""
+    options = list(SOLVERS)
+    return W.Dropdown(options=options, value=check_choice("solver", value, options), description=description)
+
+
+def t_slider(value: float = 0.5, step: float = 0.01, description: str = "t") -> W.FloatSlider:
+    """Slider for the time t in [0, 1] (t=0 noise, t=1 data)."""
+    _check_range("t", value, 0.0, 1.0)
+    return W.FloatSlider(value=value, min=0.0, max=1.0, step=step, description=description,
+                         continuous_update=False, readout_format=".2f")
+
+
+def nfe_slider(value: int = 8, description: str = "NFE") -> W.SelectionSlider:
+    """Slider for the number of velocity evaluations (solver steps), powers of two 1 ... 256."""
+    if value not in NFE_CHOICES:
+        raise ValueError(f"nfe value must be a power of two in {list(NFE_CHOICES)}, got {value!r}")
+    return W.SelectionSlider(options=list(NFE_CHOICES), value=value, description=description,
+                             continuous_update=False)
+
+
+def seed_slider(value: int = 0, max: int = 99, description: str = "seed") -> W.IntSlider:
+    """Slider for the random seed, 0 ... max."""
+    if isinstance(max, bool) or not isinstance(max, int) or max < 1:
+        raise ValueError(f"max must be an integer >= 1, got {max!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed must be an integer in [0, {max}], got {value!r}")
+    _check_range("seed", value, 0, max)
+    return W.IntSlider(value=value, min=0, max=max, step=1, description=description, continuous_update=False)
+
+
+def sigma_min_slider(value: float = 0.0, max: float = 0.5, step: float = 0.01,
+                     description: str = "sigma_min") -> W.FloatSlider:
+    """Slider for sigma_min in [0, max]: the width of p_1(x|x_1) = N(x_1, sigma_min^2 I), FM paper Eq. (20)."""
+    _check_range("max", max, 0.0, 1.0)
+    _check_range("sigma_min", value, 0.0, max)
+    return W.FloatSlider(value=value, min=0.0, max=max, step=step, description=description, style=_STYLE,
+                         continuous_update=False, readout_format=".2f")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+
+
+def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget) -> W.VBox:
+    """Controls above an Output that re-runs draw_fn(**values) whenever a control changes (drawn once now).
+
+    draw_fn draws a matplotlib figure (plt.subplots(...), plotting, no return needed). With the inline backend the
+    figure is shown in the Output; with a non-interactive backend (Agg) figures it opens are closed after each draw.
+    """
+    if not callable(draw_fn):
+        raise TypeError(f"draw_fn must be a callable taking the controls as keyword arguments, "
+                        f"got {type(draw_fn).__name__}")
+    if not controls:
+        raise ValueError("interactive_figure needs at least one control, e.g. t=t_slider()")
+    bad = [name for name, w in controls.items() if not isinstance(w, W.ValueWidget)]
+    if bad:
+        raise TypeError(f"controls must be ipywidgets value widgets (sliders, dropdowns, ...); not: {bad}")
+
+    def draw(**values) -> None:
+        import matplotlib
+        import matplotlib.pyplot as plt
+
+        before = set(plt.get_fignums())
+        draw_fn(**values)
+        if matplotlib.get_backend().lower() == "agg":
+            for num in set(plt.get_fignums()) - before:  # nothing shows them: don't leak figures
+                plt.close(num)
+
+    output = W.interactive_output(draw, controls)
+    return W.VBox([W.HBox(list(controls.values())), output])

@@ -1,0 +1,205 @@
+"""fmtoy.viz: plots draw exactly the values they are given; animations have the right frames, HTML and GIF."""
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import animation  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.quiver import Quiver  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fmtoy import viz  # noqa: E402
+from fmtoy.data import GaussianMixture  # noqa: E402
+
+FRAME_RE = re.compile(r'frames\[(\d+)\] = "data:image/png;base64,([^"]*)"')
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def rotation(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v_t(x) = (1 + t) (-y, x): a rigid rotation whose speed depends on t."""
+    return (1 + t)[:, None] * torch.stack([-x[:, 1], x[:, 0]], dim=1)
+
+
+def spread_log_prob(x: torch.Tensor, t: float) -> torch.Tensor:
+    """log N(x; 0, (1 + t)^2 I): a density that changes with t."""
+    s2 = (1 + t) ** 2
+    return -0.5 * (x**2).sum(1) / s2 - np.log(2 * np.pi * s2)
+
+
+def random_traj(steps: int = 100, n: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(steps + 1, n, 2, generator=g).cumsum(0) * 0.1
+
+
+# ----------------------------------------------------------------------------------------------- static plots
+def test_plot_density_draws_log_prob_on_the_grid_and_integrates_to_one():
+    mix = GaussianMixture([0.6, 0.4], [[1.3, -2.1], [-2.0, 1.0]], [np.eye(2) * 0.25, np.eye(2) * 0.5])
+    lim, grid = 5.0, 200
+    ax = viz.plot_density(mix.log_prob, lim=lim, grid=grid)
+    image = ax.images[0]
+    points, centres = viz.grid_points(lim, grid)
+    expected = mix.log_prob(points).exp().reshape(grid, grid).double().numpy()
+    np.testing.assert_allclose(np.asarray(image.get_array()), expected, rtol=1e-6, atol=1e-12)
+    assert tuple(image.get_extent()) == (-lim, lim, -lim, lim)
+    # orientation: the brightest pixel sits at the grid cell of the stronger (narrower-peaked) mode
+    i, j = np.unravel_index(np.argmax(expected), expected.shape)
+    assert abs(centres[j] - 1.3) <= 2 * lim / grid and abs(centres[i] + 2.1) <= 2 * lim / grid
+    # midpoint rule on [-5, 5]^2: error O(h^2) ~ 1e-5 here, mass outside the square < 1e-4
+    assert abs(expected.sum() * (2 * lim / grid) ** 2 - 1) < 1e-3
+    log_ax = viz.plot_density(mix.log_prob, lim=lim, grid=grid, log=True)
+    np.testing.assert_allclose(np.asarray(log_ax.images[0].get_array()), np.log(expected), rtol=1e-6)
+
+
+def test_grid_points_are_cell_centres():
+    points, centres = viz.grid_points(2.0, 4)
+    np.testing.assert_allclose(centres, [-1.5, -0.5, 0.5, 1.5])
+    np.testing.assert_allclose(points[:4].numpy(), [[-1.5, -1.5], [-0.5, -1.5], [0.5, -1.5], [1.5, -1.5]])
+
+
+def test_plot_field_quiver_shows_the_velocity_at_t():
+    ax = viz.plot_field(rotation, 0.3, lim=3.0, grid=9)
+    (q,) = [c for c in ax.collections if isinstance(c, Quiver)]
+    xy = np.stack([q.X, q.Y], axis=1)
+    v = rotation(torch.as_tensor(xy, dtype=torch.float32), torch.full((len(xy),), 0.3)).numpy()
+    np.testing.assert_allclose(np.stack([q.U, q.V], axis=1), v, rtol=1e-6)
+    np.testing.assert_allclose(np.unique(q.X), viz.grid_points(3.0, 9)[1], rtol=1e-6)
+
+
+def test_plot_field_streamlines_are_tangent_to_the_field():
+    ax = viz.plot_field(rotation, 0.5, lim=3.0, grid=30, kind="stream")
+    segs = np.concatenate([np.asarray(s) for c in ax.collections if isinstance(c, LineCollection)
+                           for s in c.get_segments()])
+    segs = segs.reshape(-1, 2, 2)
+    mid, d = segs.mean(1), segs[:, 1] - segs[:, 0]
+    keep = (np.linalg.norm(mid, axis=1) > 0.5) & (np.linalg.norm(d, axis=1) > 0)
+    cos = np.abs((mid * d).sum(1))[keep] / (np.linalg.norm(mid, axis=1) * np.linalg.norm(d, axis=1))[keep]
+    assert keep.sum() > 100 and np.median(cos) < 0.05  # circles around 0: direction orthogonal to position
+
+
+def test_plot_samples_and_trajectories_draw_the_given_points():
+    traj = random_traj(20, 30)
+    ax = viz.plot_samples(traj[-1])
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), traj[-1].numpy(), rtol=1e-6)
+    lo, hi = ax.get_xlim()
+    assert lo == -hi and hi >= traj[-1].abs().max().item()
+    ax = viz.plot_trajectories(traj, max_lines=12)
+    (lines,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segs = lines.get_segments()
+    assert len(segs) == 12
+    for i, seg in enumerate(segs):
+        np.testing.assert_allclose(seg, traj[:, i].numpy(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- animations
+@pytest.mark.parametrize("n_times, max_frames", [(101, 12), (101, 40), (5, 40), (40, 40), (41, 40), (2, 2)])
+def test_frame_indices(n_times, max_frames):
+    idx = viz.frame_indices(n_times, max_frames)
+    assert len(idx) == min(n_times, max_frames)
+    assert idx[0] == 0 and idx[-1] == n_times - 1 and (np.diff(idx) > 0).all()
+    gap = (n_times - 1) / (len(idx) - 1)
+    assert np.abs(np.diff(idx) - gap).max() <= 1  # evenly spaced up to rounding
+
+
+def test_animation_frames_show_the_trajectory_at_the_subsampled_times():
+    traj = random_traj(100)
+    anim = viz.animate_trajectories(traj, field=rotation, density=spread_log_prob, max_frames=12,
+                                      grid=10, field_grid=10)
+    idx, times = anim.frame_indices, np.linspace(0, 1, 101)
+    assert len(idx) == 12 and len(list(anim.new_frame_seq())) == 12
+    ax = anim.fig.axes[0]
+    (q,) = [c for c in ax.collections if isinstance(c, Quiver)]
+    points = viz.grid_points(ax.get_xlim()[1], 10)[0]
+    for k in [0, 5, 11]:
+        anim.draw_frame(k)
+        t = times[idx[k]]
+        np.testing.assert_allclose(anim.particles.get_offsets(), traj[idx[k]].numpy(), rtol=1e-6)
+        assert ax.get_title() == f"t = {t:.2f}" and anim.times[k] == pytest.approx(t)
+        v = rotation(points, torch.full((len(points),), float(t)))
+        np.testing.assert_allclose(np.stack([q.U, q.V], 1), v.numpy(), rtol=1e-5)
+        dens = spread_log_prob(points, float(t)).exp().reshape(10, 10).numpy()
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), dens, rtol=1e-5)
+
+
+def test_to_html_is_a_js_player_with_every_frame_under_budget():
+    traj = random_traj(100, n=500)
+    anim = viz.animate_trajectories(traj, field=rotation)  # the defaults: 30 frames, 4x4 in at 72 dpi
+    html = viz.to_html(anim)
+    for control in ("anim-slider", "play_animation", "pause_animation", "next_frame", "previous_frame"):
+        assert control in html
+    frames = FRAME_RE.findall(html)
+    assert [int(i) for i, _ in frames] == list(range(30))
+    first = Image.open(io.BytesIO(base64.b64decode(frames[0][1])))
+    assert first.size == (288, 288)
+    assert frames[0][1] != frames[-1][1]  # particles moved
+    assert len(html) < 2_000_000
+
+
+def test_show_returns_html_and_closes_the_figure():
+    anim = viz.animate_trajectories(random_traj(10), max_frames=5)
+    shown = viz.show(anim)
+    assert len(FRAME_RE.findall(shown.data)) == 5
+    assert not plt.fignum_exists(anim.fig.number)
+
+
+def test_gif_has_one_frame_per_animation_frame(tmp_path):
+    anim = viz.animate_trajectories(random_traj(30), max_frames=8, interval=50)
+    path = viz.save_animation(anim, tmp_path / "a.gif")
+    with Image.open(path) as gif:
+        assert gif.n_frames == 8 and gif.size == (288, 288)
+        assert gif.info["duration"] == 50
+    html_path = viz.save_animation(anim, tmp_path / "a.html")
+    assert len(FRAME_RE.findall(html_path.read_text())) == 8
+
+
+def test_mp4_without_ffmpeg_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(animation.writers, "is_available", lambda name: False)
+    anim = viz.animate_trajectories(random_traj(5), max_frames=3)
+    with pytest.raises(RuntimeError, match=r"install ffmpeg.*\.gif"):
+        viz.save_animation(anim, tmp_path / "a.mp4")
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def _anim():
+    return viz.animate_trajectories(random_traj(5), max_frames=3)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: viz.plot_samples(torch.zeros(5, 3)), ValueError, r"shape \(n, 2\)"),
+    (lambda: viz.plot_samples([[0.0, 1.0]]), TypeError, "torch.Tensor or numpy array"),
+    (lambda: viz.plot_samples(torch.zeros(5, 2), lim=-1.0), ValueError, "lim must be"),
+    (lambda: viz.plot_trajectories(torch.full((3, 4, 2), float("nan"))), ValueError, "NaN"),
+    (lambda: viz.plot_trajectories(torch.zeros(4, 2)), ValueError, r"\(steps \+ 1, n, 2\)"),
+    (lambda: viz.plot_density("not a function"), TypeError, "callable"),
+    (lambda: viz.plot_density(lambda x: x), ValueError, r"shape \(n,\)"),
+    (lambda: viz.plot_density(spread_log_prob, grid=0), ValueError, "grid must be"),
+    (lambda: viz.plot_field(rotation, 1.5), ValueError, r"\[0, 1\]"),
+    (lambda: viz.plot_field(rotation, 0.5, kind="arrows"), ValueError, "quiver, stream"),
+    (lambda: viz.plot_field(lambda x, t: x[:, :1], 0.5), ValueError, "shaped like x"),
+    (lambda: viz.frame_indices(10, 1), ValueError, "max_frames"),
+    (lambda: viz.animate_trajectories(random_traj(5), times=[0.0, 1.0]), ValueError, "one entry per"),
+    (lambda: viz.animate_trajectories(random_traj(5), field=3), TypeError, "field must be"),
+    (lambda: viz.to_html("anim"), TypeError, "matplotlib Animation"),
+    (lambda: viz.save_animation(_anim(), "a.avi"), ValueError, r"\.gif.*\.mp4"),
+    (lambda: viz.save_animation(_anim(), "noextension"), ValueError, "unsupported extension"),
+])
+@pytest.mark.filterwarnings("ignore:Animation was deleted without rendering")
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+    gc.collect()  # an animation that was never rendered warns when collected

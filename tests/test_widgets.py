@@ -1,0 +1,93 @@
+"""fmtoy.widgets: controls offer exactly the library's registries, and interactive_figure redraws on change."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets as W  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from fmtoy import widgets  # noqa: E402
+from fmtoy.data import get_dataset, list_datasets  # noqa: E402
+from fmtoy.paths import list_paths  # noqa: E402
+from fmtoy.solvers import SOLVERS, nfe  # noqa: E402
+
+
+def test_dataset_dropdown_offers_every_dataset_that_builds_without_arguments():
+    dd = widgets.dataset_dropdown()
+    options = list(dd.options)
+    assert dd.value == "eight_gaussians" and options == sorted(options)
+    assert set(options) <= set(list_datasets())
+    for name in options:
+        x = get_dataset(name).sample(4)
+        assert x.shape == (4, 2)
+    for name in set(list_datasets()) - set(options):  # only those that need arguments are left out
+        with pytest.raises(TypeError):
+            get_dataset(name)
+    assert len(set(list_datasets()) - set(options)) <= 1  # gaussian_mixture
+
+
+def test_path_and_solver_dropdowns_equal_the_registries():
+    assert list(widgets.path_dropdown().options) == list_paths()
+    assert widgets.path_dropdown().value == "ot"
+    assert list(widgets.solver_dropdown().options) == list(SOLVERS)
+    assert widgets.solver_dropdown("rk4").value == "rk4"
+
+
+def test_nfe_slider_is_powers_of_two():
+    s = widgets.nfe_slider()
+    options = list(s.options)
+    assert s.value == 8 and options[0] == 1
+    assert all(b == 2 * a for a, b in zip(options, options[1:])) and options[-1] >= 128
+    for value in options:  # every choice is a valid step count for every solver
+        assert all(nfe(m, value) >= value for m in SOLVERS)
+
+
+def test_slider_ranges():
+    t = widgets.t_slider()
+    assert (t.min, t.max, t.value) == (0.0, 1.0, 0.5)
+    seed = widgets.seed_slider(3)
+    assert (seed.min, seed.value) == (0, 3) and seed.max >= 10
+    sm = widgets.sigma_min_slider()
+    assert sm.min == 0.0 and sm.value == 0.0 and 0.0 < sm.max < 1.0
+
+
+def test_interactive_figure_redraws_with_the_new_values():
+    calls = []
+
+    def draw(t, solver):
+        calls.append((t, solver))
+        fig, ax = plt.subplots()
+        ax.plot([0, t], [0, 1])
+
+    t, solver = widgets.t_slider(), widgets.solver_dropdown()
+    open_before = len(plt.get_fignums())
+    box = widgets.interactive_figure(draw, t=t, solver=solver)
+    assert calls == [(0.5, "euler")]  # drawn once at construction: the default view exists
+    t.value = 0.25
+    assert calls[-1] == (0.25, "euler")
+    solver.value = "rk4"
+    assert calls[-1] == (0.25, "rk4") and len(calls) == 3
+    assert isinstance(box, W.VBox) and list(box.children[0].children) == [t, solver]
+    assert isinstance(box.children[1], W.Output)
+    assert len(plt.get_fignums()) == open_before  # Agg: the figures drawn are closed, not leaked
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: widgets.dataset_dropdown("mnist"), ValueError, "unknown dataset"),
+    (lambda: widgets.dataset_dropdown("gaussian_mixture"), ValueError, "unknown dataset"),
+    (lambda: widgets.path_dropdown("linear"), ValueError, "unknown path"),
+    (lambda: widgets.solver_dropdown("heun"), ValueError, "unknown solver"),
+    (lambda: widgets.nfe_slider(6), ValueError, "power of two"),
+    (lambda: widgets.t_slider(1.5), ValueError, r"\[0.0, 1.0\]"),
+    (lambda: widgets.seed_slider(-1), ValueError, "seed"),
+    (lambda: widgets.sigma_min_slider(0.9), ValueError, "sigma_min"),
+    (lambda: widgets.interactive_figure("draw", t=widgets.t_slider()), TypeError, "callable"),
+    (lambda: widgets.interactive_figure(lambda: None), ValueError, "at least one control"),
+    (lambda: widgets.interactive_figure(lambda t: None, t=0.5), TypeError, "value widgets"),
+])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
