@@ -131,11 +131,18 @@ class GaussianMixture(Distribution):
             raise ValueError(f"component index must be an int in [0, {self.n_components - 1}], got {k!r}")
         return GaussianMixture(torch.ones(1), self.means[k:k + 1], self.covs[k:k + 1], name=f"{self.name}[{k}]")
 
+    def _float32_on(self, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(weights, roots, means) as float32 on `dev`, converted once per device (sampling is in the training loop)."""
+        cache = self.__dict__.setdefault("_f32_cache", {})
+        if dev not in cache:
+            cache[dev] = tuple(a.float().to(dev) for a in (self.weights, self._root, self.means))
+        return cache[dev]
+
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
-        idx = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
+        weights, roots, means = self._float32_on(dev)
+        idx = torch.multinomial(weights, n, replacement=True, generator=g)
         z = torch.randn(n, self.dim, generator=g, device=dev)
-        root, mean = self._root.float().to(dev)[idx], self.means.float().to(dev)[idx]
-        return mean + (root @ z[:, :, None])[:, :, 0]
+        return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0]
 
     def _log_prob(self, x: Tensor) -> Tensor:
         if self._singular:
@@ -164,6 +171,9 @@ class StandardNormal(GaussianMixture):
     def __init__(self, dim: int = 2) -> None:
         dim = check_positive_int("dim", dim)
         super().__init__(torch.ones(1), torch.zeros(1, dim), torch.eye(dim)[None], name="standard_normal")
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        return torch.randn(n, self.dim, generator=g, device=dev)
 
 
 def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:

@@ -1,0 +1,66 @@
+"""The conditional flow matching loss and the couplings pi(x_0, x_1) that feed it."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from ._checks import check_choice, check_points
+from .models import _check_model_time
+
+Coupling = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
+def _check_pair(x0: Tensor, x1: Tensor) -> None:
+    """Check that x0 (source) and x1 (target) are point sets of the same shape (n, d)."""
+    check_points(x0, name="x0")
+    check_points(x1, name="x1")
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape (n, d), got {tuple(x0.shape)} and {tuple(x1.shape)}")
+
+
+def cfm_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path,
+             cond: Tensor | None = None) -> Tensor:
+    """CFM loss, FM paper Eq. (9)/(14): mean_i || v(x_t, t) - (d_alpha_t x_1 + d_sigma_t x_0) ||^2, x_t = alpha_t x_1 + sigma_t x_0.
+
+    Shape checks only (no range check on t, no device sync): callers keep t in [path.t_min, path.t_max].
+    """
+    _check_pair(x0, x1)
+    if not all(callable(getattr(path, f, None)) for f in ("alpha", "sigma", "d_alpha", "d_sigma")):
+        raise TypeError(f"path must be a GaussianPath (with alpha, sigma, d_alpha, d_sigma), got {type(path).__name__}")
+    tc = _check_model_time(t, x0.shape[0], x0)               # (n, 1)
+    # the unchecked schedule methods (GaussianPath._alpha, ...) when present: no range check, no device sync
+    alpha, sigma, d_alpha, d_sigma = (getattr(path, "_" + f, None) or getattr(path, f)
+                                      for f in ("alpha", "sigma", "d_alpha", "d_sigma"))
+    xt = alpha(tc) * x1 + sigma(tc) * x0
+    target = d_alpha(tc) * x1 + d_sigma(tc) * x0
+    v = model(xt, tc[:, 0]) if cond is None else model(xt, tc[:, 0], cond)
+    if not isinstance(v, Tensor) or v.shape != x0.shape:
+        raise ValueError(f"the model must return a tensor of shape {tuple(x0.shape)}, "
+                         f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+    return (v - target).square().sum(dim=1).mean()
+
+
+def independent_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+    """pi(x_0, x_1) = p_0(x_0) q(x_1): keep the independently drawn pairs as they are."""
+    _check_pair(x0, x1)
+    return x0, x1
+
+
+@torch.no_grad()
+def minibatch_ot_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+    """Minibatch OT (Tong et al. 2023): re-pair x1 by the permutation minimising sum_i |x0_i - x1_sigma(i)|^2."""
+    _check_pair(x0, x1)
+    cost = torch.cdist(x0.double(), x1.double()).square().cpu().numpy()
+    _, cols = linear_sum_assignment(cost)
+    return x0, x1[torch.as_tensor(cols, device=x1.device)]
+
+
+COUPLINGS: dict[str, Coupling] = {"independent": independent_coupling, "ot": minibatch_ot_coupling}
+
+
+def get_coupling(name: str) -> Coupling:
+    """The coupling function for `name` ("independent" or "ot")."""
+    return COUPLINGS[check_choice("coupling", name, COUPLINGS)]
