@@ -243,6 +243,7 @@ def animate_trajectories(traj: Tensor | np.ndarray, *, field: Callable | None = 
     _square(ax, lim)
     ax.set_xticks([])
     ax.set_yticks([])
+    title = ax.set_title("t = 0.00")  # set before tight_layout so the layout leaves room for it
     fig.tight_layout()
     image = arrows = None
     if density is not None:
@@ -257,7 +258,6 @@ def animate_trajectories(traj: Tensor | np.ndarray, *, field: Callable | None = 
     x0 = arr[0]
     hue = (np.arctan2(x0[:, 1], x0[:, 0]) + np.pi) / (2 * np.pi)  # colour = angle of x_0: shows who goes where
     particles = ax.scatter(x0[:, 0], x0[:, 1], c=hue, cmap="hsv", vmin=0, vmax=1, s=s, linewidths=0, zorder=2)
-    title = ax.set_title("")
 
     cache: dict[int, tuple] = {}  # per-frame background, computed once (the HTML and GIF writers redraw every frame)
 

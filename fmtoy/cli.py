@@ -1,0 +1,230 @@
+"""Command line: `fmtoy train | sample | animate | list`. Errors print one line `fmtoy: error: ...` and exit 2.
+
+    fmtoy train --data eight_gaussians --path ot --steps 5000 --out runs/x
+    fmtoy sample --run runs/x --n 2000 --steps 8 --solver euler --out samples.png
+    fmtoy animate --run runs/x --out anim.gif
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from ._checks import check_positive_int
+
+SAMPLE_FORMATS = (".csv", ".npy", ".png")
+
+
+class UsageError(Exception):
+    """A bad command line (argparse's complaint), reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block and exit; we want one line
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p = _Parser(prog="fmtoy", description="Flow matching playground on 2D toy data (see `fmtoy list`).")
+    p.add_argument("--version", action="version", version=f"fmtoy {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,animate,list}", required=True)
+
+    t = sub.add_parser("train", help="train a velocity MLP with conditional flow matching")
+    t.add_argument("--data", default=d.data, help=f"data set (default {d.data})")
+    t.add_argument("--path", default=d.path, help=f"probability path: ot, ve, vp (default {d.path})")
+    t.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--sigma-min", type=float, default=d.sigma_min)
+    t.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999 (default: no EMA)")
+    t.add_argument("--coupling", default=d.coupling, help="independent or ot (minibatch OT)")
+    t.add_argument("--hidden", type=int, default=d.hidden)
+    t.add_argument("--depth", type=int, default=d.depth)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--out", default=None, help="run folder (default runs/<data>_<path>)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    for name, helptext in (("sample", "draw samples x_1 from a trained run"),
+                           ("animate", "animate particles flowing from noise to data")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--run", required=True, help="run folder written by `fmtoy train`")
+        s.add_argument("--out", required=True, help="output file: " + (
+            ".npy, .csv or .png" if name == "sample" else ".gif, .mp4 (needs ffmpeg) or .html"))
+        s.add_argument("--n", type=int, default=2000 if name == "sample" else 500, help="number of particles")
+        s.add_argument("--steps", type=int, default=8 if name == "sample" else 40, help="ODE solver steps")
+        s.add_argument("--solver", default="euler" if name == "sample" else "midpoint", help="euler, midpoint, rk4")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    a = sub.choices["animate"]
+    a.add_argument("--max-frames", type=int, default=30, help="frames in the animation (default 30)")
+    a.add_argument("--fps", type=float, default=10.0)
+
+    sub.add_parser("list", help="list the data sets, paths, solvers and couplings")
+    return p
+
+
+def _version() -> str:
+    import fmtoy
+    return str(getattr(fmtoy, "__version__", "0.1.0"))
+
+
+def _use_agg() -> None:
+    """A fresh command-line process plots off-screen; never switch the backend of a session that already has pyplot."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registries."""
+    from .data import list_datasets
+    from .losses import COUPLINGS
+    from .paths import list_paths
+    from .solvers import SOLVERS
+
+    print("datasets: " + ", ".join(list_datasets()))
+    print("paths:    " + ", ".join(list_paths()))
+    print("solvers:  " + ", ".join(SOLVERS))
+    print("couplings: " + ", ".join(sorted(COUPLINGS)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on args.data along args.path (CFM loss, FM paper Eq. 14); write model.pt, config.json, losses.csv."""
+    from .train import TrainConfig, save_checkpoint, train_flow
+
+    config = TrainConfig(data=args.data, path=args.path, sigma_min=args.sigma_min, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, depth=args.depth,
+                         seed=args.seed, device=args.device, ema_decay=args.ema, coupling=args.coupling)
+    out = Path(args.out or f"runs/{config.data}_{config.path}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    result = train_flow(config, progress=not args.quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "model.pt", result, config)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
+    with open(out / "losses.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"])
+        w.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
+    tail = result.losses[-100:]
+    print(f"trained {config.data} / {config.path}: {config.steps} steps in {result.seconds:.1f} s on "
+          f"{result.device} ({result.steps_per_second:.0f} steps/s)")
+    print(f"final loss {result.losses[-1]:.4f} (mean of the last {len(tail)} steps: {sum(tail) / len(tail):.4f})")
+    print(f"wrote {out / 'model.pt'}, config.json, losses.csv")
+    return 0
+
+
+def _load_run(run: str, device: str):
+    """(model, config) of a run folder (or its model.pt), with a clear error when it is missing."""
+    from .device import resolve_device
+    from .train import load_checkpoint
+
+    dev = resolve_device(device)
+    path = Path(run)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"run folder {run!r} not found or has no model.pt; make one with "
+                                f"`fmtoy train --out {run}`")
+    model, config = load_checkpoint(file, device=dev)
+    return model, config, dev
+
+
+def _flow(args: argparse.Namespace, trajectory: bool):
+    """x_0 ~ N(0, I) (seeded) pushed through the learned flow with args.steps solver steps, Eq. (ODE)."""
+    from .data import StandardNormal
+    from .device import make_generator
+    from .solvers import integrate, nfe
+
+    n, steps = check_positive_int("--n", args.n), check_positive_int("--steps", args.steps)
+    nfe(args.solver, steps)  # validates the solver name before any work
+    model, config, dev = _load_run(args.run, args.device)
+    x0 = StandardNormal(model.dim).sample(n, generator=make_generator(args.seed, dev), device=dev)
+    start = time.perf_counter()
+    x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory)
+    return x.cpu(), config, model, time.perf_counter() - start
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Sample x_1 = psi_1(x_0) from a run and write it as .npy, .csv or .png."""
+    import numpy as np
+
+    from .solvers import nfe
+
+    out = Path(args.out)
+    if out.suffix.lower() not in SAMPLE_FORMATS:
+        raise ValueError(f"--out {args.out!r}: unsupported extension; use one of {', '.join(SAMPLE_FORMATS)}")
+    x, config, _, seconds = _flow(args, trajectory=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arr = x.double().numpy()
+    if out.suffix.lower() == ".npy":
+        np.save(out, arr)
+    elif out.suffix.lower() == ".csv":
+        np.savetxt(out, arr, delimiter=",", header="x,y", comments="")
+    else:
+        _use_agg()
+        import matplotlib.pyplot as plt
+
+        from .data import get_dataset
+        from .viz import plot_density, plot_samples
+
+        fig, ax = plt.subplots(figsize=(5, 5))
+        lim = max(5.0, float(np.abs(arr).max()) * 1.05)
+        plot_density(get_dataset(config.data).log_prob, ax, lim=lim, grid=150, cmap="Greys")
+        plot_samples(arr, ax, lim=lim, color="C1", s=3,
+                     title=f"{config.data}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}")
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    print(f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "
+          f"in {seconds:.2f} s; wrote {out}")
+    return 0
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    """Animate particles along the learned flow (field in the background) and write .gif, .mp4 or .html."""
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    from .viz import _check_animation_path, animate_trajectories, save_animation
+
+    out = _check_animation_path(args.out)
+    check_positive_int("--max-frames", args.max_frames)
+    traj, config, model, _ = _flow(args, trajectory=True)
+    anim = animate_trajectories(traj, field=model, max_frames=args.max_frames, interval=max(1, round(1000 / args.fps)))
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_animation(anim, out, fps=args.fps)
+    plt.close(anim.fig)
+    print(f"animated {traj.shape[1]} particles of {config.data} ({len(anim.frame_indices)} frames) "
+          f"in {time.perf_counter() - start:.1f} s; wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fmtoy` console script and `python -m fmtoy`; returns the exit status."""
+    try:
+        parser = _build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0)
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fmtoy: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fmtoy: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,160 @@
+"""fmtoy.cli: list, train -> sample -> animate end to end, seeded reproducibility, one-line errors with exit 2."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fmtoy.cli import main  # noqa: E402
+from fmtoy.data import StandardNormal, list_datasets  # noqa: E402
+from fmtoy.device import make_generator  # noqa: E402
+from fmtoy.paths import list_paths  # noqa: E402
+from fmtoy.solvers import SOLVERS, integrate  # noqa: E402
+from fmtoy.train import build_model, load_checkpoint  # noqa: E402
+
+TINY = ["--steps", "50", "--hidden", "32", "--depth", "2", "--batch-size", "64", "--device", "cpu", "--quiet"]
+
+
+def train_run(out, seed: int = 3) -> None:
+    assert main(["train", "--data", "eight_gaussians", "--path", "ot", "--seed", str(seed), "--out", str(out)]
+                + TINY) == 0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "x"
+    train_run(out)
+    return out
+
+
+def parse_list(text: str) -> dict[str, list[str]]:
+    return {k.strip(): [v.strip() for v in vals.split(",")] for k, vals in
+            (line.split(":", 1) for line in text.strip().splitlines())}
+
+
+def test_list_names_every_dataset_path_and_solver(capsys):
+    assert main(["list"]) == 0
+    listed = parse_list(capsys.readouterr().out)
+    assert listed["datasets"] == list_datasets()
+    assert listed["paths"] == list_paths()
+    assert listed["solvers"] == list(SOLVERS)
+
+
+def test_python_dash_m_fmtoy(capsys):
+    proc = subprocess.run([sys.executable, "-m", "fmtoy", "list"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert main(["list"]) == 0
+    assert proc.stdout == capsys.readouterr().out
+
+
+def test_train_writes_checkpoint_config_and_losses(run, capsys):
+    model, config = load_checkpoint(run / "model.pt")
+    assert (config.data, config.path, config.steps, config.hidden, config.depth, config.seed) == \
+        ("eight_gaussians", "ot", 50, 32, 2, 3)
+    assert json.loads((run / "config.json").read_text()) == {**dataclasses.asdict(config), "device": "cpu"}
+    with open(run / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 51))
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    init = build_model(config)  # training moved the weights away from the seeded initialisation
+    assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
+
+
+def test_train_prints_time_and_final_loss(tmp_path, capsys):
+    train_run(tmp_path / "a", seed=5)
+    out = capsys.readouterr().out
+    assert re.search(r"50 steps in [\d.]+ s on cpu", out)
+    final = float(re.search(r"final loss ([\d.]+)", out).group(1))
+    with open(tmp_path / "a" / "losses.csv") as f:
+        last = float(list(csv.DictReader(f))[-1]["loss"])
+    assert final == pytest.approx(last, abs=5e-5)
+    train_run(tmp_path / "b", seed=5)  # same seed: bit-identical weights
+    a, _ = load_checkpoint(tmp_path / "a" / "model.pt")
+    b, _ = load_checkpoint(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (tmp_path / "a" / "losses.csv").read_text() == (tmp_path / "b" / "losses.csv").read_text()
+
+
+def test_sample_is_the_seeded_flow_of_the_run(run, tmp_path):
+    assert main(["sample", "--run", str(run), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7",
+                 "--device", "cpu", "--out", str(tmp_path / "s.npy")]) == 0
+    got = np.load(tmp_path / "s.npy")
+    model, _ = load_checkpoint(run / "model.pt")
+    x0 = StandardNormal(2).sample(300, generator=make_generator(7, "cpu"))
+    expected = integrate(model, x0, 4, "midpoint").double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert main(["sample", "--run", str(run), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7",
+                 "--device", "cpu", "--out", str(tmp_path / "s.csv")]) == 0
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1), got)
+    assert main(["sample", "--run", str(run), "--n", "300", "--seed", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "plots" / "s.png")]) == 0
+    with Image.open(tmp_path / "plots" / "s.png") as im:
+        pixels = np.asarray(im.convert("L"), dtype=float)
+    assert min(pixels.shape) > 200 and pixels.std() > 5  # a real picture, not a blank canvas
+
+
+@pytest.mark.parametrize("steps, max_frames, frames", [(10, 30, 11), (60, 8, 8)])
+def test_animate_gif_has_the_subsampled_frames(run, tmp_path, steps, max_frames, frames):
+    out = tmp_path / "a.gif"
+    assert main(["animate", "--run", str(run), "--n", "100", "--steps", str(steps), "--max-frames", str(max_frames),
+                 "--device", "cpu", "--out", str(out)]) == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == frames
+
+
+def test_animate_html_player(run, tmp_path):
+    out = tmp_path / "a.html"
+    assert main(["animate", "--run", str(run), "--n", "100", "--steps", "6", "--device", "cpu", "--out", str(out)]) == 0
+    html = out.read_text()
+    assert "anim-slider" in html and len(re.findall(r'frames\[\d+\] = "data:image/png', html)) == 7
+
+
+def _bad_cases():
+    cases = [
+        (["train", "--data", "mnist"], "unknown dataset 'mnist'"),
+        (["train", "--path", "linear"], "unknown path 'linear'"),
+        (["train", "--coupling", "sinkhorn"], "unknown coupling"),
+        (["train", "--steps", "0"], "steps must be a positive integer"),
+        (["train", "--steps", "-5"], "steps must be a positive integer"),
+        (["train", "--steps", "many"], "invalid int value"),
+        (["train", "--lr", "0"], "lr must be"),
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "--path", "vp", "--sigma-min", "0.1"], "sigma_min"),
+        (["sample", "--run", "{missing}", "--out", "{tmp}/s.npy"], "not found"),
+        (["sample", "--run", "{run}", "--out", "{tmp}/s.txt"], "unsupported extension"),
+        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--steps", "0"], "--steps must be a positive integer"),
+        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--n", "0"], "--n must be a positive integer"),
+        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--solver", "heun"], "unknown solver 'heun'"),
+        (["sample", "--out", "{tmp}/s.npy"], "required: --run"),
+        (["animate", "--run", "{run}", "--out", "{tmp}/a.avi"], ".gif, .html, .mp4"),
+        (["bogus"], "invalid choice"),
+        ([], "required"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda"], "CUDA is not available"))
+    return cases
+
+
+@pytest.mark.parametrize("argv, message", _bad_cases())
+def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys, argv, message):
+    argv = [a.format(run=run, tmp=tmp_path, missing=tmp_path / "nope") for a in argv]
+    argv += ["--out", str(tmp_path / "out")] if argv[:1] == ["train"] else []
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmtoy: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("s.*")) and not any(tmp_path.glob("a.*"))
