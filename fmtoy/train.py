@@ -149,7 +149,7 @@ class TrainConfig:
     data: str = "eight_gaussians"
     path: str = "ot"
     sigma_min: float = 0.0
-    steps: int = 4000
+    steps: int = 5000
     batch_size: int = 1024
     lr: float = 3e-3
     hidden: int = 128
