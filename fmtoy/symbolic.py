@@ -8,7 +8,7 @@ function value and derivative and evaluates with 60 significant digits (mpmath; 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import sympy as sp
 
@@ -248,3 +248,60 @@ def cross_check_paths(paths: Sequence | None = None, n: int = 64, seed: int = 0)
             got = numeric[k].detach().cpu().double().numpy().reshape(np.shape(ref))
             out[f"{i}:{name}/{k}"] = float(np.max(np.abs(got - ref) / (1.0 + np.abs(ref))))
     return out
+
+
+# --- Book chapter 4: a rotation that leaves the Gaussian path unchanged ------------------------------------------
+class RotatedGaussian2D(NamedTuple):
+    """p_t = N(mu_t, sigma_t^2 I) in 2D, Thm 3's field u, the rotation w, the flow of u + w and its x_0 symbols."""
+
+    p: sp.Expr
+    u: list
+    w: list
+    flow: list
+    x0: tuple
+
+
+def rotated_gaussian_2d(mu: Sequence | None = None, sigma: sp.Expr | None = None,
+                        theta: sp.Expr | None = None) -> RotatedGaussian2D:
+    """p_t, u_t (FM Thm 3), w_t = theta'_t J (x - mu_t) and the flow mu_t + sigma_t R(theta_t) x_0 of u + w (Ch. 4).
+
+    Defaults: mu = (mu_1(t), mu_2(t)), sigma(t), theta(t) undefined functions; J = [[0, -1], [1, 0]]."""
+    mu = sp.symbols("mu_1 mu_2", cls=sp.Function, real=True) if mu is None else mu
+    mu = [m(t) if isinstance(m, sp.core.function.FunctionClass) else _expr("each mu", m) for m in mu]
+    if len(mu) != 2:
+        raise ValueError(f"mu must have 2 components (a 2D mean), got {len(mu)}")
+    sigma = sp.Function("sigma", positive=True)(t) if sigma is None else _expr("sigma", sigma)
+    theta = sp.Function("theta", real=True)(t) if theta is None else _expr("theta", theta)
+    for name, e in (("mu", mu[0]), ("mu", mu[1]), ("sigma", sigma), ("theta", theta)):
+        if {x, y} & e.free_symbols:
+            raise ValueError(f"{name} must depend on t (and parameters) only, not on the point (x, y)")
+    p = gaussian_density(x, mu[0], sigma) * gaussian_density(y, mu[1], sigma)
+    u = [gaussian_conditional_velocity(m, sigma, t, xi) for m, xi in zip(mu, (x, y))]
+    om = sp.diff(theta, t)
+    w = [-om * (y - mu[1]), om * (x - mu[0])]
+    a, b = sp.symbols("x_0 y_0", real=True)
+    c, s_ = sp.cos(theta), sp.sin(theta)
+    flow = [mu[0] + sigma * (c * a - s_ * b), mu[1] + sigma * (s_ * a + c * b)]
+    return RotatedGaussian2D(p, u, w, flow, (a, b))
+
+
+def flux_divergence(p: sp.Expr, w: Sequence[sp.Expr], xs: Sequence[sp.Symbol] = (x, y)) -> sp.Expr:
+    """div(p w) = sum_i d(p w_i)/dx_i; zero means adding w to a field leaves the path p_t unchanged (Ch. 4)."""
+    p = _expr("p", p)
+    if len(w) != len(xs):
+        raise ValueError(f"w has {len(w)} components but xs has {len(xs)} coordinates; they must match")
+    xs = [_symbol("each entry of xs", xi) for xi in xs]
+    return sp.simplify(sum(sp.diff(p * _expr("each component of w", wi), xi) for wi, xi in zip(w, xs)))
+
+
+def standard_normal_expectation(expr: sp.Expr, zs: Sequence[sp.Symbol]) -> sp.Expr:
+    """E[expr] for independent z_i ~ N(0, 1), expr a polynomial in zs: E z^k = (k-1)!! for even k, else 0."""
+    expr = _expr("expr", expr)
+    zs = [_symbol("each entry of zs", z) for z in zs]
+    try:
+        poly = sp.Poly(sp.expand(expr), *zs)
+    except sp.PolynomialError as err:
+        raise ValueError(f"expr must be a polynomial in {zs} (Gaussian moments are used term by term)") from err
+    moment = lambda k: sp.Integer(0) if k % 2 else sp.factorial2(k - 1)  # noqa: E731
+    total = sum(c * sp.Mul(*[moment(k) for k in ks]) for ks, c in poly.terms())
+    return sp.simplify(total)
