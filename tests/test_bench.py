@@ -24,13 +24,7 @@ need_meta = pytest.mark.skipif(peers.available()["flow_matching"] is None,
                                reason="flow_matching not installed (pip install -e '.[bench]')")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-off stalls on a busy 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peer_params():

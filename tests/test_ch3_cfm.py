@@ -22,13 +22,7 @@ PATH = CondOTPath()
 Q1D = GaussianMixture(torch.tensor([0.75, 0.25]), torch.tensor([[-1.0], [2.5]]), torch.tensor([[[0.04]], [[0.04]]]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread avoids oversubscription on a busy 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int, seed: int = 0, target=TARGET, path=PATH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
