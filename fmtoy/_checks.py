@@ -68,3 +68,32 @@ def check_time(t: float | Tensor, n: int | None = None, like: Tensor | None = No
         raise ValueError(f"t must lie in [0, 1] (t=0 is noise, t=1 is data); got values in "
                          f"[{t.min().item():.4g}, {t.max().item():.4g}]")
     return t
+
+
+def check_unit_time(name: str, value: float | Tensor) -> float:
+    """Return a single time (a number or a one-element tensor) as a float after checking 0 <= value <= 1."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (t=0 is noise, t=1 is data), got {value!r}")
+    return float(value)
+
+
+def check_velocity_output(v: Tensor, x: Tensor) -> Tensor:
+    """Return v if a velocity field's output v(x, t) is a tensor shaped like x, else raise ValueError."""
+    if not isinstance(v, Tensor) or v.shape != x.shape:
+        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"velocity(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+    return v
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device, what: str = "x is") -> None:
+    """Raise unless generator is None or a torch.Generator on the same device type as `device`."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"the generator lives on {generator.device} but {what} on {device}; "
+                         "make the generator on the same device (fmtoy.device.make_generator(seed, device))")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_points, check_positive, check_positive_int
+from ._checks import check_choice, check_generator, check_points, check_positive, check_positive_int
 from .device import resolve_device
 
 LOG_2PI = math.log(2 * math.pi)
@@ -40,9 +40,7 @@ class Distribution:
             dev = generator.device if generator is not None else torch.device("cpu")
         else:
             dev = resolve_device(device)
-        if generator is not None and generator.device.type != dev.type:
-            raise ValueError(f"the generator lives on {generator.device} but samples were requested on {dev}; "
-                             "make the generator on the same device (fmtoy.device.make_generator(seed, device))")
+        check_generator(generator, dev, what="samples were requested")
         return self._sample(n, generator, dev)
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:

@@ -5,13 +5,13 @@ change of variables, d/dt log p_t(x_t) = -div v_t(x_t), integrated backwards fro
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_points, check_positive_int, check_time
+from ._checks import (check_choice, check_generator, check_points, check_positive_int, check_time, check_unit_time,
+                      check_velocity_output)
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # v(x, t): x (n, d), t (n,) -> (n, d)
 Field = Callable[[Tensor, float], Tensor]       # the same field with a scalar time, as the steps below use it
@@ -53,28 +53,6 @@ def _check_velocity(velocity) -> None:
         raise TypeError(f"velocity must be a callable v(x, t) -> (n, d), got {type(velocity).__name__}")
 
 
-def _check_endpoint(name: str, value: float) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1] (t=0 is noise, t=1 is data), got {value!r}")
-    return float(value)
-
-
-def _check_output(v: Tensor, x: Tensor) -> Tensor:
-    if not isinstance(v, Tensor) or v.shape != x.shape:
-        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise ValueError(f"velocity(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
-    return v
-
-
-def _check_generator(generator, device: torch.device) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"the generator lives on {generator.device} but x is on {device}; "
-                         "make it with fmtoy.device.make_generator(seed, device)")
-
-
 def nfe(method: str, steps: int) -> int:
     """Number of velocity evaluations of `steps` fixed steps: 1 (euler), 2 (midpoint) or 4 (rk4) per step."""
     check_choice("solver", method, SOLVERS)
@@ -93,11 +71,11 @@ def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler",
     x0 = check_points(x0, name="x0")
     steps = check_positive_int("steps", steps)
     step = STEP_FUNCTIONS[check_choice("solver", method, SOLVERS)]
-    t0, t1 = _check_endpoint("t0", t0), _check_endpoint("t1", t1)
+    t0, t1 = check_unit_time("t0", t0), check_unit_time("t1", t1)
     n = x0.shape[0]
 
     def f(x: Tensor, t: float) -> Tensor:
-        return _check_output(velocity(x, x.new_full((n,), t)), x)
+        return check_velocity_output(velocity(x, x.new_full((n,), t)), x)
 
     times = [t0 + (t1 - t0) * k / steps for k in range(steps)] + [t1]
     with torch.enable_grad() if grad else torch.no_grad():
@@ -122,7 +100,7 @@ def sample(velocity: Velocity, source, n: int, steps: int = 100, method: str = "
 # ----------------------------------------------------------------------------------------------- divergence
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Probes with iid entries +-1 (prob 1/2 each): E[eps eps^T] = I, Hutchinson's estimator."""
-    _check_generator(generator, like.device)
+    check_generator(generator, like.device)
     bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
     return bits.to(like.dtype).mul_(2).sub_(1)
 
@@ -139,7 +117,7 @@ def _velocity_and_divergence(velocity: Velocity, x: Tensor, t: Tensor,
     Gradients are taken with respect to x only, so parameters' .grad is never touched."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        v = _check_output(velocity(x, t), x)
+        v = check_velocity_output(velocity(x, t), x)
         if not v.requires_grad:
             raise ValueError("velocity(x, t) is not differentiable in x (was it computed under torch.no_grad or "
                              "detached?); the divergence needs autograd through the field")

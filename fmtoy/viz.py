@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from torch import Tensor
 
-from ._checks import check_choice, check_positive, check_positive_int
+from ._checks import check_choice, check_positive, check_positive_int, check_unit_time, check_velocity_output
 
 ANIMATION_FORMATS = (".gif", ".html", ".mp4")
 FIELD_KINDS = ("quiver", "stream")
@@ -84,18 +84,7 @@ def _eval_density(log_prob_fn: Callable, points: Tensor, grid: int, log: bool, *
 def _eval_field(velocity: Callable, points: Tensor, t: float) -> np.ndarray:
     with torch.no_grad():
         v = velocity(points, points.new_full((points.shape[0],), t))
-    if not isinstance(v, Tensor) or v.shape != points.shape:
-        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise ValueError(f"velocity(x, t) must return a tensor shaped like x {tuple(points.shape)}, got {got}")
-    return v.detach().cpu().double().numpy()
-
-
-def _check_time(t: float) -> float:
-    if isinstance(t, Tensor) and t.numel() == 1:
-        t = t.item()
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must be a number in [0, 1] (t=0 is noise, t=1 is data), got {t!r}")
-    return float(t)
+    return check_velocity_output(v, points).detach().cpu().double().numpy()
 
 
 def _model_device(fn: Callable) -> torch.device:
@@ -140,7 +129,7 @@ def plot_field(velocity: Callable[[Tensor, Tensor], Tensor], t: float, ax: Axes 
     """Arrows (quiver) or streamlines of the velocity field v_t(x) at time t on a grid x grid raster, Eq. (ODE)."""
     if not callable(velocity):
         raise TypeError(f"velocity must be a callable v(x, t) -> (n, 2), got {type(velocity).__name__}")
-    t, kind = _check_time(t), check_choice("field kind", kind, FIELD_KINDS)
+    t, kind = check_unit_time("t", t), check_choice("field kind", kind, FIELD_KINDS)
     points, centres = grid_points(lim, grid)
     v = _eval_field(velocity, points.to(_model_device(velocity)), t)
     ax = _axes(ax)
