@@ -139,7 +139,7 @@ class GaussianMixture(Distribution):
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         weights, roots, means = self._float32_on(dev)
         idx = torch.multinomial(weights, n, replacement=True, generator=g)
-        z = torch.randn(n, self.dim, generator=g, device=dev)
+        z = torch.randn(n, self.dim, generator=g, device=dev, dtype=torch.float32)
         return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0]
 
     def _log_prob(self, x: Tensor) -> Tensor:
@@ -171,7 +171,7 @@ class StandardNormal(GaussianMixture):
         super().__init__(torch.ones(1), torch.zeros(1, dim), torch.eye(dim)[None], name="standard_normal")
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
-        return torch.randn(n, self.dim, generator=g, device=dev)
+        return torch.randn(n, self.dim, generator=g, device=dev, dtype=torch.float32)
 
 
 def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
@@ -195,7 +195,7 @@ class Checkerboard(Distribution):
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         cell = torch.randint(len(self.black), (n,), generator=g, device=dev)
-        u = torch.rand(n, 2, generator=g, device=dev)
+        u = torch.rand(n, 2, generator=g, device=dev, dtype=torch.float32)
         return -self.half_width + self.side * (self.black.to(dev)[cell] + u)
 
     def _log_prob(self, x: Tensor) -> Tensor:
@@ -224,9 +224,9 @@ class Rings(Distribution):
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         k = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
-        theta = 2 * math.pi * torch.rand(n, generator=g, device=dev)
+        theta = 2 * math.pi * torch.rand(n, generator=g, device=dev, dtype=torch.float32)
         circle = self.radii.float().to(dev)[k, None] * torch.stack([theta.cos(), theta.sin()], dim=1)
-        return circle + self.std * torch.randn(n, 2, generator=g, device=dev)
+        return circle + self.std * torch.randn(n, 2, generator=g, device=dev, dtype=torch.float32)
 
     def _log_prob(self, x: Tensor) -> Tensor:
         r, radii = x.norm(dim=1, keepdim=True), self.radii.to(x)
@@ -266,10 +266,10 @@ class CurveNoise(Distribution):
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         a = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
-        u = torch.rand(n, generator=g, device=dev)
+        u = torch.rand(n, generator=g, device=dev, dtype=torch.float32)
         on_curve = torch.stack([c(u) for c in self.curves])                # (arcs, n, 2)
         point = on_curve[a, torch.arange(n, device=dev)]
-        return point.float() + self.std * torch.randn(n, 2, generator=g, device=dev)
+        return point.float() + self.std * torch.randn(n, 2, generator=g, device=dev, dtype=torch.float32)
 
     def _log_prob(self, x: Tensor) -> Tensor:
         return _isotropic_mixture_log_prob(x, self.centres, self.log_w, self.std)

@@ -261,3 +261,14 @@ def test_bad_gaussian_mixture(kwargs, match):
 def test_bad_arguments(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal"])
+def test_samples_are_float32_even_with_a_float64_default_dtype(name):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = get_dataset(name).sample(64, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(old)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
