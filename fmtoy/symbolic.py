@@ -305,3 +305,44 @@ def standard_normal_expectation(expr: sp.Expr, zs: Sequence[sp.Symbol]) -> sp.Ex
     moment = lambda k: sp.Integer(0) if k % 2 else sp.factorial2(k - 1)  # noqa: E731
     total = sum(c * sp.Mul(*[moment(k) for k in ks]) for ks, c in poly.terms())
     return sp.simplify(total)
+
+
+# --- Book chapter 5: diffusion is flow matching -- velocity, x- and eps-prediction losses ------------------------
+class PredictionWeights(NamedTuple):
+    """x_hat(z, v_hat), eps_hat(z, v_hat) and the weights with |v_hat - v|^2 = w_x |x_hat - x|^2 = w_eps |eps_hat - eps|^2."""
+
+    x_hat: sp.Expr
+    eps_hat: sp.Expr
+    x_weight: sp.Expr
+    eps_weight: sp.Expr
+
+
+def prediction_loss_weights(alpha: sp.Expr | None = None, sigma: sp.Expr | None = None,
+                            t: sp.Symbol = t) -> PredictionWeights:
+    """For z_t = alpha_t x + sigma_t eps, v = alpha'_t x + sigma'_t eps (Ch. 5): solve z_t = alpha x_hat + sigma eps_hat,
+    v_hat = alpha' x_hat + sigma' eps_hat for (x_hat, eps_hat) and return the squared-error weights
+    w_x = ((alpha' sigma - alpha sigma') / sigma)^2 and w_eps = ((alpha' sigma - alpha sigma') / alpha)^2.
+
+    Defaults: alpha, sigma undefined functions of t. Book convention (t = 0 noise): OT is alpha = t, sigma = 1 - t.
+    """
+    t = _symbol("t", t)
+    alpha = sp.Function("alpha", real=True)(t) if alpha is None else _expr("alpha", alpha)
+    sigma = sp.Function("sigma", positive=True)(t) if sigma is None else _expr("sigma", sigma)
+    z, v_hat, xs, eps, xh, eh = sp.symbols("z_t v_hat x epsilon x_hat epsilon_hat", real=True)
+    if {z, v_hat, xs, eps} & (alpha.free_symbols | sigma.free_symbols):
+        raise ValueError("alpha and sigma must depend on t (and parameters) only")
+    da, ds = sp.diff(alpha, t), sp.diff(sigma, t)
+    sol = sp.solve([alpha * xh + sigma * eh - z, da * xh + ds * eh - v_hat], [xh, eh], dict=True)
+    if len(sol) != 1:
+        raise ValueError("alpha' sigma - alpha sigma' must be non-zero: otherwise (z_t, v) does not determine (x, eps)")
+    x_hat, eps_hat = sp.simplify(sol[0][xh]), sp.simplify(sol[0][eh])
+    at_truth = {z: alpha * xs + sigma * eps}
+    v_true = da * xs + ds * eps
+    # each prediction error is proportional to the velocity error: v_hat - v = gamma/sigma dx = -gamma/alpha deps
+    gamma = da * sigma - alpha * ds
+    cx, ce = gamma / sigma, -gamma / alpha
+    for c, pred, truth in ((cx, x_hat, xs), (ce, eps_hat, eps)):
+        r = (v_hat - v_true) - c * (pred.subs(at_truth) - truth)
+        if not (sp.simplify(r) == 0 or is_zero(r, method="points")):
+            raise ValueError("the prediction errors are not proportional to the velocity error (internal check failed)")
+    return PredictionWeights(x_hat, eps_hat, sp.simplify(cx ** 2), sp.simplify(ce ** 2))

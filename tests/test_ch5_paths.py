@@ -1,0 +1,138 @@
+"""Chapter 5 (OT vs diffusion paths): loss-weight identities, OT straightness, the kinetic-energy bound,
+minibatch-OT pairing, and the exercise solution extracted from the page."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import sympy as sp
+import torch
+
+from fmtoy import symbolic as S
+from fmtoy.data import eight_gaussians
+from fmtoy.losses import independent_coupling, minibatch_ot_coupling
+from fmtoy.metrics import kinetic_energy_bound
+from fmtoy.models import VelocityMLP
+from fmtoy.paths import CondOTPath, VEPath, VPPath
+from fmtoy.symbolic import sigma_min, t, x, x1
+
+CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch5_paths.md"
+D64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- symbolic
+def test_generic_weights():
+    w = S.prediction_loss_weights()
+    a, s = sp.Function("alpha", real=True)(t), sp.Function("sigma", positive=True)(t)
+    gamma = sp.diff(a, t) * s - a * sp.diff(s, t)
+    assert S.is_zero(w.x_weight - gamma ** 2 / s ** 2)
+    assert S.is_zero(w.eps_weight - gamma ** 2 / a ** 2)
+
+
+def test_ot_weights_and_convention_flip():
+    ot, flip = S.prediction_loss_weights(t, 1 - t), S.prediction_loss_weights(1 - t, t)
+    assert sp.simplify(ot.x_weight - 1 / (1 - t) ** 2) == 0 and sp.simplify(ot.eps_weight - 1 / t ** 2) == 0
+    assert sp.simplify(flip.x_weight - 1 / t ** 2) == 0 and sp.simplify(flip.eps_weight - 1 / (1 - t) ** 2) == 0
+    assert sp.simplify(ot.x_weight / ot.eps_weight - (t / (1 - t)) ** 2) == 0           # SNR
+    assert sp.simplify(ot.eps_weight - (t / (1 - t)) ** 2) != 0                          # the note's claim fails
+    a, s = S.path_schedule("ot")                                                          # with sigma_min
+    w = S.prediction_loss_weights(a, s)
+    assert sp.simplify(w.x_weight - 1 / s ** 2) == 0 and sp.simplify(w.eps_weight - 1 / t ** 2) == 0
+
+
+def test_vp_weight_exercise_identity():
+    a = sp.Function("a", positive=True)(t)
+    w = S.prediction_loss_weights(a, sp.sqrt(1 - a ** 2))
+    assert S.is_zero(w.eps_weight - (sp.diff(a, t) / (a * sp.sqrt(1 - a ** 2))) ** 2, method="points")
+
+
+def test_degenerate_schedule_rejected():
+    with pytest.raises(ValueError, match="non-zero"):
+        S.prediction_loss_weights(t, 2 * t)                  # gamma = 2t - 2t = 0
+    with pytest.raises(TypeError):
+        S.prediction_loss_weights("a b c", 1 - t)
+    with pytest.raises(ValueError):
+        S.prediction_loss_weights(x * t, 1 - t)
+
+
+def test_ot_straight_vp_curved():
+    z0 = sp.Symbol("x_0", real=True)
+    acc = {}
+    for name in ("ot", "vp"):
+        a, s = S.path_schedule(name)
+        u = S.gaussian_conditional_velocity(a * x1, s)
+        acc[name] = sp.diff(u.subs(x, a * x1 + s * z0), t)
+    assert sp.simplify(acc["ot"]) == 0
+    assert not S.is_zero(acc["vp"], method="points")
+    a, s = S.path_schedule("ot")
+    assert sp.simplify(sp.diff(a * x1 + s * z0, t) - (x1 - (1 - sigma_min) * z0)) == 0
+
+
+# ----------------------------------------------------------------------------------------------- numeric
+def test_three_losses_agree_for_a_fixed_network():
+    torch.manual_seed(0)
+    net, n, g = VelocityMLP(hidden=32), 512, _gen(1)
+    xd, eps = eight_gaussians().sample(n, g).double(), torch.randn(n, 2, generator=g, dtype=D64)
+    tt = 0.02 + 0.96 * torch.rand(n, 1, generator=g, dtype=D64)
+    z = tt * xd + (1 - tt) * eps
+    with torch.no_grad():
+        v = net(z.float(), tt[:, 0].float()).double()
+    lv = (v - (xd - eps)).square().sum(1)
+    lx = (z + (1 - tt) * v - xd).square().sum(1) / (1 - tt[:, 0]) ** 2
+    le = (z - tt * v - eps).square().sum(1) / tt[:, 0] ** 2
+    assert torch.allclose(lx, lv, rtol=1e-9) and torch.allclose(le, lv, rtol=1e-9)
+    le_wrong = (z - tt * v - eps).square().sum(1) * ((1 - tt[:, 0]) / tt[:, 0]) ** 2
+    assert not torch.allclose(le_wrong, lv, rtol=1e-2)
+
+
+@pytest.mark.parametrize("path", [CondOTPath(), VEPath(), VPPath()], ids=repr)
+def test_kinetic_energy_bound(path):
+    b = kinetic_energy_bound(path, eight_gaussians(), n=400, steps=40, generator=_gen(2))
+    assert 0 < b["marginal"] < b["conditional"]
+    assert b["gap"] > 0.1 * b["conditional"]                # not tight: crossing conditional paths average out
+    if isinstance(path, CondOTPath):                        # exact: E|x1 - x0|^2 = 16.5 + 2; MC sd ~ 0.6 at n = 400
+        assert abs(b["conditional"] - 18.5) < 2.5
+
+
+def test_kinetic_energy_bound_rejects_bad_steps():
+    with pytest.raises(ValueError, match="steps"):
+        kinetic_energy_bound(CondOTPath(), eight_gaussians(), steps=1)
+    with pytest.raises(ValueError):
+        kinetic_energy_bound(CondOTPath(), eight_gaussians(), n=0)
+
+
+def test_minibatch_ot_pairs_move_less():
+    g = _gen(3)
+    x0 = torch.randn(256, 2, generator=g, dtype=D64)
+    y = eight_gaussians().sample(256, g).double()
+    ind = (torch.sub(*independent_coupling(x0, y))).square().sum(1).mean()
+    ot = (torch.sub(*minibatch_ot_coupling(x0, y))).square().sum(1).mean()
+    assert ot < 0.8 * ind        # independent: E|x0 - x1|^2 = 18.5 (MC sd ~ 0.6); OT pairing roughly halves it
+
+
+# ----------------------------------------------------------------------------------------------- exercises
+def _solutions() -> dict[str, object]:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", CHAPTER.read_text(encoding="utf-8"), flags=re.S)
+              if "### BEGIN SOLUTION" in b]
+    assert len(blocks) >= 1
+    env: dict[str, object] = {}
+    for b in blocks:
+        exec(compile(b, str(CHAPTER), "exec"), env)
+    return env
+
+
+def test_solution_velocity_from_eps():
+    f, g = _solutions()["velocity_from_eps"], _gen(4)
+    xd, eps = 3 * torch.randn(64, 2, generator=g, dtype=D64), torch.randn(64, 2, generator=g, dtype=D64)
+    tt = 0.05 + 0.9 * torch.rand(64, 1, generator=g, dtype=D64)
+    z = tt * xd + (1 - tt) * eps
+    assert torch.allclose(f(z, tt, eps), xd - eps)
+    e_hat = eps + 0.3 * torch.randn(64, 2, generator=g, dtype=D64)
+    lhs = (f(z, tt, e_hat) - (xd - eps)).square().sum(1)
+    assert torch.allclose(lhs, (e_hat - eps).square().sum(1) / tt[:, 0] ** 2)
