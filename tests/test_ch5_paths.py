@@ -146,3 +146,33 @@ def test_solution_velocity_from_eps():
     e_hat = eps + 0.3 * torch.randn(64, 2, generator=g, dtype=D64)
     lhs = (f(z, tt, e_hat) - (xd - eps)).square().sum(1)
     assert torch.allclose(lhs, (e_hat - eps).square().sum(1) / tt[:, 0] ** 2)
+
+
+# ----------------------------------------------------------------------------------------------- OT map, VP curvature, NLL
+def test_ot_flow_is_gradient_of_convex_function():
+    a, s = S.path_schedule("ot")
+    phi = s * x ** 2 / 2 + a * x1 * x                        # Brenier potential, per coordinate
+    assert sp.simplify(sp.diff(phi, x) - (a * x1 + s * x)) == 0
+    assert S.is_zero(sp.diff(phi, x, 2) - s)
+    assert all(s.subs({t: v, sigma_min: 0.01}) > 0 for v in (0, 0.5, 1))   # Hessian sigma_t I > 0
+
+
+def test_vp_turns_without_overshoot_ot_ve_straight():
+    p0, p1 = torch.tensor([[1.0, -1.5]], dtype=D64), torch.tensor([[3.0, 2.0]], dtype=D64)
+    ts = torch.linspace(0, 1 - 1e-5, 1001, dtype=D64)
+    for path, curved in ((VPPath(), True), (CondOTPath(), False), (VEPath(), False)):
+        c = torch.cat([path.sample_xt(p0, p1, float(s)) for s in ts])
+        assert ((c - p1).norm(dim=1).diff() <= 1e-12).all()            # no overshoot: distance to x1 decreases
+        u = torch.nn.functional.normalize(torch.diff(c, dim=0), dim=1)
+        turn = torch.rad2deg(torch.acos((u[1:] * u[:-1]).sum(1).clamp(-1, 1)).sum()).item()
+        assert (turn > 45) if curved else (turn < 1)                  # VP ~ 89 deg, OT/VE ~ 0
+
+
+def test_exact_ot_field_has_zero_nll_gap():
+    from fmtoy.marginal import ExactField
+    from fmtoy.metrics import nll_gap
+    target = eight_gaussians()
+    f = ExactField(CondOTPath(), target)
+    r = nll_gap(lambda z, s: f(z, s.clamp(max=1 - 1e-5)), target, source=f.distribution(0.0), n=200, steps=16,
+                generator=_gen(6))
+    assert abs(r["gap"]) < 0.01 and r["gap_stderr"] < 0.01     # exact field: KL(q || p_1) = 0 up to RK4 error
