@@ -3,13 +3,13 @@ exercise solutions extracted from book/ch1_continuity.md."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 
+from chapter_solutions import solution_namespace
 from fmtoy import symbolic as S
 from fmtoy.continuity import continuity_residual, continuity_terms, log_likelihood_terms, relative_residual
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
@@ -138,13 +138,7 @@ def test_bad_inputs_raise_clear_errors(call, error):
 # --- the exercises' solutions -------------------------------------------------------------------------------------
 
 def solutions() -> dict[str, object]:
-    """Every ```python block of the chapter that contains ### BEGIN SOLUTION, exec'd: {function name: function}."""
-    blocks = re.findall(r"```python\n(.*?)```", CHAPTER.read_text(), re.DOTALL)
-    namespace: dict[str, object] = {}
-    for block in blocks:
-        if "### BEGIN SOLUTION" in block:
-            exec(compile(block, str(CHAPTER), "exec"), namespace)
-    return namespace
+    return solution_namespace(CHAPTER)
 
 
 def test_chapter_has_the_code_solutions():

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 
+from chapter_solutions import solution_namespace
 import fmtoy.symbolic as S
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
 from fmtoy.marginal import (ExactField, marginal_distribution, marginal_velocity, marginal_velocity_mc,
@@ -139,13 +139,7 @@ def test_short_training_approaches_the_exact_field():
 
 # ------------------------------------------------------------------------------------------------ exercises
 def solutions() -> dict[str, object]:
-    text = CHAPTER.read_text(encoding="utf-8")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "### BEGIN SOLUTION" in b]
-    assert len(blocks) >= 2
-    namespace: dict[str, object] = {}
-    for block in blocks:
-        exec(compile(block, str(CHAPTER), "exec"), namespace)
-    return namespace
+    return solution_namespace(CHAPTER, min_blocks=2)
 
 
 def test_solution_mc_marginal_velocity():

@@ -2,13 +2,13 @@
 the x_0 form of the CFM loss, the posterior median field, the SymPy identities and the exercise solutions."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 
+from chapter_solutions import solution_namespace
 from fmtoy import objectives as obj
 from fmtoy.data import GaussianMixture, eight_gaussians
 from fmtoy.losses import cfm_loss
@@ -244,15 +244,7 @@ def test_sympy_x0_form_target():
 
 # ----------------------------------------------------------------------------------------------- exercises
 def solutions() -> dict[str, object]:
-    """exec() every ```python block of the chapter that contains ### BEGIN SOLUTION; return the defined functions."""
-    blocks = re.findall(r"```python\n(.*?)```", CHAPTER.read_text(), re.DOTALL)
-    found: dict[str, object] = {}
-    for code in blocks:
-        if "### BEGIN SOLUTION" in code:
-            ns: dict[str, object] = {}
-            exec(code, ns)
-            found.update({k: f for k, f in ns.items() if callable(f) and getattr(f, "__module__", "") is None})
-    return found
+    return solution_namespace(CHAPTER)
 
 
 def test_solutions_are_found():

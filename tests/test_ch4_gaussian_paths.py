@@ -3,13 +3,13 @@ rotational field added to fmtoy.paths / fmtoy.symbolic, and the exercise solutio
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 
+from chapter_solutions import solution_namespace
 from fmtoy import symbolic as S
 from fmtoy.metrics import energy_distance, kinetic_energy
 from fmtoy.paths import (CondOTPath, VEPath, VPPath, cosine_path, moment_errors, rotated_conditional_velocity,
@@ -242,14 +242,7 @@ def test_rotation_bad_inputs(call, err, match):
 
 # ----------------------------------------------------------------------------------------------- exercises
 def _solutions() -> dict[str, object]:
-    """Exec every ```python block of the chapter that holds ### BEGIN SOLUTION; return the functions defined."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", CHAPTER.read_text(encoding="utf-8"), flags=re.S)
-              if "### BEGIN SOLUTION" in b]
-    assert len(blocks) >= 2
-    env: dict[str, object] = {}
-    for b in blocks:
-        exec(compile(b, str(CHAPTER), "exec"), env)
-    return env
+    return solution_namespace(CHAPTER, min_blocks=2)
 
 
 @pytest.mark.parametrize("beta", [(0.1, 20.0), (1.0, 5.0)])

@@ -2,13 +2,13 @@
 minibatch-OT pairing, and the exercise solution extracted from the page."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 
+from chapter_solutions import solution_namespace
 from fmtoy import symbolic as S
 from fmtoy.data import eight_gaussians
 from fmtoy.losses import independent_coupling, minibatch_ot_coupling
@@ -128,13 +128,7 @@ def test_minibatch_ot_pairs_between_eight_gaussians_and_moons_move_less():
 
 # ----------------------------------------------------------------------------------------------- exercises
 def _solutions() -> dict[str, object]:
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", CHAPTER.read_text(encoding="utf-8"), flags=re.S)
-              if "### BEGIN SOLUTION" in b]
-    assert len(blocks) >= 1
-    env: dict[str, object] = {}
-    for b in blocks:
-        exec(compile(b, str(CHAPTER), "exec"), env)
-    return env
+    return solution_namespace(CHAPTER)
 
 
 def test_solution_velocity_from_eps():
