@@ -10,6 +10,7 @@ import torch
 
 from chapter_solutions import solution_namespace
 import fmtoy.symbolic as S
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
 from fmtoy.marginal import (ExactField, marginal_distribution, marginal_velocity, marginal_velocity_mc,
                             relative_field_error)
@@ -18,10 +19,6 @@ from fmtoy.train import TrainConfig, build_model, train_flow
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch2_marginal.md"
 PATH, TARGET = CondOTPath(), eight_gaussians()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def points(t: float, n: int, seed: int = 1) -> torch.Tensor:

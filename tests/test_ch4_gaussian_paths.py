@@ -10,6 +10,7 @@ import sympy as sp
 import torch
 
 from chapter_solutions import solution_namespace
+from fmtoy.device import make_generator as _gen  # a seeded CPU generator
 from fmtoy import symbolic as S
 from fmtoy.metrics import energy_distance, kinetic_energy
 from fmtoy.paths import (CondOTPath, VEPath, VPPath, cosine_path, moment_errors, rotated_conditional_velocity,
@@ -22,10 +23,6 @@ D64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------- symbolic

@@ -9,6 +9,7 @@ import sympy as sp
 import torch
 
 from chapter_solutions import solution_namespace
+from fmtoy.device import make_generator as _gen  # a seeded CPU generator
 from fmtoy import symbolic as S
 from fmtoy.data import eight_gaussians
 from fmtoy.losses import independent_coupling, minibatch_ot_coupling
@@ -20,10 +21,6 @@ from fmtoy.symbolic import sigma_min, t, x, x1
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch5_paths.md"
 D64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------- symbolic

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy import marginal as M
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
 from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, VEPath, VPPath
@@ -16,10 +17,6 @@ F64 = torch.float64
 H = math.pi / 2
 COSINE = AffinePath(lambda t: torch.sin(H * t), lambda t: torch.cos(H * t), name="cosine", t_max=1 - 1e-5)
 EIGHT = eight_gaussians()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def rotated(angle: float, sx: float, sy: float) -> torch.Tensor:

@@ -8,14 +8,11 @@ import math
 import pytest
 import torch
 
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.data import GaussianMixture, StandardNormal
 from fmtoy.metrics import energy_distance, kinetic_energy, mmd, nll, nll_gap, straightness, w2
 
 F64 = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def normal(n, d=2, seed=0, shift=0.0):
