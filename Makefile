@@ -1,6 +1,9 @@
 # make book   build the Jupyter Book (executes every chapter; zero Sphinx warnings allowed)
 # make test   run the whole test suite, chapter notebooks included (PYTEST_ARGS="-m 'not notebooks'" to skip them)
 # make bench  install the `bench` extra and run the comparison with flow_matching / torchcfm
+# make assignments            student notebooks (assignments/release) + instructor/nbgrader source (assignments/source)
+# make grade NB=student.ipynb  grade a filled-in student notebook (score table + NB.grade.json)
+# make book-student           the student edition of the site (solutions removed) in _build/student
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3
@@ -10,7 +13,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fmtoy-installed
 BENCH_STAMP := $(VENV)/.fmtoy-bench-installed
 
-.PHONY: setup book test bench clean distclean
+.PHONY: setup book test bench assignments grade book-student clean distclean
 
 setup: $(STAMP)
 
@@ -40,8 +43,21 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
+assignments: $(STAMP)
+	$(BIN)/python -m fmtoy assign --out assignments
+
+grade: $(STAMP)
+	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/student.ipynb"; exit 2; }
+	$(BIN)/python -m fmtoy grade "$(NB)" --json "$(basename $(NB)).grade.json"
+	@echo "JSON: $(basename $(NB)).grade.json"
+
+book-student: $(STAMP)
+	$(BIN)/python -m fmtoy student-book --out _build/student_src
+	$(BIN)/jupyter-book build _build/student_src --path-output _build/student --all -n -W --keep-going
+	@echo "Student edition: $(CURDIR)/_build/student/_build/html/index.html"
+
 clean:
-	rm -rf _build .jupyter_cache .pytest_cache *.egg-info
+	rm -rf _build .jupyter_cache .pytest_cache *.egg-info assignments
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -1,8 +1,11 @@
-"""Command line: `fmtoy train | sample | animate | list`. Errors print one line `fmtoy: error: ...` and exit 2.
+"""Command line: `fmtoy train | sample | animate | list | assign | grade | student-book`. Errors print one line
+`fmtoy: error: ...` and exit 2.
 
     fmtoy train --data eight_gaussians --path ot --steps 5000 --out runs/x
     fmtoy sample --run runs/x --n 2000 --steps 8 --solver euler --out samples.png
     fmtoy animate --run runs/x --out anim.gif
+    fmtoy assign --out assignments                      # student + instructor notebooks of every chapter
+    fmtoy grade assignments/release/ch5_paths/ch5_paths.ipynb --json grade.json
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(prog="fmtoy", description="Flow matching playground on 2D toy data (see `fmtoy list`).")
     p.add_argument("--version", action="version", version=f"fmtoy {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,animate,list}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True)
 
     t = sub.add_parser("train", help="train a velocity MLP with conditional flow matching")
     t.add_argument("--data", default=d.data, help=f"data set (default {d.data})")
@@ -68,6 +71,20 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--fps", type=float, default=10.0)
 
     sub.add_parser("list", help="list the data sets, paths, solvers and couplings")
+
+    book = str(Path(__file__).resolve().parents[1] / "book")
+    g = sub.add_parser("assign", help="write student (release/) and instructor (source/) notebooks of every chapter")
+    g.add_argument("--book", default=book, help="folder of the chapter .md files (default: this checkout's book/)")
+    g.add_argument("--out", default="assignments", help="output folder (default assignments)")
+    r = sub.add_parser("grade", help="grade a filled-in student notebook; prints a score table")
+    r.add_argument("notebook", help="the student's .ipynb")
+    r.add_argument("--source", default=None,
+                   help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter it names")
+    r.add_argument("--json", default=None, help="also write the result as JSON to this file (for an LMS)")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds per cell (default 60)")
+    b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
+    b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
+    b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
     return p
 
 
@@ -209,7 +226,36 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "list": cmd_list}
+def cmd_assign(args: argparse.Namespace) -> int:
+    from .assignments import write_assignments
+
+    summary = write_assignments(args.book, args.out)
+    for chapter, info in summary.items():
+        print(f"{chapter}: {len(info['exercises'])} graded exercise(s), {info['points']} points")
+    print(f"student notebooks: {Path(args.out) / 'release'}  instructor (nbgrader source): {Path(args.out) / 'source'}")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from .grade import grade
+
+    report = grade(args.notebook, args.source, timeout=args.timeout)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_student_book(args: argparse.Namespace) -> int:
+    from .assignments import write_student_book
+
+    out = write_student_book(args.root, args.out)
+    print(f"student edition sources: {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "list": cmd_list,
+            "assign": cmd_assign, "grade": cmd_grade, "student-book": cmd_student_book}
 
 
 def main(argv: list[str] | None = None) -> int:

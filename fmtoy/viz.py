@@ -6,6 +6,7 @@ one into a self-contained JavaScript player (play, pause, step, scrub) that need
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -282,9 +283,31 @@ def _check_animation(anim) -> animation.Animation:
     return anim
 
 
+# matplotlib's player draws its buttons with Font Awesome 4 from a CDN; plain characters keep the page offline.
+PLAYER_ICONS = {"fa fa-minus": "\u2212", "fa fa-fast-backward": "\u21e4", "fa fa-step-backward": "\u2039",
+                "fa fa-play fa-flip-horizontal": "\u25c0", "fa fa-pause": "\u2016", "fa fa-play": "\u25b6",
+                "fa fa-step-forward": "\u203a", "fa fa-fast-forward": "\u21e5", "fa fa-plus": "+"}
+_FA_LINK = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">\s*')
+
+
 def to_html(anim: animation.Animation) -> str:
-    """The animation as self-contained HTML + JavaScript (play, pause, step, scrub; frames embedded as PNG)."""
-    return _check_animation(anim).to_jshtml()
+    """The animation as self-contained HTML + JavaScript (play, pause, step, scrub; frames embedded as PNG), with no
+    external resource (the player's icon font is replaced by plain characters)."""
+    html = _FA_LINK.sub("", _check_animation(anim).to_jshtml())
+    for cls, char in PLAYER_ICONS.items():
+        html = html.replace(f'<i class="{cls}"></i>', f'<span aria-hidden="true">{char}</span>')
+    return html.replace('<img id="_anim_img', f'<img alt="{_animation_alt(anim)}" id="_anim_img', 1)
+
+
+def _animation_alt(anim: animation.Animation) -> str:
+    """Alt text for the player's image: 'Animation: ' and the figure's titles (HTML-escaped)."""
+    from html import escape
+
+    fig = anim._fig
+    titles = [fig._suptitle.get_text()] if getattr(fig, "_suptitle", None) else []
+    titles += [ax.get_title() for ax in fig.axes if ax.get_title()]
+    text = "; ".join(t.replace("$", "") for t in titles) or "particles moving along the flow"
+    return escape(f"Animation (use the controls below to play, step or scrub): {text}", quote=True)
 
 
 def show(anim: animation.Animation):

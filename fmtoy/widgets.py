@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Sequence
 
 import ipywidgets as W
 
@@ -107,3 +107,60 @@ def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget
 
     output = W.interactive_output(draw, controls)
     return W.VBox([W.HBox(list(controls.values())), output])
+
+
+def static_sweep(draw_fn: Callable[..., object], name: str, values: Sequence[object], *, dpi: int = 80,
+                 interval: int = 700, **fixed: object):
+    """The kernel-free counterpart of interactive_figure: draw_fn(**fixed, name=value) for each value, as the frames
+    of a JS player (play, step, scrub) that works in the static page. Show it with fmtoy.viz.show."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from matplotlib import animation
+
+    if not callable(draw_fn):
+        raise TypeError(f"draw_fn must be a callable taking the controls as keyword arguments, "
+                        f"got {type(draw_fn).__name__}")
+    values = list(values)
+    if not 2 <= len(values) <= 40:
+        raise ValueError(f"values must hold between 2 and 40 settings of {name!r} (one frame each), "
+                         f"got {len(values)}")
+    if name in fixed:
+        raise ValueError(f"{name!r} is the swept control; do not also pass it as a fixed value")
+    frames = []
+    show = plt.show
+    for value in values:
+        before = set(plt.get_fignums())
+        plt.show = lambda *args, **kwargs: None      # draw_fn may call plt.show(), which would close the figure
+        try:
+            draw_fn(**fixed, **{name: value})
+        finally:
+            plt.show = show
+        new = sorted(set(plt.get_fignums()) - before)
+        if len(new) != 1:
+            for num in new:
+                plt.close(num)
+            raise ValueError(f"draw_fn must open exactly one matplotlib figure per call, it opened {len(new)}")
+        buf = io.BytesIO()
+        plt.figure(new[0]).savefig(buf, format="png", dpi=dpi)
+        plt.close(new[0])
+        buf.seek(0)
+        frames.append(plt.imread(buf))
+    h, w = frames[0].shape[:2]
+    label_px = 26
+    fig = plt.figure(figsize=(w / dpi, (h + label_px) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + label_px)))
+    ax.set_axis_off()
+    image = ax.imshow(frames[0], interpolation="none")
+    label = fig.text(0.01, 1 - 0.5 * label_px / (h + label_px), "", va="center", fontsize=11)
+
+    def update(k: int):
+        frame = frames[k]
+        if frame.shape[:2] != (h, w):
+            raise ValueError("draw_fn must draw figures of the same size for every value")
+        image.set_data(frame)
+        label.set_text(f"{name} = {values[k]}")
+        return (image, label)
+
+    update(0)
+    return animation.FuncAnimation(fig, update, frames=len(values), interval=interval, repeat=True, blit=False)

@@ -4,14 +4,28 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jupytext
+
 BOOK = Path(__file__).resolve().parents[1] / "book"
+MARKER = "### BEGIN SOLUTION"
+
+
+def solution_blocks(path: Path) -> list[str]:
+    """Every graded code cell (a {code-cell} holding ### BEGIN SOLUTION) and every ```python block inside a
+    markdown cell (an ungraded solution shown in a {solution} dropdown) that holds the marker, in page order."""
+    blocks: list[str] = []
+    for cell in jupytext.read(path).cells:
+        if cell.cell_type == "code" and MARKER in cell.source:
+            blocks.append(cell.source)
+        elif cell.cell_type == "markdown":
+            blocks += [b for b in re.findall(r"```python\n(.*?)```", cell.source, flags=re.S) if MARKER in b]
+    return blocks
 
 
 def solution_namespace(chapter: str | Path, min_blocks: int = 1) -> dict[str, object]:
-    """exec() every ```python block of the chapter that holds ### BEGIN SOLUTION into one namespace and return it."""
+    """exec() every solution block of the chapter into one namespace and return it."""
     path = Path(chapter) if Path(chapter).is_absolute() else BOOK / chapter
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
-              if "### BEGIN SOLUTION" in b]
+    blocks = solution_blocks(path)
     assert len(blocks) >= min_blocks, f"{path.name}: expected >= {min_blocks} solution blocks, found {len(blocks)}"
     namespace: dict[str, object] = {}
     for block in blocks:

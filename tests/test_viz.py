@@ -203,3 +203,14 @@ def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
     gc.collect()  # an animation that was never rendered warns when collected
+
+
+def test_player_html_is_offline():
+    """The JS player must not load its icon font (or anything else) from the network."""
+    import re as _re
+
+    from fmtoy.viz import PLAYER_ICONS, animate_trajectories, to_html
+    html = to_html(animate_trajectories(torch.randn(4, 6, 2), max_frames=4))
+    assert not _re.search(r"(src|href)=\"https?://", html)
+    assert 'class="fa ' not in html
+    assert all(ch in html for ch in PLAYER_ICONS.values())

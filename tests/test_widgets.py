@@ -91,3 +91,44 @@ def test_interactive_figure_redraws_with_the_new_values():
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------------------------- kernel-free sweep
+def _draw_line(t, k=1.0):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, t * k])
+    ax.set_ylim(0, 2)
+    plt.show()                                  # must not close the figure before static_sweep captures it
+
+
+def test_static_sweep_one_frame_per_value_and_frames_differ():
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from fmtoy.viz import to_html
+    from fmtoy.widgets import static_sweep
+
+    open_before = len(plt.get_fignums())
+    anim = static_sweep(_draw_line, "t", [0.1, 0.5, 0.9], k=2.0)
+    frames = []
+    for k in range(3):
+        anim._func(k)
+        anim._fig.canvas.draw()
+        frames.append(np.asarray(anim._fig.canvas.buffer_rgba()).copy())
+    assert not np.array_equal(frames[0], frames[2])
+    html = to_html(anim)
+    assert html.count("frames[") >= 3 and "https://" not in html
+    plt.close(anim._fig)
+    assert len(plt.get_fignums()) == open_before          # the per-value figures were closed
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(draw_fn=3, name="t", values=[0, 1]), TypeError, "callable"),
+    (dict(draw_fn=_draw_line, name="t", values=[0.5]), ValueError, "between 2 and 40"),
+    (dict(draw_fn=_draw_line, name="t", values=[0.1, 0.2], t=0.3), ValueError, "swept control"),
+    (dict(draw_fn=lambda t: None, name="t", values=[0.1, 0.2]), ValueError, "exactly one matplotlib figure"),
+])
+def test_static_sweep_bad_input(kwargs, error, match):
+    from fmtoy.widgets import static_sweep
+    with pytest.raises(error, match=match):
+        static_sweep(**kwargs)
