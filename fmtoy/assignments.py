@@ -301,6 +301,10 @@ def write_student_book(root: str | Path, out: str | Path) -> Path:
     (out / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
     for path in sorted((root / "book").iterdir()):
         if path.is_dir():
+            if not path.name.startswith((".", "__")):                  # e.g. book/_ext, the local Sphinx hooks
+                shutil.copytree(path, out / "book" / path.name, ignore=shutil.ignore_patterns("__pycache__"))
+            continue
+        if path.stem == "instructors":                                 # not part of the student edition
             continue
         if path.suffix == ".md":
             text = path.read_text(encoding="utf-8")
