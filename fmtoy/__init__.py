@@ -1,7 +1,9 @@
 """fmtoy: a small PyTorch playground for flow matching on 2D mixtures, with exact ground truth.
 
 Modules (one concept each): data (target distributions), paths (conditional probability paths), marginal
-(the exact marginal field, Theorem 1), models, losses, train, solvers, metrics, viz, widgets, symbolic, cli.
+(the exact marginal field, Theorem 1), models, losses, train, solvers, metrics, viz, widgets, symbolic, continuity
+and objectives (chapters 1 and 3), shortcut and meanflow (chapter 6), vrfm (chapter 7), assignments and grade
+(course tooling), cli.
 """
 from __future__ import annotations
 

@@ -39,6 +39,11 @@ WRONG = {
                       "    s, c = math.sin(math.pi * t / 2), math.cos(math.pi * t / 2)\n"
                       "    return math.pi / 2 * (x1 - s * x) / c   # no rotation"),
     "ex-ch5-eps-velocity": "def velocity_from_eps(z, t, eps_hat):\n    return z - eps_hat   # forgot the 1/t",
+    "ex-ch6-shortcut-target": ("import torch\ndef shortcut_target(s, x, t, d):\n    with torch.no_grad():\n"
+                               "        return s(x, t, d)   # one step at d instead of two half steps"),
+    "ex-ch7-gaussian-kl": ("def gaussian_kl(mu, logvar):\n"
+                           "    return 0.5 * (logvar.exp() + mu.square() - 1.0).sum(dim=1)   # forgot -logvar"),
+    "ex-ch7-reparam": "def sample_z(mu, logvar, eps):\n    return mu + logvar.exp() * eps   # variance, not std",
 }
 
 
