@@ -1,0 +1,129 @@
+"""MeanFlow (Geng et al. 2025) in this book's convention (ch. 6): the average velocity s(x, t, d) over [t, t + d],
+trained with the MeanFlow identity s = u + d (u . grad_x s + d_t s - d_d s), the d -> 0 limit of self-consistency.
+
+The target uses the conditional velocity v = x_1 - x_0 for u (as CFM does), the total derivative comes from one
+forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), and it carries no gradient.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_points, check_positive, check_positive_int
+from .data import Distribution, StandardNormal
+from .device import make_generator, resolve_device
+from .models import VelocityMLP, _check_model_time
+
+
+class MeanFlowMLP(nn.Module):
+    """s_theta(x, t, d) = MLP([x, gamma(t), e(d)]) with a continuous step size d in [0, 1] (VelocityMLP, cond = d)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, time_features: int = 32) -> None:
+        super().__init__()
+        self.net = VelocityMLP(dim=dim, hidden=hidden, depth=depth, time_features=time_features, cond_dim=1)
+        self.dim = self.net.dim
+
+    def forward(self, x: Tensor, t: float | Tensor, d: float | Tensor = 0.0) -> Tensor:
+        """The average velocity over [t, t + d], shape (n, dim); d = 0 is the instantaneous velocity."""
+        x = check_points(x, self.dim)
+        return self.net(x, t, _check_model_time(d, x.shape[0], x))
+
+    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """v(x, t) = s(x, t, 0) for fmtoy.solvers.integrate."""
+        return self(x, t, 0.0)
+
+
+def meanflow_times(n: int, fraction: float = 0.25, generator: torch.Generator | None = None,
+                   device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """(t, d): two sorted uniform times t <= r and d = r - t on a fraction of rows; d = 0 (flow matching) elsewhere."""
+    n = check_positive_int("n", n)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction (rows with d > 0) must be a number in [0, 1], got {fraction!r}")
+    a = torch.rand(n, 2, generator=generator, device=device, dtype=dtype).sort(dim=1).values
+    m = int(round(fraction * n))
+    t = torch.cat([a[:m, 0], a[m:, 1]])
+    d = torch.cat([a[:m, 1] - a[:m, 0], torch.zeros(n - m, device=device, dtype=dtype)])
+    return t, d
+
+
+def meanflow_loss(model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor, power: float = 1.0,
+                  eps: float = 1e-3) -> Tensor:
+    """mean_i w_i |s(x_t, t, d) - sg(v + d (v . grad_x s + d_t s - d_d s))|^2, v = x_1 - x_0, x_t = (1-t) x_0 + t x_1;
+    adaptive weight w = sg(1 / (|err|^2 + eps)^power) (MeanFlow's, power 0: plain squared error)."""
+    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    power = check_positive("power", power, allow_zero=True)
+    tc, dc = _check_model_time(t, x0.shape[0], x0), _check_model_time(d, x0.shape[0], x0)
+    xt, v = (1 - tc) * x0 + tc * x1, x1 - x0
+    s, ds = torch.func.jvp(lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc),
+                           (v, torch.ones_like(tc), -torch.ones_like(dc)))
+    target = (v + dc * ds).detach()
+    err = (s - target).square().sum(1)
+    weight = (err.detach() + eps).pow(-power) if power > 0 else torch.ones_like(err)
+    return (weight * err).mean()
+
+
+@dataclass
+class MeanFlowResult:
+    """What train_meanflow returns."""
+
+    model: MeanFlowMLP
+    losses: list[float]
+    seconds: float
+    device: str
+
+
+def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
+                   batch_size: int, lr: float = 3e-3, fraction: float = 0.25, power: float = 1.0, seed: int = 0,
+                   device: str | torch.device = "auto") -> MeanFlowResult:
+    """Adam with cosine lr decay on meanflow_loss; (t, d) from meanflow_times."""
+    if not isinstance(model, MeanFlowMLP):
+        raise TypeError(f"model must be a fmtoy.meanflow.MeanFlowMLP, got {type(model).__name__}")
+    if not isinstance(target, Distribution):
+        raise TypeError(f"target must be a fmtoy.data.Distribution, got {type(target).__name__}")
+    source = StandardNormal(target.dim) if source is None else source
+    steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
+    lr = check_positive("lr", lr)
+    dev = resolve_device(device)
+    model = model.to(dev).train()
+    gen = make_generator(seed, dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = torch.empty(steps, device=dev)
+    start = time.perf_counter()
+    for step in range(steps):
+        x1 = target.sample(batch_size, generator=gen, device=dev)
+        x0 = source.sample(batch_size, generator=gen, device=dev)
+        t, d = meanflow_times(batch_size, fraction, gen, dev)
+        loss = meanflow_loss(model, x0, x1, t, d, power)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        opt.step()
+        losses[step] = loss.detach()
+    out = losses.cpu()
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(f"the MeanFlow loss became non-finite (lr={lr:g}); try a lower learning rate")
+    model.eval()
+    return MeanFlowResult(model, out.tolist(), time.perf_counter() - start, str(dev))
+
+
+def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_trajectory: bool = False) -> Tensor:
+    """x_{t+d} = x_t + d s(x_t, t, d), d = 1/steps: one network call per step."""
+    x = check_points(x0, name="x0")
+    steps = check_positive_int("steps", steps)
+    n, d = x.shape[0], 1.0 / steps
+    traj = [x]
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + d * model(x, x.new_full((n,), i * d), x.new_full((n,), d))
+            traj.append(x)
+    return torch.stack(traj) if return_trajectory else x
+
+
+__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "MeanFlowResult", "train_meanflow", "sample_meanflow"]

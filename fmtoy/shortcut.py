@@ -1,0 +1,380 @@
+"""Shortcut models (Frans et al. 2025; ch. 6): the step-conditioned network s(x, t, d), the self-consistency target
+from two half steps, the loss and its training loop, N-step sampling, and the exact shortcut of a known field.
+
+Step sizes live on a dyadic grid: level l <-> d = 2^-l, l = 0 ... L = log2(M), M = max_steps (128 by default).
+Level L is the flow-matching branch: s(x, t, 0) and s(x, t, 1/M) are the same output, as in the official code,
+which trains its flow-matching rows with the embedding of d = 1/M. Self-consistency (ch. 6, Eq. SC):
+    s(x_t, t, 2d) = s(x_t, t, d)/2 + s(x'_{t+d}, t + d, d)/2,    x'_{t+d} = x_t + d s(x_t, t, d).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
+from .data import Distribution, StandardNormal
+from .device import make_generator, resolve_device
+from .models import VelocityMLP, _check_model_time
+from .solvers import integrate
+
+Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
+TEACHERS = ("ema", "online")
+
+
+# ----------------------------------------------------------------------------------------------- the d grid
+def check_max_steps(max_steps: int) -> int:
+    """Return M if it is a power of two >= 2 (the finest step 1/M, the flow-matching branch), else ValueError."""
+    ok = isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 2
+    if not ok or max_steps & (max_steps - 1):
+        raise ValueError(f"max_steps must be a power of two >= 2 (e.g. 128: steps d = 1, 1/2, ..., 1/128), "
+                         f"got {max_steps!r}")
+    return max_steps
+
+
+def n_levels(max_steps: int = 128) -> int:
+    """Number of step sizes d = 1, 1/2, ..., 1/M: log2(M) + 1."""
+    return int(math.log2(check_max_steps(max_steps))) + 1
+
+
+def step_sizes(max_steps: int = 128) -> list[float]:
+    """The d grid [1, 1/2, ..., 1/M]; entry l is the step of level l = log2(1/d)."""
+    return [2.0 ** -level for level in range(n_levels(max_steps))]
+
+
+def level_of(d: float | Tensor, n: int, max_steps: int = 128, like: Tensor | None = None) -> Tensor:
+    """Levels log2(1/d) as a long tensor (n,); d = 0 (the flow-matching velocity) maps to level log2(M).
+
+    d may be a number or a tensor of shape (), (n,) or (n, 1); every entry must be 0 or on the grid 2^-l, l <= log2 M.
+    """
+    top = n_levels(max_steps) - 1
+    dev = like.device if like is not None else None
+    if isinstance(d, bool) or not isinstance(d, (int, float, Tensor)):
+        raise TypeError(f"d must be a float or a tensor, got {type(d).__name__}")
+    dd = torch.as_tensor(d, dtype=torch.float64, device=dev).reshape(-1)
+    if dd.numel() not in (1, n):
+        raise ValueError(f"d has {dd.numel()} entries but x has {n} rows")
+    level = torch.round(-torch.log2(dd.clamp_min(2.0 ** -(top + 8)))).clamp(0, top + 8)
+    ok = (dd == 0) | ((torch.exp2(-level) - dd).abs() <= 1e-9 * dd)
+    level = torch.where(dd == 0, torch.full_like(level, top), level)
+    if not bool((ok & (level <= top)).all()):
+        bad = dd[~(ok & (level <= top))][0].item()
+        raise ValueError(f"step size d must be 0 (the flow-matching velocity) or a power of two 2^-l with "
+                         f"1/{max_steps} <= d <= 1 (max_steps={max_steps}); got d = {bad!r}")
+    return level.long().expand(n)
+
+
+# ----------------------------------------------------------------------------------------------- the network
+class ShortcutMLP(nn.Module):
+    """s_theta(x, t, d) = MLP([x, gamma(t), e(log2(1/d))]): VelocityMLP plus one learned embedding per step level."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, time_features: int = 32,
+                 max_steps: int = 128) -> None:
+        super().__init__()
+        self.max_steps = check_max_steps(max_steps)
+        self.levels = n_levels(max_steps)
+        # the level enters as a one-hot vector through VelocityMLP's conditioning MLP: its own embedding per level
+        self.net = VelocityMLP(dim=dim, hidden=hidden, depth=depth, time_features=time_features,
+                               cond_dim=self.levels)
+        self.dim, self.hidden, self.depth = self.net.dim, self.net.hidden, self.net.depth
+
+    def forward(self, x: Tensor, t: float | Tensor, d: float | Tensor = 0.0) -> Tensor:
+        """The shortcut s(x, t, d), shape (n, dim); d = 0 or 1/M gives the flow-matching velocity (Eq. SC)."""
+        x = check_points(x, self.dim)
+        return self.forward_level(x, t, level_of(d, x.shape[0], self.max_steps, like=x))
+
+    def forward_level(self, x: Tensor, t: float | Tensor, level: Tensor) -> Tensor:
+        """s(x, t, 2^-level) for a long tensor of levels (n,), unchecked (the training loop's fast path)."""
+        w = self.net.net[0].weight
+        return self.net(x, t, F.one_hot(level, self.levels).to(w.dtype))
+
+    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """v(x, t) = s(x, t, 0), the flow-matching branch, in the signature fmtoy.solvers.integrate expects."""
+        return self(x, t, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"max_steps={self.max_steps} ({self.levels} step levels)"
+
+
+def _column(v: float | Tensor, n: int, like: Tensor) -> Tensor:
+    """A number or a tensor (), (n,), (n, 1) as an (n, 1) column in like's dtype and device."""
+    return _check_model_time(v, n, like)
+
+
+# ----------------------------------------------------------------------------------------------- target and losses
+def shortcut_target(s: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor,
+                    clip: float | None = None) -> Tensor:
+    """Target for s(x, t, 2d): s(x, t, d)/2 + s(x', t + d, d)/2, x' = x + d s(x, t, d) (Eq. SC), without gradient.
+
+    clip: clamp x' and the target to [-clip, clip] per coordinate (the official code uses +-4 on image latents).
+    """
+    x = check_points(x)
+    n = x.shape[0]
+    if clip is not None:
+        clip = check_positive("clip", clip)
+    with torch.no_grad():
+        tc, dc = _column(t, n, x), _column(d, n, x)
+        s1 = s(x, tc[:, 0], dc[:, 0])
+        x2 = x + dc * s1
+        if clip is not None:
+            x2 = x2.clamp(-clip, clip)
+        s2 = s(x2, tc[:, 0] + dc[:, 0], dc[:, 0])
+        target = 0.5 * (s1 + s2)
+        if clip is not None:
+            target = target.clamp(-clip, clip)
+    return target.detach()
+
+
+def self_consistency_loss(model: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor,
+                          teacher: Shortcut | None = None, clip: float | None = None) -> Tensor:
+    """mean_i |s(x_i, t_i, 2 d_i) - target_i|^2, the target from two d-steps of `teacher` (default: model), no grad."""
+    x = check_points(x)
+    n = x.shape[0]
+    tc, dc = _column(t, n, x), _column(d, n, x)
+    target = shortcut_target(model if teacher is None else teacher, x, tc, dc, clip)
+    return (model(x, tc[:, 0], 2 * dc[:, 0]) - target).square().sum(1).mean()
+
+
+class ShortcutBatch(NamedTuple):
+    """One training batch: rows [0, n_sc) self-consistency at (t, d) on the d grid, rows [n_sc, n) flow matching."""
+
+    xt: torch.Tensor      # (n, dim) points on the CondOT path x_t = (1 - t) x_0 + t x_1
+    t: torch.Tensor       # (n,) times: multiples of d for self-consistency rows, of 1/M for flow-matching rows
+    level: torch.Tensor   # (n,) long: log2(1/d) of the asked step; log2(M) on flow-matching rows
+    n_sc: int             # number of self-consistency rows
+
+
+def sc_rows(batch_size: int, k: float, max_steps: int = 128) -> int:
+    """floor(k * batch) self-consistency rows; ValueError unless every level 0 ... log2(M) - 1 gets at least one."""
+    batch_size = check_positive_int("batch_size", batch_size)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < 1:
+        raise ValueError(f"k (the self-consistency fraction of the batch) must be a number in (0, 1), "
+                         f"e.g. 0.25 (FM : SC = 3 : 1) or 0.125 (the official code); got {k!r}")
+    sc_levels = n_levels(max_steps) - 1
+    m = int(k * batch_size)
+    if m < sc_levels:
+        need = math.ceil(sc_levels / k)
+        raise ValueError(f"batch_size={batch_size} with k={k} gives {m} self-consistency rows, fewer than the "
+                         f"{sc_levels} step levels d = 1 ... 2/{max_steps}: some levels would never train. Use "
+                         f"batch_size >= {need}, a larger k, or a smaller max_steps")
+    return m
+
+
+def shortcut_batch(x0: Tensor, x1: Tensor, k: float = 0.25, max_steps: int = 128,
+                   generator: torch.Generator | None = None) -> ShortcutBatch:
+    """Stratified levels (each of 0 ... L-1 gets floor(m / L) rows, the rest d = 1, as in the official code), t on
+    the grid of its own d; flow-matching rows get t ~ U{0, 1/M, ..., 1 - 1/M} and level L."""
+    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    n, dev = x0.shape[0], x0.device
+    m = sc_rows(n, k, max_steps)
+    top = n_levels(max_steps) - 1
+    per = m // top
+    level = torch.full((n,), top, dtype=torch.long, device=dev)
+    level[:per * top] = torch.arange(top - 1, -1, -1, device=dev).repeat_interleave(per)
+    level[per * top:m] = 0
+    sections = torch.exp2(level.to(x0.dtype))                     # 2^l grid points on [0, 1) per level
+    u = torch.rand(n, generator=generator, device=dev, dtype=x0.dtype)
+    t = torch.floor(u * sections) / sections
+    xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+    return ShortcutBatch(xt, t, level, m)
+
+
+def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module | None = None, k: float = 0.25,
+                  max_steps: int | None = None, generator: torch.Generator | None = None, clip: float | None = 10.0,
+                  return_parts: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Shortcut loss: mean over the batch of |s(x_t, t, 0) - (x_1 - x_0)|^2 (flow-matching rows) and
+    |s(x_t, t, 2d) - sg(target)|^2 (a fraction k of rows, Eq. SC); the target comes from `teacher` (EMA copy or the
+    model itself) and carries no gradient. return_parts: also the two parts' means (detached)."""
+    if not isinstance(model, ShortcutMLP):
+        raise TypeError(f"model must be a fmtoy.shortcut.ShortcutMLP, got {type(model).__name__}")
+    teacher = model if teacher is None else teacher
+    max_steps = model.max_steps if max_steps is None else check_max_steps(max_steps)
+    if max_steps != model.max_steps:
+        raise ValueError(f"max_steps={max_steps} disagrees with the model's max_steps={model.max_steps}")
+    b = shortcut_batch(x0, x1, k, max_steps, generator)
+    m = b.n_sc
+    half = torch.exp2(-(b.level[:m] + 1).to(x0.dtype))            # the two half steps d of the step 2d
+    sc_target = shortcut_target(teacher, b.xt[:m], b.t[:m], half, clip)
+    target = torch.cat([sc_target, x1[m:] - x0[m:]])
+    err = (model.forward_level(b.xt, b.t, b.level) - target).square().sum(1)
+    loss = err.mean()
+    if return_parts:
+        return loss, err[m:].detach().mean(), err[:m].detach().mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class ShortcutResult:
+    """What train_shortcut returns: the online model (sampled from), the EMA teacher (or None), per-step losses."""
+
+    model: ShortcutMLP
+    ema_model: ShortcutMLP | None
+    losses: list[float]
+    fm_losses: list[float]
+    sc_losses: list[float]
+    seconds: float
+    device: str
+
+
+def train_shortcut(model: ShortcutMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
+                   batch_size: int, lr: float = 3e-3, k: float = 0.25, teacher: str = "ema",
+                   ema_decay: float = 0.999, clip: float | None = 10.0, lr_schedule: str = "cosine",
+                   seed: int = 0, device: str | torch.device = "auto") -> ShortcutResult:
+    """Minimise shortcut_loss with Adam (cosine lr decay like fmtoy.train.train); teacher "ema" (official: rate 0.999)
+    or "online" (the model itself, still without gradient through the target)."""
+    if not isinstance(model, ShortcutMLP):
+        raise TypeError(f"model must be a fmtoy.shortcut.ShortcutMLP, got {type(model).__name__}")
+    if not isinstance(target, Distribution):
+        raise TypeError(f"target must be a fmtoy.data.Distribution, got {type(target).__name__}")
+    source = StandardNormal(target.dim) if source is None else source
+    if not isinstance(source, Distribution) or source.dim != target.dim or model.dim != target.dim:
+        raise ValueError(f"source, target and model must share the dimension, got {getattr(source, 'dim', '?')}, "
+                         f"{target.dim}, {model.dim}")
+    steps, batch_size, lr = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size), \
+        check_positive("lr", lr)
+    sc_rows(batch_size, k, model.max_steps)
+    check_choice("teacher", teacher, TEACHERS)
+    check_choice("lr_schedule", lr_schedule, ("constant", "cosine"))
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1:
+        raise ValueError(f"ema_decay must be a number in (0, 1), e.g. 0.999; got {ema_decay!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    dev = resolve_device(device)
+    model = model.to(dev).train()
+    gen = make_generator(seed, dev)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if teacher == "ema" else None
+    ema_params = list(ema.parameters()) if ema is not None else []
+    record = torch.empty(steps, 3, device=dev)
+    start = time.perf_counter()
+    for step in range(steps):
+        x1 = target.sample(batch_size, generator=gen, device=dev)
+        x0 = source.sample(batch_size, generator=gen, device=dev)
+        loss, fm, sc = shortcut_loss(model, x0, x1, teacher=ema, k=k, generator=gen, clip=clip, return_parts=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if lr_schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay)
+        record[step, 0], record[step, 1], record[step, 2] = loss.detach(), fm, sc
+    rows = record.cpu()
+    if not torch.isfinite(rows).all():
+        bad = int(torch.nonzero(~torch.isfinite(rows).all(1))[0])
+        raise FloatingPointError(f"the shortcut loss became non-finite at step {bad + 1} of {steps} (lr={lr:g}); "
+                                 "try a lower learning rate or a clip value")
+    model.eval()
+    return ShortcutResult(model, ema, rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist(),
+                          time.perf_counter() - start, str(dev))
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def check_sampling_steps(steps: int, max_steps: int = 128) -> int:
+    """Return N if it is a power of two with 1 <= N <= M (the shortcut only knows d = 1/N on its grid)."""
+    ok = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 and not steps & (steps - 1)
+    if not ok or steps > max_steps:
+        raise ValueError(f"steps must be a power of two between 1 and max_steps={max_steps} (the shortcut is trained "
+                         f"for d = 1, 1/2, ..., 1/{max_steps}), got {steps!r}")
+    return steps
+
+
+def sample_shortcut(s: Shortcut, x0: Tensor, steps: int, max_steps: int | None = None,
+                    return_trajectory: bool = False) -> Tensor:
+    """N Euler steps with the shortcut at d = 1/N: x_{t+d} = x_t + d s(x_t, t, d), t = 0, d, ..., 1 - d (N calls)."""
+    x = check_points(x0, name="x0")
+    max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
+    steps = check_sampling_steps(steps, max_steps)
+    n, d = x.shape[0], 1.0 / steps
+    dvec = x.new_full((n,), d)
+    trajectory = [x]
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + d * s(x, x.new_full((n,), i * d), dvec)
+            if return_trajectory:
+                trajectory.append(x)
+    return torch.stack(trajectory) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------- exact shortcut
+def exact_shortcut(field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float, d: float,
+                   steps_per_unit: int = 256) -> Tensor:
+    """s*(x, t, d) = (phi_{t, t+d}(x) - x) / d by RK4 with ceil(d * steps_per_unit) steps; d = 0: the field u_t(x)."""
+    x = check_points(x)
+    t, d = check_unit_time("t", t), check_unit_time("d", d)
+    if t + d > 1 + 1e-12:
+        raise ValueError(f"t + d must be <= 1 (the flow ends at t = 1), got t = {t}, d = {d}")
+    if d == 0:
+        with torch.no_grad():
+            return field(x, x.new_full((x.shape[0],), t))
+    steps = max(1, math.ceil(d * check_positive_int("steps_per_unit", steps_per_unit) - 1e-9))
+    end = integrate(field, x, steps, "rk4", t0=t, t1=min(t + d, 1.0))
+    return (end - x) / d
+
+
+class ExactShortcut:
+    """The exact shortcut of a known field as a callable s(x, t, d) (rows grouped by their (t, d) pair)."""
+
+    def __init__(self, field: Callable[[Tensor, Tensor], Tensor], steps_per_unit: int = 256,
+                 max_steps: int = 128) -> None:
+        if not callable(field):
+            raise TypeError(f"field must be a callable v(x, t) -> (n, d), got {type(field).__name__}")
+        self.field, self.steps_per_unit = field, check_positive_int("steps_per_unit", steps_per_unit)
+        self.max_steps = check_max_steps(max_steps)
+
+    def __call__(self, x: Tensor, t: float | Tensor, d: float | Tensor) -> Tensor:
+        """s*(x, t, d) for per-row (or shared) t and d."""
+        x = check_points(x)
+        n = x.shape[0]
+        td = torch.cat([_column(t, n, x), _column(d, n, x)], 1).double()
+        pairs, inverse = torch.unique(td, dim=0, return_inverse=True)
+        out = torch.empty_like(x)
+        for j, (tj, dj) in enumerate(pairs.tolist()):
+            rows = inverse == j
+            out[rows] = exact_shortcut(self.field, x[rows], tj, dj, self.steps_per_unit)
+        return out
+
+
+def shortcut_error_map(s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, max_steps: int = 128,
+                       substeps: int = 4) -> list[tuple[Tensor, Tensor]]:
+    """RMS error sqrt(mean |s(x, t, d) - s*(x, t, d)|^2) over x ~ p_t at every grid (t, d), d = 2^-l, t in d N.
+
+    One RK4 trajectory of the exact field from x0 ~ p_0 (M * substeps steps) gives x_t ~ p_t on the 1/M grid and
+    s*(x_t, t, d) = (x_{t+d} - x_t) / d for every (t, d). Returns, per level l = 0 ... log2 M, (t starts, errors).
+    """
+    max_steps = check_max_steps(max_steps)
+    substeps = check_positive_int("substeps", substeps)
+    x0 = check_points(x0, name="x0")
+    traj = integrate(field, x0, max_steps * substeps, "rk4", return_trajectory=True)[::substeps]
+    out = []
+    with torch.no_grad():
+        for level in range(n_levels(max_steps)):
+            stride = max_steps >> level
+            starts = torch.arange(0, max_steps, stride)
+            d = stride / max_steps
+            errs = []
+            for a in starts.tolist():
+                xa = traj[a]
+                truth = (traj[a + stride] - xa) / d
+                pred = s(xa, xa.new_full((len(xa),), a / max_steps), xa.new_full((len(xa),), d)).to(xa.dtype)
+                errs.append((pred - truth).square().sum(1).mean().sqrt())
+            out.append((starts.double() / max_steps, torch.stack(errs).double()))
+    return out
+
+
+__all__ = ["check_max_steps", "n_levels", "step_sizes", "level_of", "ShortcutMLP", "shortcut_target",
+           "self_consistency_loss", "ShortcutBatch", "sc_rows", "shortcut_batch", "shortcut_loss", "ShortcutResult",
+           "train_shortcut", "check_sampling_steps", "sample_shortcut", "exact_shortcut", "ExactShortcut",
+           "shortcut_error_map"]
