@@ -6,7 +6,6 @@ forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), a
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from ._checks import check_points, check_positive, check_positive_int
 from .data import Distribution, StandardNormal
 from .device import make_generator, resolve_device
 from .models import VelocityMLP, _check_model_time
+from .train import set_lr
 
 
 class MeanFlowMLP(nn.Module):
@@ -102,8 +102,7 @@ def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distributio
         loss = meanflow_loss(model, x0, x1, t, d, power)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        set_lr(opt, lr, "cosine", step, steps)
         opt.step()
         losses[step] = loss.detach()
     out = losses.cpu()

@@ -23,6 +23,7 @@ from .data import Distribution, StandardNormal
 from .device import make_generator, resolve_device
 from .models import VelocityMLP, _check_model_time
 from .solvers import integrate
+from .train import set_lr
 
 Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
 TEACHERS = ("ema", "online")
@@ -263,9 +264,7 @@ def train_shortcut(model: ShortcutMLP, target: Distribution, source: Distributio
         loss, fm, sc = shortcut_loss(model, x0, x1, teacher=ema, k=k, generator=gen, clip=clip, return_parts=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if lr_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        set_lr(opt, lr, lr_schedule, step, steps)
         opt.step()
         if ema is not None:
             with torch.no_grad():

@@ -44,6 +44,24 @@ def _lr_factor(schedule: str, step: int, steps: int) -> float:
     return 1.0
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int, steps: int) -> None:
+    """Set every parameter group's learning rate to lr times the schedule's factor at `step` (shared by the
+    training loops of train, shortcut, meanflow and vrfm)."""
+    if schedule != "constant":
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(schedule, step, steps)
+
+
+def check_distributions(model: nn.Module, target: Distribution, source: Distribution) -> None:
+    """target and source are fmtoy Distributions of one dimension, which is also the model's (if it states one)."""
+    for name, dist in (("target", target), ("source", source)):
+        if not isinstance(dist, Distribution):
+            raise TypeError(f"{name} must be a fmtoy.data.Distribution, got {type(dist).__name__}")
+    if source.dim != target.dim or getattr(model, "dim", target.dim) != target.dim:
+        raise ValueError(f"dimensions disagree: target {target.dim}, source {source.dim}, "
+                         f"model {getattr(model, 'dim', '?')}")
+
+
 def _check_ema(ema_decay: float | None) -> float | None:
     if ema_decay is None:
         return None
@@ -75,12 +93,7 @@ def train(model: nn.Module, path, target: Distribution, source: Distribution | N
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"path.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
     source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
-    for name, dist in (("target", target), ("source", source)):
-        if not isinstance(dist, Distribution):
-            raise TypeError(f"{name} must be a fmtoy.data.Distribution, got {type(dist).__name__}")
-    if source.dim != target.dim or getattr(model, "dim", target.dim) != target.dim:
-        raise ValueError(f"dimensions disagree: target {target.dim}, source {source.dim}, "
-                         f"model {getattr(model, 'dim', '?')}")
+    check_distributions(model, target, source)
     steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
     lr, seed, ema_decay = check_positive("lr", lr), _check_seed(seed), _check_ema(ema_decay)
     log_every = check_positive_int("log_every", log_every)
@@ -111,9 +124,7 @@ def train(model: nn.Module, path, target: Distribution, source: Distribution | N
             loss = cfm_loss(model, x0, x1, t, path)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if lr_schedule != "constant":
-                for group in opt.param_groups:
-                    group["lr"] = lr * _lr_factor(lr_schedule, step, steps)
+            set_lr(opt, lr, lr_schedule, step, steps)
             opt.step()
             if ema_model is not None:
                 with torch.no_grad():

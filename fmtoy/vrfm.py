@@ -28,6 +28,7 @@ from .marginal import _check_models, posterior_weights
 from .models import VelocityMLP, _check_model_time
 from .paths import CondOTPath, GaussianPath
 from .solvers import integrate
+from .train import check_distributions, set_lr
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
 METHODS = ("rfm", "vrfm")
@@ -446,12 +447,7 @@ def fit_vrfm(model: nn.Module, encoder: PosteriorEncoder | None, target: Distrib
 
     Returns (total, mse, kl) per step and the seconds taken; model and encoder are trained in place (on device).
     """
-    for name, dist in (("target", target), ("source", source)):
-        if not isinstance(dist, Distribution):
-            raise TypeError(f"{name} must be a fmtoy.data.Distribution, got {type(dist).__name__}")
-    if source.dim != target.dim or getattr(model, "dim", target.dim) != target.dim:
-        raise ValueError(f"dimensions disagree: target {target.dim}, source {source.dim}, "
-                         f"model {getattr(model, 'dim', '?')}")
+    check_distributions(model, target, source)
     steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
     lr, kl_weight = check_positive("lr", lr), check_positive("kl_weight", kl_weight, allow_zero=True)
     weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
@@ -476,9 +472,7 @@ def fit_vrfm(model: nn.Module, encoder: PosteriorEncoder | None, target: Distrib
             out = vrfm_loss(model, encoder, x0, x1, t, kl_weight, path, generator=gen)
             opt.zero_grad(set_to_none=True)
             out.total.backward()
-            if lr_schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+            set_lr(opt, lr, lr_schedule, step, steps)
             opt.step()
             hist[step] = torch.stack([out.total.detach(), out.mse.detach(), out.kl.detach()])
             if (step + 1) % log_every == 0 or step + 1 == steps:
