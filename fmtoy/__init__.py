@@ -16,12 +16,12 @@ from .marginal import ExactField, marginal_log_prob, marginal_velocity
 from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, VEPath, VPPath, get_path, list_paths
 from .solvers import SOLVERS, integrate, log_likelihood, sample
-from .train import TrainConfig, load_checkpoint, save_checkpoint, train, train_flow
+from .train import FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, train_cfm, train_flow
 
 __all__ = [
     "__version__", "GaussianMixture", "StandardNormal", "eight_gaussians", "get_dataset", "list_datasets",
     "make_generator", "resolve_device", "cfm_loss", "ExactField", "marginal_log_prob", "marginal_velocity",
     "VelocityMLP", "AffinePath", "CondOTPath", "VEPath", "VPPath", "get_path", "list_paths", "SOLVERS",
-    "integrate", "log_likelihood", "sample", "TrainConfig", "load_checkpoint", "save_checkpoint", "train",
+    "integrate", "log_likelihood", "sample", "TrainConfig", "load_checkpoint", "save_checkpoint", "train_cfm", "fit", "FitConfig", "FitResult",
     "train_flow",
 ]

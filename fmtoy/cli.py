@@ -52,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=d.hidden)
     t.add_argument("--depth", type=int, default=d.depth)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--threads", default=None, help=THREADS_HELP)
     t.add_argument("--out", default=None, help="run folder (default runs/<data>_<path>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,6 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
         s.add_argument("--solver", default="euler" if name == "sample" else "midpoint", help="euler, midpoint, rk4")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+        s.add_argument("--threads", default=None, help=THREADS_HELP)
     a = sub.choices["animate"]
     a.add_argument("--max-frames", type=int, default=30, help="frames in the animation (default 30)")
     a.add_argument("--fps", type=float, default=10.0)
@@ -100,6 +102,24 @@ def _use_agg() -> None:
         matplotlib.use("Agg")
 
 
+THREADS_HELP = "CPU threads: auto (measure 1 vs torch's default) or N (default: $FMTOY_THREADS, else auto)"
+
+
+def _threads(value: str | None) -> str | int | None:
+    """--threads as the `threads` option of fmtoy (None: FMTOY_THREADS or the user's torch setting, else auto)."""
+    from .threads import check_threads
+
+    return check_threads(int(value) if value is not None and value.isdigit() else value)
+
+
+def _threads_used(counts: dict[int, int]) -> str:
+    """'2 threads' or '1 thread for 290 steps, 2 threads for 10 steps' from a FitResult's threads."""
+    word = lambda n: f"{n} thread" + ("s" if n != 1 else "")  # noqa: E731
+    if len(counts) == 1:
+        return word(next(iter(counts)))
+    return ", ".join(f"{word(n)} for {k} steps" for n, k in sorted(counts.items()))
+
+
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
@@ -121,7 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(data=args.data, path=args.path, sigma_min=args.sigma_min, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, depth=args.depth,
-                         seed=args.seed, device=args.device, ema_decay=args.ema, coupling=args.coupling)
+                         seed=args.seed, device=args.device, ema_decay=args.ema, coupling=args.coupling,
+                         threads=_threads(args.threads))
     out = Path(args.out or f"runs/{config.data}_{config.path}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -135,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         w.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
     tail = result.losses[-100:]
     print(f"trained {config.data} / {config.path}: {config.steps} steps in {result.seconds:.1f} s on "
-          f"{result.device} ({result.steps_per_second:.0f} steps/s)")
+          f"{result.device} ({result.steps_per_second:.0f} steps/s; {_threads_used(result.threads)})")
     print(f"final loss {result.losses[-1]:.4f} (mean of the last {len(tail)} steps: {sum(tail) / len(tail):.4f})")
     print(f"wrote {out / 'model.pt'}, config.json, losses.csv")
     return 0
@@ -167,7 +188,7 @@ def _flow(args: argparse.Namespace, trajectory: bool):
     model, config, dev = _load_run(args.run, args.device)
     x0 = StandardNormal(model.dim).sample(n, generator=make_generator(args.seed, dev), device=dev)
     start = time.perf_counter()
-    x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory)
+    x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=_threads(args.threads))
     return x.cpu(), config, model, time.perf_counter() - start
 
 

@@ -6,17 +6,13 @@ forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), a
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_points, check_positive, check_positive_int
 from .data import Distribution, StandardNormal
-from .device import make_generator, resolve_device
 from .models import VelocityMLP, _check_model_time
-from .train import set_lr
+from .train import FitConfig, FitContext, FitResult, check_distributions, fit
 
 
 class MeanFlowMLP(nn.Module):
@@ -68,48 +64,25 @@ def meanflow_loss(model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor
     return (weight * err).mean()
 
 
-@dataclass
-class MeanFlowResult:
-    """What train_meanflow returns."""
-
-    model: MeanFlowMLP
-    losses: list[float]
-    seconds: float
-    device: str
-
-
 def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
                    batch_size: int, lr: float = 3e-3, fraction: float = 0.25, power: float = 1.0, seed: int = 0,
-                   device: str | torch.device = "auto") -> MeanFlowResult:
-    """Adam with cosine lr decay on meanflow_loss; (t, d) from meanflow_times."""
+                   lr_schedule: str = "cosine", device: str | torch.device = "auto",
+                   threads: str | int | None = None) -> FitResult:
+    """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times."""
     if not isinstance(model, MeanFlowMLP):
         raise TypeError(f"model must be a fmtoy.meanflow.MeanFlowMLP, got {type(model).__name__}")
-    if not isinstance(target, Distribution):
-        raise TypeError(f"target must be a fmtoy.data.Distribution, got {type(target).__name__}")
-    source = StandardNormal(target.dim) if source is None else source
-    steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
-    lr = check_positive("lr", lr)
-    dev = resolve_device(device)
-    model = model.to(dev).train()
-    gen = make_generator(seed, dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = torch.empty(steps, device=dev)
-    start = time.perf_counter()
-    for step in range(steps):
-        x1 = target.sample(batch_size, generator=gen, device=dev)
-        x0 = source.sample(batch_size, generator=gen, device=dev)
-        t, d = meanflow_times(batch_size, fraction, gen, dev)
-        loss = meanflow_loss(model, x0, x1, t, d, power)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        set_lr(opt, lr, "cosine", step, steps)
-        opt.step()
-        losses[step] = loss.detach()
-    out = losses.cpu()
-    if not torch.isfinite(out).all():
-        raise FloatingPointError(f"the MeanFlow loss became non-finite (lr={lr:g}); try a lower learning rate")
-    model.eval()
-    return MeanFlowResult(model, out.tolist(), time.perf_counter() - start, str(dev))
+    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
+    check_distributions(model, target, source)
+    config = FitConfig(steps, batch_size, lr, lr_schedule, seed=seed, device=device, threads=threads)
+
+    def loss_fn(ctx: FitContext) -> Tensor:
+        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
+        x1 = target.sample(n, generator=gen, device=dev)
+        x0 = source.sample(n, generator=gen, device=dev)
+        t, d = meanflow_times(n, fraction, gen, dev)
+        return meanflow_loss(model, x0, x1, t, d, power)
+
+    return fit(model, loss_fn, config, name="meanflow")
 
 
 def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_trajectory: bool = False) -> Tensor:
@@ -125,4 +98,4 @@ def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_traject
     return torch.stack(traj) if return_trajectory else x
 
 
-__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "MeanFlowResult", "train_meanflow", "sample_meanflow"]
+__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "train_meanflow", "sample_meanflow"]

@@ -18,6 +18,7 @@ from .data import Distribution, GaussianMixture
 from .device import make_generator
 from .marginal import marginal_velocity
 from .paths import GaussianPath
+from .train import FitConfig, fit
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
 Potential = Callable[[Tensor], Tensor]
@@ -234,8 +235,10 @@ def gradient_agreement(model: nn.Module, path: GaussianPath, target: GaussianMix
 def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, *, steps: int, batch_size: int,
                  lr: float, divergence: str | Divergence = "l2", seed: int = 0, eval_size: int = 0,
                  eval_every: int = 10, snapshot_every: int = 0, snapshot_noise: Tensor | None = None,
-                 snapshot_steps: int = 16) -> dict:
-    """Adam on the conditional loss with `divergence`, logging L_FM and L_CFM on one fixed evaluation batch.
+                 snapshot_steps: int = 16, lr_schedule: str = "constant",
+                 threads: str | int | None = None) -> dict:
+    """fmtoy.train.fit (Adam, constant lr by default) on the conditional loss with `divergence`, logging L_FM and L_CFM on a
+    fixed evaluation batch.
 
     Returns {"step", "fm", "cfm"} (logged every eval_every steps, step 0 included, if eval_size > 0), "constant" =
     mean(||u||^2 - ||target||^2) on the evaluation batch (the theta-free part of L_FM - L_CFM for "l2", ch. 3),
@@ -256,8 +259,6 @@ def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, 
 
     div = get_divergence(divergence)
     dtype = next(model.parameters()).dtype
-    gen = make_generator(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     log: dict = {"step": [], "fm": [], "cfm": [], "constant": math.nan, "snapshots": []}
     if eval_size:
         e0, e1, et = _draw(path, target, eval_size, None, make_generator(seed + 10_000), dtype)
@@ -275,15 +276,12 @@ def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, 
         if snapshot_every and step % snapshot_every == 0:
             log["snapshots"].append((step, integrate(model, snapshot_noise.to(dtype), snapshot_steps)))
 
-    for step in range(steps):
-        record(step)
-        x0, x1, t = _draw(path, target, batch_size, None, gen, dtype)
-        loss = conditional_loss(model, x0, x1, t, path, div)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    record(steps)
-    model.eval()
+    def loss_fn(ctx) -> Tensor:
+        x0, x1, t = _draw(path, target, ctx.batch_size, None, ctx.generator, dtype)
+        return conditional_loss(model, x0, x1, t, path, div)
+
+    config = FitConfig(steps, batch_size, lr, lr_schedule, seed=seed, device="cpu", threads=threads)
+    log["losses"] = fit(model, loss_fn, config, name="train_logged", callback=record).losses
     return log
 
 

@@ -8,10 +8,7 @@ which trains its flow-matching rows with the embedding of d = 1/M. Self-consiste
 """
 from __future__ import annotations
 
-import copy
 import math
-import time
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -20,10 +17,9 @@ from torch.nn import functional as F
 
 from ._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
 from .data import Distribution, StandardNormal
-from .device import make_generator, resolve_device
 from .models import VelocityMLP, _check_model_time
 from .solvers import integrate
-from .train import set_lr
+from .train import FitConfig, FitContext, FitResult, check_distributions, check_ema, fit
 
 Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
 TEACHERS = ("ema", "online")
@@ -213,71 +209,32 @@ def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module |
 
 
 # ----------------------------------------------------------------------------------------------- training
-@dataclass
-class ShortcutResult:
-    """What train_shortcut returns: the online model (sampled from), the EMA teacher (or None), per-step losses."""
-
-    model: ShortcutMLP
-    ema_model: ShortcutMLP | None
-    losses: list[float]
-    fm_losses: list[float]
-    sc_losses: list[float]
-    seconds: float
-    device: str
-
-
 def train_shortcut(model: ShortcutMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
                    batch_size: int, lr: float = 3e-3, k: float = 0.25, teacher: str = "ema",
                    ema_decay: float = 0.999, clip: float | None = 10.0, lr_schedule: str = "cosine",
-                   seed: int = 0, device: str | torch.device = "auto") -> ShortcutResult:
-    """Minimise shortcut_loss with Adam (cosine lr decay like fmtoy.train.train); teacher "ema" (official: rate 0.999)
-    or "online" (the model itself, still without gradient through the target)."""
+                   seed: int = 0, device: str | torch.device = "auto", threads: str | int | None = None) -> FitResult:
+    """Minimise shortcut_loss with fmtoy.train.fit; teacher "ema" (official: rate 0.999) or "online" (the model
+    itself, still without gradient through the target). Loss parts "fm" and "sc" per step."""
     if not isinstance(model, ShortcutMLP):
         raise TypeError(f"model must be a fmtoy.shortcut.ShortcutMLP, got {type(model).__name__}")
-    if not isinstance(target, Distribution):
-        raise TypeError(f"target must be a fmtoy.data.Distribution, got {type(target).__name__}")
-    source = StandardNormal(target.dim) if source is None else source
-    if not isinstance(source, Distribution) or source.dim != target.dim or model.dim != target.dim:
-        raise ValueError(f"source, target and model must share the dimension, got {getattr(source, 'dim', '?')}, "
-                         f"{target.dim}, {model.dim}")
-    steps, batch_size, lr = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size), \
-        check_positive("lr", lr)
-    sc_rows(batch_size, k, model.max_steps)
+    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
+    check_distributions(model, target, source)
+    sc_rows(check_positive_int("batch_size", batch_size), k, model.max_steps)
     check_choice("teacher", teacher, TEACHERS)
-    check_choice("lr_schedule", lr_schedule, ("constant", "cosine"))
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1:
-        raise ValueError(f"ema_decay must be a number in (0, 1), e.g. 0.999; got {ema_decay!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    dev = resolve_device(device)
-    model = model.to(dev).train()
-    gen = make_generator(seed, dev)
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if teacher == "ema" else None
-    ema_params = list(ema.parameters()) if ema is not None else []
-    record = torch.empty(steps, 3, device=dev)
-    start = time.perf_counter()
-    for step in range(steps):
-        x1 = target.sample(batch_size, generator=gen, device=dev)
-        x0 = source.sample(batch_size, generator=gen, device=dev)
+    if teacher == "ema" and check_ema(ema_decay) is None:
+        raise ValueError("teacher='ema' needs ema_decay, a number in (0, 1) such as 0.999")
+    config = FitConfig(steps, batch_size, lr, lr_schedule, ema_decay=ema_decay if teacher == "ema" else None,
+                       seed=seed, device=device, threads=threads)
+
+    def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
+        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
+        x1 = target.sample(n, generator=gen, device=dev)
+        x0 = source.sample(n, generator=gen, device=dev)
+        ema = ctx.ema[0] if ctx.ema else None
         loss, fm, sc = shortcut_loss(model, x0, x1, teacher=ema, k=k, generator=gen, clip=clip, return_parts=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        set_lr(opt, lr, lr_schedule, step, steps)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay)
-        record[step, 0], record[step, 1], record[step, 2] = loss.detach(), fm, sc
-    rows = record.cpu()
-    if not torch.isfinite(rows).all():
-        bad = int(torch.nonzero(~torch.isfinite(rows).all(1))[0])
-        raise FloatingPointError(f"the shortcut loss became non-finite at step {bad + 1} of {steps} (lr={lr:g}); "
-                                 "try a lower learning rate or a clip value")
-    model.eval()
-    return ShortcutResult(model, ema, rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist(),
-                          time.perf_counter() - start, str(dev))
+        return loss, {"fm": fm, "sc": sc}
+
+    return fit(model, loss_fn, config, name="shortcut")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -374,6 +331,6 @@ def shortcut_error_map(s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x
 
 
 __all__ = ["check_max_steps", "n_levels", "step_sizes", "level_of", "ShortcutMLP", "shortcut_target",
-           "self_consistency_loss", "ShortcutBatch", "sc_rows", "shortcut_batch", "shortcut_loss", "ShortcutResult",
+           "self_consistency_loss", "ShortcutBatch", "sc_rows", "shortcut_batch", "shortcut_loss", 
            "train_shortcut", "check_sampling_steps", "sample_shortcut", "exact_shortcut", "ExactShortcut",
            "shortcut_error_map"]

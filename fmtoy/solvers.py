@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ._checks import (check_choice, check_generator, check_points, check_positive_int, check_time, check_unit_time,
                       check_velocity_output)
+from .threads import thread_policy
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # v(x, t): x (n, d), t (n,) -> (n, d)
 Field = Callable[[Tensor, float], Tensor]       # the same field with a scalar time, as the steps below use it
@@ -61,11 +62,11 @@ def nfe(method: str, steps: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- integration
 def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler", t0: float = 0.0, t1: float = 1.0,
-              return_trajectory: bool = False, grad: bool = False) -> Tensor:
+              return_trajectory: bool = False, grad: bool = False, threads: str | int | None = None) -> Tensor:
     """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t, Eq. (ODE).
 
     Returns x(t1), shape (n, d), or the trajectory x(t_0..t_steps), shape (steps + 1, n, d).
-    Runs under torch.no_grad unless grad=True.
+    Runs under torch.no_grad unless grad=True, with fmtoy's CPU thread policy (fmtoy.threads).
     """
     _check_velocity(velocity)
     x0 = check_points(x0, name="x0")
@@ -78,9 +79,10 @@ def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler",
         return check_velocity_output(velocity(x, x.new_full((n,), t)), x)
 
     times = [t0 + (t1 - t0) * k / steps for k in range(steps)] + [t1]
-    with torch.enable_grad() if grad else torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad(), thread_policy(threads, x0.device) as tuner:
         x, trajectory = x0, [x0]
         for k in range(steps):
+            tuner.tick()
             x = step(f, x, times[k], times[k + 1])
             if return_trajectory:
                 trajectory.append(x)

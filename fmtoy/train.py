@@ -1,4 +1,5 @@
-"""Training loop for conditional flow matching, a config dataclass, and safe checkpoints."""
+"""The one training loop under every method (fit), conditional flow matching on it, a config dataclass, and safe
+checkpoints."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,8 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,21 +20,11 @@ from .device import make_generator, resolve_device
 from .losses import COUPLINGS, cfm_loss, get_coupling
 from .models import VelocityMLP
 from .paths import get_path, list_paths
+from .threads import check_threads, thread_policy
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw")
 CHECKPOINT_FORMAT = "fmtoy-checkpoint-v1"
-
-
-@dataclass
-class TrainResult:
-    """What train() returns: the trained model, its EMA copy (or None), per-step losses and timings."""
-
-    model: nn.Module
-    ema_model: nn.Module | None
-    losses: list[float]
-    seconds: float
-    steps_per_second: float
-    device: str
 
 
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -42,14 +34,6 @@ def _lr_factor(schedule: str, step: int, steps: int) -> float:
     if schedule == "linear":
         return 1.0 - step / steps
     return 1.0
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int, steps: int) -> None:
-    """Set every parameter group's learning rate to lr times the schedule's factor at `step` (shared by the
-    training loops of train, shortcut, meanflow and vrfm)."""
-    if schedule != "constant":
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(schedule, step, steps)
 
 
 def check_distributions(model: nn.Module, target: Distribution, source: Distribution) -> None:
@@ -62,7 +46,8 @@ def check_distributions(model: nn.Module, target: Distribution, source: Distribu
                          f"model {getattr(model, 'dim', '?')}")
 
 
-def _check_ema(ema_decay: float | None) -> float | None:
+def check_ema(ema_decay: float | None) -> float | None:
+    """None (no EMA) or a number in (0, 1)."""
     if ema_decay is None:
         return None
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0:
@@ -70,21 +55,170 @@ def _check_ema(ema_decay: float | None) -> float | None:
     return float(ema_decay)
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
+    """An integer >= 0."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     return seed
 
 
-def train(model: nn.Module, path, target: Distribution, source: Distribution | None = None, *, steps: int,
-          batch_size: int, lr: float, device: str | torch.device = "auto", seed: int = 0,
-          ema_decay: float | None = None, coupling: str = "independent", lr_schedule: str = "cosine",
-          progress: bool = True, log_every: int = 100) -> TrainResult:
-    """Minimise the CFM loss, FM paper Eq. (9)/(14), with Adam; t ~ U[path.t_min, path.t_max], (x_0, x_1) ~ coupling.
+# ----------------------------------------------------------------------------------------------- the one loop
+@dataclass
+class FitConfig:
+    """The optimisation settings every method shares: what fit() needs besides the modules and the loss."""
 
-    EMA: theta_ema <- d theta_ema + (1 - d) theta after every step, starting from the initial weights.
-    Losses stay on the device and are copied (and checked for NaN/inf) every `log_every` steps.
+    steps: int
+    batch_size: int
+    lr: float
+    lr_schedule: str = "cosine"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    ema_decay: float | None = None
+    seed: int = 0
+    device: str | torch.device = "auto"
+    threads: str | int | None = None
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        check_positive_int("batch_size", self.batch_size)
+        self.lr = check_positive("lr", self.lr)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.weight_decay = check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        self.ema_decay = check_ema(self.ema_decay)
+        check_seed(self.seed)
+        resolve_device(self.device)
+        check_threads(self.threads)
+        check_positive_int("log_every", self.log_every)
+
+
+@dataclass
+class FitContext:
+    """What a loss function sees at every step of fit(): the seeded generator, device, batch size, step, EMA copies."""
+
+    generator: torch.Generator
+    device: torch.device
+    batch_size: int
+    steps: int
+    step: int = 0
+    ema: list[nn.Module] | None = None
+
+
+@dataclass
+class FitResult:
+    """What every training entry point returns: the trained modules (by name), the first one's EMA copy, per-step
+    losses and loss parts, timing, and the steps run per CPU thread count. r.name also finds modules and parts."""
+
+    model: nn.Module
+    ema_model: nn.Module | None
+    losses: list[float]
+    seconds: float
+    steps_per_second: float
+    device: str
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    modules: dict[str, nn.Module | None] = field(default_factory=dict)
+    threads: dict[int, int] = field(default_factory=dict)
+    config: object | None = None
+
+    def __getattr__(self, name: str):
+        for store in ("parts", "modules"):
+            found = self.__dict__.get(store, {})
+            if name in found:
+                return found[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute, loss part or module {name!r}")
+
+
+LossFn = Callable[[FitContext], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+
+
+def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitConfig, *, name: str = "train",
+        progress: bool = False, callback: Callable[[int], None] | None = None) -> FitResult:
+    """The training loop under every method: minimise loss_fn(ctx) (a scalar, or (scalar, {part: scalar})) over the
+    modules' trainable parameters. It owns the device, the seeded generator, Adam/AdamW (fused where torch has it),
+    the learning-rate schedule, EMA (theta_ema <- d theta_ema + (1 - d) theta after every step, one copy per module),
+    the NaN/inf check every log_every steps, the progress bar, the timing and the CPU thread policy (fmtoy.threads).
+    callback(step) runs before every step and once after the last one (step = steps), e.g. to log or snapshot.
     """
+    named = {"model": modules} if isinstance(modules, nn.Module) else modules
+    if not isinstance(named, dict) or not named or not all(isinstance(m, nn.Module) for m in named.values()):
+        raise TypeError("modules must be a torch.nn.Module or a dict of them (e.g. fmtoy.models.VelocityMLP), got "
+                        f"{type(modules).__name__}")
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config must be a fmtoy.train.FitConfig, got {type(config).__name__}")
+    c = config
+    dev = resolve_device(c.device)
+    named = dict(named)
+    mods = [m.to(dev).train() for m in named.values()]
+    trainable = [[p.requires_grad for p in m.parameters()] for m in mods]
+    params = [p for m, keep in zip(mods, trainable) for p, k in zip(m.parameters(), keep) if k]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    fused = {"fused": True} if dev.type in ("cpu", "cuda") else {}
+    opt_cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=c.lr, weight_decay=c.weight_decay, **fused)
+    ema, ema_params = None, []
+    if c.ema_decay is not None:
+        ema = [copy.deepcopy(m).requires_grad_(False) for m in mods]
+        ema_params = [p for m, keep in zip(ema, trainable) for p, k in zip(m.parameters(), keep) if k]
+    ctx = FitContext(make_generator(c.seed, dev), dev, c.batch_size, c.steps, 0, ema)
+    losses, parts = torch.empty(c.steps, device=dev), None
+    names: list[str] = []
+    history: list[float] = []
+    start = time.perf_counter()
+    with thread_policy(c.threads, dev) as tuner, tqdm(total=c.steps, desc=name, unit="step",
+                                                        disable=not progress) as bar:
+        for step in range(c.steps):
+            if callback is not None:
+                callback(step)
+            tuner.tick()
+            ctx.step = step
+            out = loss_fn(ctx)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                raise ValueError(f"{name}: the loss function must return a scalar tensor (or (scalar, parts)), "
+                                 f"got {type(loss).__name__}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.lr_schedule != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = c.lr * _lr_factor(c.lr_schedule, step, c.steps)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, params, 1.0 - c.ema_decay)
+            losses[step] = loss.detach()
+            if extra:
+                if parts is None:
+                    names, parts = list(extra), torch.empty(c.steps, len(extra), device=dev)
+                parts[step] = torch.stack([extra[k].detach().reshape(()) for k in names])
+            if (step + 1) % c.log_every == 0 or step + 1 == c.steps:  # the only host-device sync (besides "ot")
+                chunk = losses[len(history):step + 1].tolist()
+                bad = [i for i, v in enumerate(chunk) if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"{name}: the training loss became {chunk[bad[0]]} at step {len(history) + bad[0] + 1} of "
+                        f"{c.steps} (lr={c.lr:g}); try a lower learning rate (e.g. lr={c.lr / 10:g}), and check "
+                        "that the data and the path give finite values")
+                history += chunk
+                bar.update(len(chunk))
+                bar.set_postfix(loss=f"{sum(chunk) / len(chunk):.4f}")
+        if callback is not None:
+            callback(c.steps)
+    seconds = time.perf_counter() - start
+    for m in mods + (ema or []):
+        m.eval()
+    columns = parts.T.tolist() if parts is not None else []
+    return FitResult(mods[0], ema[0] if ema else None, history, seconds, c.steps / seconds, str(dev),
+                     dict(zip(names, columns)), dict(zip(named, mods)), dict(tuner.counts))
+
+
+# ----------------------------------------------------------------------------------------------- CFM
+def train_cfm(model: nn.Module, path, target: Distribution, source: Distribution | None = None, *, steps: int,
+              batch_size: int, lr: float, device: str | torch.device = "auto", seed: int = 0,
+              ema_decay: float | None = None, coupling: str = "independent", lr_schedule: str = "cosine",
+              progress: bool = True, log_every: int = 100, threads: str | int | None = None) -> FitResult:
+    """Minimise the CFM loss, FM paper Eq. (9)/(14), with fit(); t ~ U[path.t_min, path.t_max], (x_0, x_1) ~ coupling."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. fmtoy.models.VelocityMLP), got {type(model).__name__}")
     if not all(callable(getattr(path, f, None)) for f in ("alpha", "sigma", "d_alpha", "d_sigma")):
@@ -94,58 +228,19 @@ def train(model: nn.Module, path, target: Distribution, source: Distribution | N
         raise ValueError(f"path.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
     source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
     check_distributions(model, target, source)
-    steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
-    lr, seed, ema_decay = check_positive("lr", lr), _check_seed(seed), _check_ema(ema_decay)
-    log_every = check_positive_int("log_every", log_every)
     couple = get_coupling(coupling)
-    check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
-    dev = resolve_device(device)
+    config = FitConfig(steps, batch_size, lr, lr_schedule, ema_decay=ema_decay, seed=seed, device=device,
+                       threads=threads, log_every=log_every)
 
-    model = model.to(dev).train()
-    gen = make_generator(seed, dev)
-    trainable = [p.requires_grad for p in model.parameters()]
-    params = [p for p, keep in zip(model.parameters(), trainable) if keep]
-    if not params:
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    opt = torch.optim.Adam(params, lr=lr, **({"fused": True} if dev.type in ("cpu", "cuda") else {}))
-    ema_model, ema_params = None, []
-    if ema_decay is not None:
-        ema_model = copy.deepcopy(model).requires_grad_(False)
-        ema_params = [p for p, keep in zip(ema_model.parameters(), trainable) if keep]
-    losses = torch.empty(steps, device=dev)
-    history: list[float] = []
-    start = time.perf_counter()
-    with tqdm(total=steps, desc="train", unit="step", disable=not progress) as bar:
-        for step in range(steps):
-            x1 = target.sample(batch_size, generator=gen, device=dev)
-            x0 = source.sample(batch_size, generator=gen, device=dev)
-            x0, x1 = couple(x0, x1)
-            t = torch.rand(batch_size, generator=gen, device=dev).mul_(t_max - t_min).add_(t_min)
-            loss = cfm_loss(model, x0, x1, t, path)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            set_lr(opt, lr, lr_schedule, step, steps)
-            opt.step()
-            if ema_model is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay)
-            losses[step] = loss.detach()
-            if (step + 1) % log_every == 0 or step + 1 == steps:  # the only host-device sync (besides "ot")
-                chunk = losses[len(history):step + 1].tolist()
-                bad = [i for i, v in enumerate(chunk) if not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(
-                        f"the training loss became {chunk[bad[0]]} at step {len(history) + bad[0] + 1} of {steps} "
-                        f"(lr={lr:g}); try a lower learning rate (e.g. lr={lr / 10:g}), and check that the data "
-                        "and the path give finite values")
-                history += chunk
-                bar.update(len(chunk))
-                bar.set_postfix(loss=f"{sum(chunk) / len(chunk):.4f}")
-    seconds = time.perf_counter() - start
-    model.eval()
-    if ema_model is not None:
-        ema_model.eval()
-    return TrainResult(model, ema_model, history, seconds, steps / seconds, str(dev))
+    def loss_fn(ctx: FitContext) -> Tensor:
+        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
+        x1 = target.sample(n, generator=gen, device=dev)
+        x0 = source.sample(n, generator=gen, device=dev)
+        x0, x1 = couple(x0, x1)
+        t = torch.rand(n, generator=gen, device=dev).mul_(t_max - t_min).add_(t_min)
+        return cfm_loss(model, x0, x1, t, path)
+
+    return fit(model, loss_fn, config, name="train", progress=progress)
 
 
 @dataclass
@@ -170,6 +265,7 @@ class TrainConfig:
     ema_decay: float | None = None
     coupling: str = "independent"
     lr_schedule: str = "cosine"
+    threads: str | int | None = None
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.data, list_datasets())
@@ -181,9 +277,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "hidden", "depth"):
             check_positive_int(name, getattr(self, name))
         check_positive("lr", self.lr)
-        _check_seed(self.seed)
+        check_seed(self.seed)
         resolve_device(self.device)
-        _check_ema(self.ema_decay)
+        check_ema(self.ema_decay)
+        check_threads(self.threads)
         check_choice("coupling", self.coupling, COUPLINGS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
@@ -202,16 +299,18 @@ def build_model(config: TrainConfig, dim: int = 2) -> VelocityMLP:
         return VelocityMLP(dim=dim, hidden=config.hidden, depth=config.depth)
 
 
-def train_flow(config: TrainConfig, progress: bool = True) -> TrainResult:
+def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     """Train a VelocityMLP on config.data along config.path from N(0, I): the whole recipe in one call."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     target = get_dataset(config.data)
     path = _path_from_config(config)
     model = build_model(config, target.dim)
-    return train(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                 device=config.device, seed=config.seed, ema_decay=config.ema_decay, coupling=config.coupling,
-                 lr_schedule=config.lr_schedule, progress=progress)
+    result = train_cfm(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                       device=config.device, seed=config.seed, ema_decay=config.ema_decay, coupling=config.coupling,
+                       lr_schedule=config.lr_schedule, progress=progress, threads=config.threads)
+    result.config = config
+    return result
 
 
 def _version() -> str:
@@ -219,11 +318,11 @@ def _version() -> str:
     return str(getattr(fmtoy, "__version__", "unknown"))
 
 
-def save_checkpoint(file: str | os.PathLike, result: TrainResult | VelocityMLP, config: TrainConfig) -> None:
+def save_checkpoint(file: str | os.PathLike, result: FitResult | VelocityMLP, config: TrainConfig) -> None:
     """Save the weights (online and EMA), the config, the fmtoy version and a format tag with torch.save."""
-    model, ema = (result.model, result.ema_model) if isinstance(result, TrainResult) else (result, None)
+    model, ema = (result.model, result.ema_model) if isinstance(result, FitResult) else (result, None)
     if not isinstance(model, VelocityMLP):
-        raise TypeError(f"save_checkpoint needs a TrainResult or VelocityMLP, got {type(result).__name__}")
+        raise TypeError(f"save_checkpoint needs a FitResult or VelocityMLP, got {type(result).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if (model.hidden, model.depth) != (config.hidden, config.depth):

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
 from .data import Distribution, GaussianMixture, StandardNormal, eight_gaussians
-from .device import make_generator, resolve_device
+from .device import resolve_device
 from .losses import _check_pair, cfm_loss
 from .marginal import _check_models, posterior_weights
 from .models import VelocityMLP, _check_model_time
 from .paths import CondOTPath, GaussianPath
 from .solvers import integrate
-from .train import check_distributions, set_lr
+from .threads import check_threads
+from .train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_distributions, fit
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
 METHODS = ("rfm", "vrfm")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -386,6 +384,7 @@ class VRFMConfig:
     lr_schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
+    threads: str | int | None = None
 
     def __post_init__(self) -> None:
         setting = get_setting(self.setting)
@@ -405,26 +404,13 @@ class VRFMConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         resolve_device(self.device)
+        check_threads(self.threads)
 
     @classmethod
     def paper(cls, setting: str = "hexagon_2d", **changes) -> VRFMConfig:
         """The paper's full toy recipe (App. D.1): 20k AdamW iterations, lr 1e-3, batch 1000 (opt-in: minutes)."""
         return cls(**{"setting": setting, "steps": 20_000, "batch_size": 1000, "lr": 1e-3, "lr_schedule": "constant",
                       **changes})
-
-
-@dataclass
-class VRFMResult:
-    """What train_vrfm returns: velocity model, encoder (None for RFM), per-step losses and timing."""
-
-    model: VelocityMLP
-    encoder: PosteriorEncoder | None
-    losses: list[float]
-    mse: list[float]
-    kl: list[float]
-    seconds: float
-    device: str
-    config: VRFMConfig | None = field(default=None)
 
 
 def build_vrfm(config: VRFMConfig, dim: int) -> tuple[VelocityMLP, PosteriorEncoder | None]:
@@ -442,62 +428,38 @@ def build_vrfm(config: VRFMConfig, dim: int) -> tuple[VelocityMLP, PosteriorEnco
 def fit_vrfm(model: nn.Module, encoder: PosteriorEncoder | None, target: Distribution, source: Distribution,
              *, steps: int, batch_size: int, lr: float, kl_weight: float, weight_decay: float = 0.01,
              lr_schedule: str = "constant", device: str | torch.device = "auto", seed: int = 0,
-             progress: bool = False, log_every: int = 100) -> tuple[list[float], list[float], list[float], float]:
-    """Minimise vrfm_loss with AdamW over (v_theta, q_phi): x_0 ~ source, x_1 ~ target independently, t ~ U(0, 1).
-
-    Returns (total, mse, kl) per step and the seconds taken; model and encoder are trained in place (on device).
-    """
+             progress: bool = False, log_every: int = 100, threads: str | int | None = None) -> FitResult:
+    """Minimise vrfm_loss with AdamW over (v_theta, q_phi) by fmtoy.train.fit: x_0 ~ source, x_1 ~ target
+    independently, t ~ U(0, 1). Loss parts "mse" and "kl" per step; modules "model" and "encoder" (None for RFM)."""
     check_distributions(model, target, source)
-    steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
-    lr, kl_weight = check_positive("lr", lr), check_positive("kl_weight", kl_weight, allow_zero=True)
-    weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
-    check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
-    log_every = check_positive_int("log_every", log_every)
-    dev = resolve_device(device)
-    modules = [m for m in (model, encoder) if m is not None]
-    for m in modules:
-        m.to(dev).train()
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
-                            **({"fused": True} if dev.type in ("cpu", "cuda") else {}))
-    gen = make_generator(seed, dev)
+    kl_weight = check_positive("kl_weight", kl_weight, allow_zero=True)
+    config = FitConfig(steps, batch_size, lr, lr_schedule, "adamw", weight_decay, seed=seed, device=device,
+                       threads=threads, log_every=log_every)
     path = CondOTPath()
-    hist = torch.empty(steps, 3, device=dev)
-    start = time.perf_counter()
-    with tqdm(total=steps, desc="vrfm" if encoder is not None else "rfm", unit="step", disable=not progress) as bar:
-        for step in range(steps):
-            x1 = target.sample(batch_size, generator=gen, device=dev)
-            x0 = source.sample(batch_size, generator=gen, device=dev)
-            t = torch.rand(batch_size, generator=gen, device=dev)
-            out = vrfm_loss(model, encoder, x0, x1, t, kl_weight, path, generator=gen)
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            set_lr(opt, lr, lr_schedule, step, steps)
-            opt.step()
-            hist[step] = torch.stack([out.total.detach(), out.mse.detach(), out.kl.detach()])
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                last = float(hist[step, 0])
-                if not math.isfinite(last):
-                    raise FloatingPointError(f"the VRFM loss became {last} at step {step + 1} of {steps} "
-                                             f"(lr={lr:g}); try a lower learning rate")
-                bar.update(step + 1 - bar.n)
-                bar.set_postfix(loss=f"{last:.4f}")
-    seconds = time.perf_counter() - start
-    for m in modules:
-        m.eval()
-    total, mse, kl = hist.T.tolist()
-    return total, mse, kl, seconds
+
+    def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
+        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
+        x1 = target.sample(n, generator=gen, device=dev)
+        x0 = source.sample(n, generator=gen, device=dev)
+        t = torch.rand(n, generator=gen, device=dev)
+        out = vrfm_loss(model, encoder, x0, x1, t, kl_weight, path, generator=gen)
+        return out.total, {"mse": out.mse, "kl": out.kl}
+
+    modules = {"model": model} if encoder is None else {"model": model, "encoder": encoder}
+    result = fit(modules, loss_fn, config, name="vrfm" if encoder is not None else "rfm", progress=progress)
+    result.modules.setdefault("encoder", None)
+    return result
 
 
-def train_vrfm(config: VRFMConfig, progress: bool = False) -> VRFMResult:
+def train_vrfm(config: VRFMConfig, progress: bool = False) -> FitResult:
     """Build and train the config's model (VRFM, or the RFM baseline) on its setting: the whole recipe in one call."""
     if not isinstance(config, VRFMConfig):
         raise TypeError(f"config must be a VRFMConfig, got {type(config).__name__}")
     setting = get_setting(config.setting)
     model, encoder = build_vrfm(config, setting.dim)
-    total, mse, kl, seconds = fit_vrfm(
-        model, encoder, setting.target, setting.source, steps=config.steps, batch_size=config.batch_size,
-        lr=config.lr, kl_weight=config.kl_weight, weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
-        device=config.device, seed=config.seed, progress=progress)
-    return VRFMResult(model, encoder, total, mse, kl, seconds, str(resolve_device(config.device)),
-                      copy.deepcopy(config))
+    result = fit_vrfm(model, encoder, setting.target, setting.source, steps=config.steps,
+                      batch_size=config.batch_size, lr=config.lr, kl_weight=config.kl_weight,
+                      weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, device=config.device,
+                      seed=config.seed, progress=progress, threads=config.threads)
+    result.config = copy.deepcopy(config)
+    return result

@@ -2,10 +2,13 @@
 import pytest
 import torch
 
+import fmtoy.threads  # noqa: F401  (imported first: it records torch's own thread count before the fixture below)
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off stalls on a busy 2-core machine (restored after)."""
+    """The whole run on one intra-op thread: an explicit user setting, which fmtoy's thread policy keeps (restored
+    after). Tests of the policy itself pass threads= or set FMTOY_THREADS."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,7 +24,6 @@ need_meta = pytest.mark.skipif(peers.available()["flow_matching"] is None,
                                reason="flow_matching not installed (pip install -e '.[bench]')")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peer_params():

@@ -22,7 +22,6 @@ PATH = CondOTPath()
 Q1D = GaussianMixture(torch.tensor([0.75, 0.25]), torch.tensor([[-1.0], [2.5]]), torch.tensor([[[0.04]], [[0.04]]]))
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int, seed: int = 0, target=TARGET, path=PATH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

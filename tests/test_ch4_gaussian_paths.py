@@ -22,7 +22,6 @@ CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch4_gaussian_paths.md"
 D64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- symbolic

@@ -20,7 +20,6 @@ from fmtoy.symbolic import sigma_min, t, x, x1
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch5_paths.md"
 D64 = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- symbolic

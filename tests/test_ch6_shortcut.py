@@ -21,9 +21,8 @@ from fmtoy.symbolic_shortcut import d, h, lam, x
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch6_shortcut.md"
 D64 = torch.float64
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              # torch.func.jvp's first call scripts decompositions and warns (torch's own deprecation warning)
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
+# torch.func.jvp's first call scripts decompositions and warns (torch's own deprecation warning)
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
 FLOWS = {"linear": Z.linear_flow(), "gaussian": Z.gaussian_marginal_flow()}
 
 

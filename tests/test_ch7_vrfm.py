@@ -21,7 +21,6 @@ from fmtoy.vrfm import (VRFMConfig, gaussian_kl, get_setting, reparametrise, sam
                         velocity_posterior)
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch7_vrfm.md"
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

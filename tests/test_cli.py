@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import fmtoy.threads  # noqa: E402
 from fmtoy.cli import main  # noqa: E402
 from fmtoy.data import StandardNormal, list_datasets  # noqa: E402
 from fmtoy.device import make_generator  # noqa: E402
@@ -158,3 +159,30 @@ def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys, argv, message):
     assert err.startswith("fmtoy: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert message in err
     assert not (tmp_path / "out").exists() and not any(tmp_path.glob("s.*")) and not any(tmp_path.glob("a.*"))
+
+
+def _cli(args, env_threads=None, tmp_path=None):
+    """`python -m fmtoy` in a fresh process (no thread setting inherited from the test session)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FMTOY_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if env_threads is not None:
+        env["FMTOY_THREADS"] = env_threads
+    return subprocess.run([sys.executable, "-m", "fmtoy", *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+
+
+def test_cli_training_applies_the_thread_policy_and_an_explicit_setting_wins(tmp_path):
+    args = ["train", "--out", str(tmp_path / "r"), *TINY]
+    fixed = _cli(args + ["--threads", "1"], env_threads="2", tmp_path=tmp_path)   # the option beats the variable
+    assert fixed.returncode == 0, fixed.stderr
+    assert "steps/s; 1 thread)" in fixed.stdout
+    env = _cli(args, env_threads="2", tmp_path=tmp_path)
+    assert env.returncode == 0 and "steps/s; 2 threads)" in env.stdout, env.stdout + env.stderr
+    auto = _cli(args, tmp_path=tmp_path)
+    assert auto.returncode == 0, auto.stderr
+    if fmtoy.threads._IMPORT_THREADS > 1:                                         # torch's default here
+        assert re.search(r"1 thread for \d+ steps, \d+ threads for \d+ steps\)", auto.stdout), auto.stdout
+    bad = _cli(args + ["--threads", "lots"], tmp_path=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("fmtoy: error: threads must be 'auto' or a positive "
+                                                          "integer number of CPU threads, got 'lots'")

@@ -19,9 +19,8 @@ from fmtoy.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, level_of
                             sc_rows, self_consistency_loss, shortcut_batch, shortcut_error_map, shortcut_loss,
                             shortcut_target, step_sizes, train_shortcut)
 from fmtoy.solvers import integrate
-from fmtoy.train import train
+from fmtoy.train import train_cfm as train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 D64 = torch.float64
 A = torch.tensor([[-0.3, 1.2], [-0.8, 0.4]], dtype=D64)      # a linear field u(x) = A x (Euler is not exact)
 
@@ -230,7 +229,7 @@ def test_training_is_reproducible_and_validated():
     a = train_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
     b = train_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
     assert a.losses == b.losses and len(a.losses) == 5 and a.ema_model is None
-    assert all(math.isfinite(v) for v in a.fm_losses + a.sc_losses)
+    assert all(math.isfinite(v) for v in a.parts["fm"] + a.parts["sc"])
     c = train_shortcut(small_model(max_steps=8), eight_gaussians(), steps=3, batch_size=32, device="cpu")
     assert c.ema_model is not None and not c.ema_model.training
     with pytest.raises(ValueError, match="teacher"):

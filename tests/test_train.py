@@ -15,7 +15,8 @@ from fmtoy.metrics import energy_distance
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
-from fmtoy.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint, train, train_flow
+from fmtoy.train import FitResult, TrainConfig, load_checkpoint, save_checkpoint, train_flow
+from fmtoy.train import train_cfm as train
 
 SMALL = dict(steps=30, batch_size=64, hidden=32, depth=2, device="cpu")
 X = torch.randn(16, 2, generator=torch.Generator().manual_seed(5))
@@ -27,7 +28,7 @@ def small_model(seed: int = 0, hidden: int = 32) -> VelocityMLP:
 
 
 @pytest.fixture(scope="module")
-def ema_run() -> tuple[TrainResult, TrainConfig]:
+def ema_run() -> tuple[FitResult, TrainConfig]:
     config = TrainConfig(**SMALL, ema_decay=0.9)
     return train_flow(config, progress=False), config
 

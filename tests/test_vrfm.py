@@ -23,7 +23,6 @@ from fmtoy.vrfm import (POSTERIOR_INPUTS, SETTINGS, PosteriorEncoder, VRFMConfig
                         train_vrfm, two_modes_1d, velocity_posterior, velocity_spread, vrfm_elbo, vrfm_loss)
 
 D64 = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 64, dim: int = 2, seed: int = 0, dtype=torch.float32):

@@ -1,0 +1,136 @@
+"""CPU thread policy: how many torch threads fmtoy's loops (training, ODE solvers, likelihoods) use on the CPU.
+
+Tiny networks on few cores: torch's OpenMP workers spin and wait for each other, so when another program holds a
+core a step with 2 threads can stall 5-10x, while 1 thread is immune but slower on an idle machine. No fixed count
+wins both, so the default policy "auto" measures: a loop times a few steps with 1 thread and with torch's default
+count, keeps the faster, and measures again every RECHECK seconds (the verdict is shared by the loops that follow).
+
+An explicit choice always wins, in this order: the `threads` argument or config field ("auto" or N), the environment
+variable FMTOY_THREADS ("auto" or N), then a setting the user made to torch itself (OMP_NUM_THREADS or
+MKL_NUM_THREADS in the environment, or torch.set_num_threads() after importing fmtoy), which fmtoy leaves as it is.
+The user's thread count is restored when each fmtoy loop ends. On a GPU the policy does nothing.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+ENV = "FMTOY_THREADS"
+PROBE = 4        # timed steps per candidate (after one warm-up step)
+RECHECK = 2.0    # seconds between measurements
+_IMPORT_THREADS = torch.get_num_threads()   # torch's own choice, unless the user changed it before importing fmtoy
+_VERDICT: dict[str, float] = {"threads": 0, "until": 0.0}   # the last measured winner and how long it holds
+
+
+def _parse(value: object, where: str) -> str | int:
+    """'auto' or a positive integer (a string of one, from the environment), else ValueError naming `where`."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"{where} must be 'auto' or a positive integer number of CPU threads, got {value!r}")
+
+
+def check_threads(threads: str | int | None) -> str | int | None:
+    """Return `threads` if it is None, 'auto' or an integer >= 1 (the `threads` option of fmtoy's configs)."""
+    return None if threads is None else _parse(threads, "threads")
+
+
+def user_setting() -> str | None:
+    """Why torch's thread count counts as the user's explicit choice (an environment variable or a changed count)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]}"
+    if torch.get_num_threads() != _IMPORT_THREADS:
+        return f"torch.set_num_threads({torch.get_num_threads()})"
+    return None
+
+
+def resolve_threads(threads: str | int | None = None) -> tuple[str, tuple[int, ...]]:
+    """The plan for one loop: ("fixed", (N,)), ("auto", (1, N)) to measure, or ("keep", (current,)) (README, Threads)."""
+    choice = check_threads(threads)
+    if choice is None and os.environ.get(ENV):
+        choice = _parse(os.environ[ENV], f"the environment variable {ENV}")
+    if choice is None and user_setting() is not None:
+        return "keep", (torch.get_num_threads(),)
+    if isinstance(choice, int):
+        return "fixed", (choice,)
+    most = max(_IMPORT_THREADS, torch.get_num_threads())
+    return ("auto", (1, most)) if most > 1 else ("keep", (torch.get_num_threads(),))
+
+
+class ThreadTuner:
+    """Per-step thread count of one loop: call tick() at the start of every step; counts records steps per count."""
+
+    def __init__(self, mode: str, candidates: tuple[int, ...], probe: int = PROBE, recheck: float = RECHECK) -> None:
+        self.mode, self.candidates, self.probe, self.recheck = mode, candidates, probe, recheck
+        self.counts: dict[int, int] = {}
+        self.samples: dict[int, list[float]] = {}
+        self.queue: list[int] = []
+        self.last: float | None = None
+        self.warm = True
+        self.current = torch.get_num_threads()
+        if mode == "fixed":
+            self._set(candidates[0])
+
+    def _set(self, n: int) -> None:
+        if n != self.current:
+            torch.set_num_threads(n)
+            self.current, self.warm = n, True
+
+    def tick(self) -> None:
+        """Account the step that just ended to the current count and choose the count for the next one."""
+        if self.mode != "auto":
+            self.counts[self.current] = self.counts.get(self.current, 0) + 1
+            return
+        now = time.perf_counter()
+        if self.queue and self.last is not None:
+            if self.warm:
+                self.warm = False
+            else:
+                self.samples.setdefault(self.current, []).append(now - self.last)
+            if len(self.samples.get(self.current, ())) >= self.probe:
+                self.queue.pop(0)
+                if not self.queue:   # every candidate timed: keep the fastest (median step time) for RECHECK s
+                    best = min(self.samples, key=lambda n: statistics.median(self.samples[n]))
+                    _VERDICT.update(threads=best, until=now + self.recheck)
+        if not self.queue and now >= _VERDICT["until"]:
+            self.queue, self.samples = list(self.candidates), {}
+        self._set(self.queue[0] if self.queue else int(_VERDICT["threads"]))
+        self.counts[self.current] = self.counts.get(self.current, 0) + 1
+        self.last = time.perf_counter()
+
+
+@contextmanager
+def thread_policy(threads: str | int | None = None, device: torch.device | str = "cpu") -> Iterator[ThreadTuner]:
+    """Apply the policy to the loop inside (tick() once per step); torch's thread count is restored afterwards."""
+    saved = torch.get_num_threads()
+    mode, candidates = resolve_threads(threads)
+    if torch.device(device).type != "cpu":
+        mode, candidates = "keep", (saved,)
+    tuner = ThreadTuner(mode, candidates)
+    try:
+        yield tuner
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
+def describe(threads: str | int | None = None) -> str:
+    """One line saying what the policy does here, e.g. 'auto: measures 1 vs 2 threads every 2 s'."""
+    mode, candidates = resolve_threads(threads)
+    if mode == "auto":
+        return f"auto: measures {candidates[0]} vs {candidates[1]} threads every {RECHECK:g} s and keeps the faster"
+    if mode == "fixed":
+        return f"fixed: {candidates[0]} thread(s) ({'threads argument' if threads is not None else ENV})"
+    return f"keep: {candidates[0]} thread(s), the user's setting ({user_setting() or 'a single core'})"
+
+
+__all__ = ["ENV", "check_threads", "user_setting", "resolve_threads", "ThreadTuner", "thread_policy", "describe"]
