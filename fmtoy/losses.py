@@ -28,14 +28,12 @@ def cfm_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Te
     Shape checks only (no range check on t, no device sync): callers keep t in [path.t_min, path.t_max].
     """
     _check_pair(x0, x1)
-    if not all(callable(getattr(path, f, None)) for f in ("alpha", "sigma", "d_alpha", "d_sigma")):
-        raise TypeError(f"path must be a GaussianPath (with alpha, sigma, d_alpha, d_sigma), got {type(path).__name__}")
+    if not callable(getattr(path, "schedule", None)):
+        raise TypeError(f"path must be a GaussianPath (fmtoy.paths, with .schedule(t)), got {type(path).__name__}")
     tc = _check_model_time(t, x0.shape[0], x0)               # (n, 1)
-    # the unchecked schedule methods (GaussianPath._alpha, ...) when present: no range check, no device sync
-    alpha, sigma, d_alpha, d_sigma = (getattr(path, "_" + f, None) or getattr(path, f)
-                                      for f in ("alpha", "sigma", "d_alpha", "d_sigma"))
-    xt = alpha(tc) * x1 + sigma(tc) * x0
-    target = d_alpha(tc) * x1 + d_sigma(tc) * x0
+    s = path.schedule(tc, check=False)                       # no range check, no device sync
+    xt = s.alpha_t * x1 + s.sigma_t * x0
+    target = s.d_alpha_t * x1 + s.d_sigma_t * x0
     v = model(xt, tc[:, 0]) if cond is None else model(xt, tc[:, 0], cond)
     if not isinstance(v, Tensor) or v.shape != x0.shape:
         raise ValueError(f"the model must return a tensor of shape {tuple(x0.shape)}, "

@@ -51,7 +51,7 @@ def _check_models(path: GaussianPath, target: GaussianMixture, source: GaussianM
 
 def _schedule(path: GaussianPath, t: Tensor) -> list[Tensor]:
     """[alpha, sigma, alpha', sigma'] at t; ValueError where one is not finite (t beyond path.t_max)."""
-    out = [path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)]
+    out = list(path.schedule(t))
     for k, v in zip(("alpha", "sigma", "d_alpha", "d_sigma"), out):
         if not torch.isfinite(v).all():
             raise ValueError(f"path {path.name!r}: {k}_t is not finite at some t in [{t.min().item():.6g}, "

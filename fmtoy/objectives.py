@@ -303,7 +303,7 @@ def x1_posterior(x: Tensor, t: float | Tensor, path: GaussianPath, target: Gauss
     s = target.covs[:, 0, 0]
     if not torch.equal(target.covs, s[:, None, None] * torch.eye(target.dim, dtype=target.covs.dtype)):
         raise ValueError("the posterior median field needs isotropic target components (covs[k] = s_k I)")
-    al, sg, dal, dsg = (f(tc) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))   # (T, 1)
+    al, sg, dal, dsg = path.schedule(tc)                                    # (T, 1)
     if (sg <= 0).any():
         raise ValueError("sigma_t = 0 at some t: u_t(x|x_1) is singular there")
     c, r = dal - dsg * al / sg, dsg / sg

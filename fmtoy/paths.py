@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,15 @@ def _as_time(t: float | Tensor) -> Tensor:
     return t
 
 
+class SchedulerOutput(NamedTuple):
+    """alpha_t, sigma_t and their t-derivatives, elementwise in t (FM Eq. 10; as flow_matching's SchedulerOutput)."""
+
+    alpha_t: Tensor
+    sigma_t: Tensor
+    d_alpha_t: Tensor
+    d_sigma_t: Tensor
+
+
 class GaussianPath:
     """x_t = alpha_t x_1 + sigma_t x_0: p_t(x|x_1) = N(alpha_t x_1, sigma_t^2 I) (FM Eq. 10, mu_t = alpha_t x_1)."""
 
@@ -44,6 +53,12 @@ class GaussianPath:
     t_max: float = 1.0
 
     # --- schedule: subclasses implement _alpha, _sigma, _d_alpha, _d_sigma on a checked tensor t -------------------
+    def schedule(self, t: float | Tensor, check: bool = True) -> SchedulerOutput:
+        """(alpha_t, sigma_t, alpha'_t, sigma'_t) at t, the one way to read a path's schedule; check=False skips the
+        0 <= t <= 1 check (no host-device sync: training losses, whose t the loop keeps in [t_min, t_max])."""
+        t = _as_time(t) if check else t
+        return SchedulerOutput(self._alpha(t), self._sigma(t), self._d_alpha(t), self._d_sigma(t))
+
     def alpha(self, t: float | Tensor) -> Tensor:
         """alpha_t, the data coefficient (mu_t(x_1) = alpha_t x_1, FM Eq. 10), elementwise in t."""
         return self._alpha(_as_time(t))

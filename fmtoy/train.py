@@ -221,7 +221,7 @@ def train_cfm(model: nn.Module, path, target: Distribution, source: Distribution
     """Minimise the CFM loss, FM paper Eq. (9)/(14), with fit(); t ~ U[path.t_min, path.t_max], (x_0, x_1) ~ coupling."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. fmtoy.models.VelocityMLP), got {type(model).__name__}")
-    if not all(callable(getattr(path, f, None)) for f in ("alpha", "sigma", "d_alpha", "d_sigma")):
+    if not callable(getattr(path, "schedule", None)):
         raise TypeError(f"path must be a GaussianPath (fmtoy.paths.get_path), got {type(path).__name__}")
     t_min, t_max = float(path.t_min), float(path.t_max)
     if not 0.0 <= t_min < t_max <= 1.0:

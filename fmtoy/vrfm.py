@@ -186,14 +186,14 @@ def _posterior(encoder, model: nn.Module, x0: Tensor, x1: Tensor, xt: Tensor, tc
 
 def _schedule_xt(path: GaussianPath, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """x_t = alpha_t x_1 + sigma_t x_0 with t (n, 1), as cfm_loss computes it (unchecked schedule, no sync)."""
-    alpha, sigma = (getattr(path, "_" + f, None) or getattr(path, f) for f in ("alpha", "sigma"))
-    return alpha(t) * x1 + sigma(t) * x0
+    s = path.schedule(t, check=False)
+    return s.alpha_t * x1 + s.sigma_t * x0
 
 
 def _schedule_v(path: GaussianPath, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """v = alpha'_t x_1 + sigma'_t x_0 (x_1 - x_0 for CondOT), the regression target of cfm_loss."""
-    d_alpha, d_sigma = (getattr(path, "_" + f, None) or getattr(path, f) for f in ("d_alpha", "d_sigma"))
-    return d_alpha(t) * x1 + d_sigma(t) * x0
+    s = path.schedule(t, check=False)
+    return s.d_alpha_t * x1 + s.d_sigma_t * x0
 
 
 def vrfm_loss(model: nn.Module, encoder: Callable | None, x0: Tensor, x1: Tensor, t: float | Tensor,
@@ -338,7 +338,7 @@ def velocity_posterior(x: Tensor, t: float, target: GaussianMixture, source: Gau
     x = check_points(x, target.dim).to(torch.float64)
     t = check_unit_time("t", t)
     tt = torch.tensor([t], dtype=torch.float64)
-    a, s, da, ds = (float(f(tt)) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
+    a, s, da, ds = (float(v) for v in path.schedule(tt))
     s0, s1 = source.covs[:, None], target.covs[None]                         # (K0, 1, d, d), (1, K1, d, d)
     m0, m1 = source.means[:, None], target.means[None]                       # (K0, 1, d), (1, K1, d)
     c = a**2 * s1 + s**2 * s0

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, VEPath, VPPath, get_path, list_paths
+from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 
 F64 = torch.float64
 
@@ -192,3 +192,16 @@ def test_error_messages_say_what_is_allowed():
         CondOTPath().conditional_velocity(X, 1.0, X1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         VPPath().sample_xt(X, X1, 2.0)
+
+
+@ALL
+def test_schedule_is_the_one_reading_of_alpha_sigma_and_their_derivatives(path):
+    t = torch.linspace(path.t_min, path.t_max, 17, dtype=torch.float64)
+    s = path.schedule(t)
+    assert isinstance(s, SchedulerOutput)
+    for got, method in zip(s, (path.alpha, path.sigma, path.d_alpha, path.d_sigma)):
+        torch.testing.assert_close(got, method(t))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        path.schedule(torch.tensor([1.5]))
+    unchecked = path.schedule(torch.tensor([0.5]), check=False)      # the training losses' fast path
+    torch.testing.assert_close(unchecked.alpha_t, path.alpha(0.5).reshape(1).to(unchecked.alpha_t.dtype))
