@@ -1,9 +1,16 @@
 """fmtoy: a small PyTorch playground for flow matching on 2D mixtures, with exact ground truth.
 
-Modules (one concept each): data (target distributions), paths (conditional probability paths), marginal
-(the exact marginal field, Theorem 1), models, losses, train, solvers, metrics, viz, widgets, symbolic, continuity
-and objectives (chapters 1 and 3), shortcut and meanflow (chapter 6), vrfm (chapter 7), assignments and grade
-(course tooling), cli.
+    import fmtoy
+    result = fmtoy.train_flow(fmtoy.TrainConfig(steps=3000))           # a VelocityMLP v_theta(x, t)
+    x1 = fmtoy.sample(result.model, fmtoy.StandardNormal(2), 2000, steps=16, method="midpoint")
+    fmtoy.energy_distance(x1, fmtoy.get_dataset("eight_gaussians").sample(2000))
+
+The core modules, one concept each: data (target distributions), paths (conditional probability paths and their
+schedules), marginal (the exact marginal field, Theorem 1), models, losses, train (fit: the one training loop),
+solvers, metrics, viz, widgets, threads (the CPU thread policy), device. Method families: shortcut and meanflow
+(chapter 6), vrfm (chapter 7); chapter helpers: continuity and objectives (chapters 1 and 3), symbolic*; course
+tooling: assignments, grade; the command line: cli. The plotting names (plot_samples, ...) load matplotlib on
+first use.
 """
 from __future__ import annotations
 
@@ -13,15 +20,36 @@ from .data import GaussianMixture, StandardNormal, eight_gaussians, get_dataset,
 from .device import make_generator, resolve_device
 from .losses import cfm_loss
 from .marginal import ExactField, marginal_log_prob, marginal_velocity
+from .metrics import energy_distance, mmd, nll, nll_gap, w2
 from .models import VelocityMLP
-from .paths import AffinePath, CondOTPath, VEPath, VPPath, get_path, list_paths
-from .solvers import SOLVERS, integrate, log_likelihood, sample
-from .train import FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, train_cfm, train_flow
+from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
+from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
+from .threads import describe as describe_threads
+from .train import (FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, train_cfm,
+                    train_flow)
+
+_VIZ = ("plot_samples", "plot_density", "plot_field", "plot_trajectories", "animate_trajectories", "show",
+        "save_animation", "grid_points")
+
+
+def __getattr__(name: str):
+    """fmtoy.plot_samples and the other plotting names, imported from fmtoy.viz (matplotlib) on first use."""
+    if name in _VIZ:
+        from . import viz
+
+        return getattr(viz, name)
+    raise AttributeError(f"module 'fmtoy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_VIZ))
+
 
 __all__ = [
     "__version__", "GaussianMixture", "StandardNormal", "eight_gaussians", "get_dataset", "list_datasets",
     "make_generator", "resolve_device", "cfm_loss", "ExactField", "marginal_log_prob", "marginal_velocity",
-    "VelocityMLP", "AffinePath", "CondOTPath", "VEPath", "VPPath", "get_path", "list_paths", "SOLVERS",
-    "integrate", "log_likelihood", "sample", "TrainConfig", "load_checkpoint", "save_checkpoint", "train_cfm", "fit", "FitConfig", "FitResult",
-    "train_flow",
+    "energy_distance", "mmd", "nll", "nll_gap", "w2", "VelocityMLP", "AffinePath", "CondOTPath", "GaussianPath",
+    "SchedulerOutput", "VEPath", "VPPath", "get_path", "list_paths", "SOLVERS", "divergence", "integrate",
+    "log_likelihood", "sample", "describe_threads", "FitConfig", "FitResult", "TrainConfig", "fit",
+    "load_checkpoint", "save_checkpoint", "train_cfm", "train_flow", *_VIZ,
 ]
