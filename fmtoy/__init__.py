@@ -5,12 +5,12 @@
     x1 = fmtoy.sample(result.model, fmtoy.StandardNormal(2), 2000, steps=16, method="midpoint")
     fmtoy.energy_distance(x1, fmtoy.get_dataset("eight_gaussians").sample(2000))
 
-The core modules, one concept each: data (target distributions), paths (conditional probability paths and their
-schedules), marginal (the exact marginal field, Theorem 1), models, losses, train (fit: the one training loop),
-solvers, metrics, viz, widgets, threads (the CPU thread policy), device. Method families: shortcut and meanflow
-(chapter 6), vrfm (chapter 7); chapter helpers: continuity and objectives (chapters 1 and 3), symbolic*; course
-tooling: assignments, grade; the command line: cli. The plotting names (plot_samples, ...) load matplotlib on
-first use.
+The core modules, one concept each, flat at the top: data (target distributions), paths (conditional probability
+paths and their schedules), marginal (the exact marginal field, Theorem 1), models, losses, train (fit: the one
+training loop), solvers, metrics, viz, widgets, threads (the CPU thread policy), device, cli. The families, in
+subpackages: methods (shortcut and meanflow, chapter 6; vrfm, chapter 7), teaching (chapter-only helpers),
+symbolic (SymPy derivations, one module per topic), course (assignments and the autograder). The plotting names
+(plot_samples, ...) load matplotlib on first use.
 """
 from __future__ import annotations
 

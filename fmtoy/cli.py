@@ -248,7 +248,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    from .assignments import write_assignments
+    from .course.assignments import write_assignments
 
     summary = write_assignments(args.book, args.out)
     for chapter, info in summary.items():
@@ -258,7 +258,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    from .grade import grade
+    from .course.grade import grade
 
     report = grade(args.notebook, args.source, timeout=args.timeout)
     print(report.table())
@@ -268,7 +268,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
 
 def cmd_student_book(args: argparse.Namespace) -> int:
-    from .assignments import write_student_book
+    from .course.assignments import write_student_book
 
     out = write_student_book(args.root, args.out)
     print(f"student edition sources: {out}")

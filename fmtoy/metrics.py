@@ -134,37 +134,3 @@ def kinetic_energy(trajectory: Tensor) -> float:
     x = _check_trajectory(trajectory)
     steps = x.shape[0] - 1
     return float(((x[1:] - x[:-1]) * steps).square().sum(-1).mean())
-
-
-def kinetic_energy_bound(path, target, n: int = 2000, steps: int = 200,
-                         generator: torch.Generator | None = None) -> dict[str, float]:
-    """Ch. 5: marginal int E_{p_t}|u_t(x)|^2 dt <= conditional int E|alpha' x_1 + sigma' x_0|^2 dt, same samples.
-
-    x_t = alpha_t x_1 + sigma_t x_0 with x_1 ~ target (a GaussianMixture), x_0 ~ N(0, I); u_t is the exact
-    marginal field (fmtoy.marginal). Quadrature: midpoint rule in u on the geometric grid 1 - t = (1 - t_min) r^u,
-    r = (1 - t_end) / (1 - t_min), t_end = min(t_max, 1 - 1e-5), which is exact for integrands ~ 1/(1 - t).
-    The gap is int E|xdot - u_t(x_t)|^2 dt >= 0 (a variance), the minimum of the CFM loss times (t_end - t_min).
-    """
-    from .marginal import marginal_velocity
-
-    n, steps = check_positive_int("n", n), check_positive_int("steps", steps)
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2 (one node on each half of [t_min, t_end]), got {steps}")
-    t_lo, t_hi = float(path.t_min), min(float(path.t_max), 1.0 - 1e-5)
-    x1 = target.sample(n, generator).double()
-    x0 = torch.randn(n, target.dim, generator=generator, dtype=torch.float64)
-    half = steps // 2  # midpoint rule on [t_lo, 1/2] (uniform), then on [1/2, t_end] (geometric in 1 - t)
-    t_mid = max(0.5, t_lo)
-    log_r = math.log((1.0 - t_hi) / (1.0 - t_mid))
-    nodes = [(t_lo + (t_mid - t_lo) * (k + 0.5) / half, (t_mid - t_lo) / half) for k in range(half)]
-    for k in range(steps - half):
-        one_minus_t = (1.0 - t_mid) * math.exp(log_r * (k + 0.5) / (steps - half))
-        nodes.append((1.0 - one_minus_t, one_minus_t * abs(log_r) / (steps - half)))
-    marg = cond = 0.0
-    for t_k, dt in nodes:
-        t = torch.tensor(t_k, dtype=torch.float64)
-        xt = path.sample_xt(x0, x1, t)
-        xdot = path.target_velocity(x0, x1, t)
-        marg += dt * float(marginal_velocity(xt, t, path, target).square().sum(1).mean())
-        cond += dt * float(xdot.square().sum(1).mean())
-    return {"marginal": marg, "conditional": cond, "gap": cond - marg, "t_end": t_hi}

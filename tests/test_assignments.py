@@ -12,9 +12,9 @@ import nbformat
 import pytest
 import yaml
 
-from fmtoy import assignments as A
+from fmtoy.course import assignments as A
 from fmtoy.cli import main
-from fmtoy.grade import grade
+from fmtoy.course.grade import grade
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"

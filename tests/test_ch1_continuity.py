@@ -1,4 +1,4 @@
-"""Chapter 1 (continuity equation): the symbolic and numeric checks the chapter shows, fmtoy.continuity, and the
+"""Chapter 1 (continuity equation): the symbolic and numeric checks the chapter shows, fmtoy.teaching.continuity, and the
 exercise solutions extracted from book/ch1_continuity.md."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from chapter_solutions import solution_namespace
 from fmtoy import symbolic as S
-from fmtoy.continuity import continuity_residual, continuity_terms, log_likelihood_terms, relative_residual
+from fmtoy.teaching.continuity import continuity_residual, continuity_terms, log_likelihood_terms, relative_residual
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
 from fmtoy.device import make_generator
 from fmtoy.marginal import ExactField

@@ -12,8 +12,8 @@ from chapter_solutions import solution_namespace
 import fmtoy.symbolic as S
 from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
-from fmtoy.marginal import (ExactField, marginal_distribution, marginal_velocity, marginal_velocity_mc,
-                            relative_field_error)
+from fmtoy.marginal import ExactField, marginal_distribution, marginal_velocity
+from fmtoy.teaching.checks import marginal_velocity_mc, relative_field_error
 from fmtoy.paths import CondOTPath, VPPath
 from fmtoy.train import TrainConfig, build_model, train_flow
 

@@ -9,7 +9,7 @@ import sympy as sp
 import torch
 
 from chapter_solutions import solution_namespace
-from fmtoy import objectives as obj
+from fmtoy.teaching import objectives as obj
 from fmtoy.data import GaussianMixture, eight_gaussians
 from fmtoy.losses import cfm_loss
 from fmtoy.marginal import marginal_velocity

@@ -13,8 +13,8 @@ from chapter_solutions import solution_namespace
 from fmtoy.device import make_generator as _gen  # a seeded CPU generator
 from fmtoy import symbolic as S
 from fmtoy.metrics import energy_distance, kinetic_energy
-from fmtoy.paths import (CondOTPath, VEPath, VPPath, cosine_path, moment_errors, rotated_conditional_velocity,
-                         rotated_flow, rotational_velocity)
+from fmtoy.paths import CondOTPath, VEPath, VPPath, cosine_path
+from fmtoy.teaching.rotations import moment_errors, rotated_conditional_velocity, rotated_flow, rotational_velocity
 from fmtoy.solvers import divergence, integrate
 from fmtoy.symbolic import t, x, x1, y
 

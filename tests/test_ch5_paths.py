@@ -13,7 +13,7 @@ from fmtoy.device import make_generator as _gen  # a seeded CPU generator
 from fmtoy import symbolic as S
 from fmtoy.data import eight_gaussians
 from fmtoy.losses import independent_coupling, minibatch_ot_coupling
-from fmtoy.metrics import kinetic_energy_bound
+from fmtoy.teaching.checks import kinetic_energy_bound
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath, VEPath, VPPath
 from fmtoy.symbolic import sigma_min, t, x, x1

@@ -10,14 +10,14 @@ import sympy as sp
 import torch
 
 from chapter_solutions import solution_namespace
-from fmtoy import symbolic_shortcut as Z
+from fmtoy.symbolic import shortcut as Z
 from fmtoy.data import eight_gaussians
 from fmtoy.device import make_generator
-from fmtoy.meanflow import MeanFlowMLP, meanflow_loss, meanflow_times, sample_meanflow, train_meanflow
-from fmtoy.shortcut import ShortcutMLP
-from fmtoy.shortcut import shortcut_target as reference_target
+from fmtoy.methods.meanflow import MeanFlowMLP, meanflow_loss, meanflow_times, sample_meanflow, train_meanflow
+from fmtoy.methods.shortcut import ShortcutMLP
+from fmtoy.methods.shortcut import shortcut_target as reference_target
 from fmtoy.symbolic import is_zero
-from fmtoy.symbolic_shortcut import d, h, lam, x
+from fmtoy.symbolic.shortcut import d, h, lam, x
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch6_shortcut.md"
 D64 = torch.float64

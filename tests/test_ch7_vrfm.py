@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from chapter_solutions import solution_namespace
-from fmtoy import symbolic_vrfm as SV
+from fmtoy.symbolic import vrfm as SV
 from fmtoy.device import make_generator
 from fmtoy.metrics import energy_distance, straightness
 from fmtoy.symbolic import continuity_residual, gaussian_density
-from fmtoy.vrfm import (VRFMConfig, gaussian_kl, get_setting, reparametrise, sample_vrfm, train_vrfm,
+from fmtoy.methods.vrfm import (VRFMConfig, gaussian_kl, get_setting, reparametrise, sample_vrfm, train_vrfm,
                         velocity_posterior)
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch7_vrfm.md"

@@ -8,13 +8,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fmtoy import threads as TH
 from fmtoy.data import Distribution, StandardNormal, eight_gaussians
-from fmtoy.meanflow import MeanFlowMLP, train_meanflow
+from fmtoy.methods.meanflow import MeanFlowMLP, train_meanflow
 from fmtoy.models import VelocityMLP
-from fmtoy.objectives import train_logged
+from fmtoy.teaching.objectives import train_logged
 from fmtoy.paths import CondOTPath
-from fmtoy.shortcut import ShortcutMLP, train_shortcut
+from fmtoy.methods.shortcut import ShortcutMLP, train_shortcut
 from fmtoy.train import FitConfig, FitResult, fit, train_cfm
-from fmtoy.vrfm import PosteriorEncoder, fit_vrfm
+from fmtoy.methods.vrfm import PosteriorEncoder, fit_vrfm
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

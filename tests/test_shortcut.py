@@ -1,4 +1,4 @@
-"""Tests for fmtoy.shortcut: the d grid, the network, the self-consistency target and loss (no gradient through the
+"""Tests for fmtoy.methods.shortcut: the d grid, the network, the self-consistency target and loss (no gradient through the
 target), stratified batches, N-step sampling (exactly N calls), the exact shortcut, the error map, and a short
 seeded training that beats flow matching at one step."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fmtoy.marginal import ExactField
 from fmtoy.metrics import energy_distance
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
-from fmtoy.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, level_of, n_levels, sample_shortcut,
+from fmtoy.methods.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, level_of, n_levels, sample_shortcut,
                             sc_rows, self_consistency_loss, shortcut_batch, shortcut_error_map, shortcut_loss,
                             shortcut_target, step_sizes, train_shortcut)
 from fmtoy.solvers import integrate

@@ -1,4 +1,4 @@
-"""fmtoy.vrfm: the Gaussian KL (SymPy closed form and Monte Carlo), the reparametrised sample, the VRFM loss (and its
+"""fmtoy.methods.vrfm: the Gaussian KL (SymPy closed form and Monte Carlo), the reparametrised sample, the VRFM loss (and its
 exact reduction to the RFM loss), the ELBO as a lower bound (exact marginal likelihood by quadrature; tight at the
 true posterior), sampling with one latent per trajectory, the exact velocity posterior p(v | x_t, t), training."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sympy as sp
 import torch
 from torch import nn
 
-from fmtoy import symbolic_vrfm as SV
+from fmtoy.symbolic import vrfm as SV
 from fmtoy.data import GaussianMixture, StandardNormal
 from fmtoy.device import make_generator
 from fmtoy.losses import cfm_loss
@@ -18,7 +18,7 @@ from fmtoy.marginal import marginal_log_prob, marginal_velocity
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
-from fmtoy.vrfm import (POSTERIOR_INPUTS, SETTINGS, PosteriorEncoder, VRFMConfig, build_vrfm, check_posterior_inputs,
+from fmtoy.methods.vrfm import (POSTERIOR_INPUTS, SETTINGS, PosteriorEncoder, VRFMConfig, build_vrfm, check_posterior_inputs,
                         fit_vrfm, gaussian_kl, get_setting, hexagon, latent_field, reparametrise, sample_vrfm,
                         train_vrfm, two_modes_1d, velocity_posterior, velocity_spread, vrfm_elbo, vrfm_loss)
 

@@ -11,8 +11,8 @@ from typing import Callable, NamedTuple
 
 import sympy as sp
 
-from fmtoy._checks import check_positive_int
-from fmtoy.symbolic import _expr
+from .._checks import check_positive_int
+from .core import _expr
 
 t, x, r, m = sp.symbols("t x r m", real=True)
 d, h, D, eps = sp.symbols("d h D epsilon", positive=True)

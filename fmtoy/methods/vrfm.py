@@ -18,16 +18,16 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
-from .data import Distribution, GaussianMixture, StandardNormal, eight_gaussians
-from .device import resolve_device
-from .losses import _check_pair, cfm_loss
-from .marginal import _check_models, posterior_weights
-from .models import VelocityMLP, _check_model_time
-from .paths import CondOTPath, GaussianPath
-from .solvers import integrate
-from .threads import check_threads
-from .train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_distributions, fit
+from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
+from ..data import Distribution, GaussianMixture, StandardNormal, eight_gaussians
+from ..device import resolve_device
+from ..losses import _check_pair, cfm_loss
+from ..marginal import _check_models, posterior_weights
+from ..models import VelocityMLP, _check_model_time
+from ..paths import CondOTPath, GaussianPath
+from ..solvers import integrate
+from ..threads import check_threads
+from ..train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_distributions, fit
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
 METHODS = ("rfm", "vrfm")

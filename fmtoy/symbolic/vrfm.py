@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 import sympy as sp
 
-from fmtoy.symbolic import continuity_residual, gaussian_density
+from .continuity import continuity_residual
+from .core import gaussian_density
 
 t, x, v, z = sp.symbols("t x v z", real=True)
 x0, x1, xi0, theta = sp.symbols("x_0 x_1 xi_0 theta", real=True)   # source/target means, start point, velocity

@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_points, check_positive, check_positive_int, check_time
-from .data import Distribution, GaussianMixture
-from .device import make_generator
-from .marginal import marginal_velocity
-from .paths import GaussianPath
-from .train import FitConfig, fit
+from .._checks import check_choice, check_points, check_positive, check_positive_int, check_time
+from ..data import Distribution, GaussianMixture
+from ..device import make_generator
+from ..marginal import marginal_velocity
+from ..paths import GaussianPath
+from ..train import FitConfig, fit
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
 Potential = Callable[[Tensor], Tensor]
@@ -255,7 +255,7 @@ def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, 
         raise ValueError(f"snapshot_every must be an integer >= 0 (0: no snapshots), got {snapshot_every!r}")
     if snapshot_every and snapshot_noise is None:
         raise ValueError("snapshot_every > 0 needs snapshot_noise, the x_0 points (m, d) to push through the flow")
-    from .solvers import integrate
+    from ..solvers import integrate
 
     div = get_divergence(divergence)
     dtype = next(model.parameters()).dtype

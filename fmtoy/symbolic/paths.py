@@ -1,52 +1,14 @@
-"""SymPy derivations the book displays: Thm 3 fields, the VE/VP/CondOT closed forms, the continuity equation,
-the instantaneous change of variables and the two-component marginal field, plus a cross-check against paths.py.
-
-Simplification strategy (kept fast): fields and residuals go through `sp.simplify` once; identities that are too
-heavy for it are checked by `is_zero(expr, method="points")`, which substitutes random rationals for every symbol,
-function value and derivative and evaluates with 60 significant digits (mpmath; tolerance 1e-30 relative).
-"""
+"""SymPy for chapters 4-5: Thm 3 fields, the VE/VP/CondOT closed forms and a cross-check against fmtoy.paths, a
+rotation that leaves a Gaussian path unchanged (ch. 4), and the loss weights of x- and eps-prediction (ch. 5)."""
 from __future__ import annotations
 
-import random
 from typing import NamedTuple, Sequence
 
 import sympy as sp
 
-from fmtoy._checks import check_choice, check_positive_int
-
-t, x, y, x1, s = sp.symbols("t x y x_1 s", real=True)  # time, space, data point x_1, diffusion time s = 1 - t
-sigma_min, sigma_max, beta_min, beta_max = sp.symbols("sigma_min sigma_max beta_min beta_max", positive=True)
-PATH_PARAMS = {"ot": (sigma_min,), "ve": (sigma_min, sigma_max), "vp": (beta_min, beta_max)}
-
-
-def _expr(name: str, value) -> sp.Expr:
-    """Return `value` as a SymPy expression, or raise TypeError."""
-    try:
-        e = sp.sympify(value, strict=True)
-    except (sp.SympifyError, TypeError) as err:
-        raise TypeError(f"{name} must be a SymPy expression (or a number), got {type(value).__name__}") from err
-    if not isinstance(e, sp.Expr):
-        raise TypeError(f"{name} must be a SymPy expression, got {type(e).__name__}")
-    return e
-
-
-def _symbol(name: str, value) -> sp.Symbol:
-    """Return `value` if it is a SymPy Symbol, or raise TypeError."""
-    if not isinstance(value, sp.Symbol):
-        raise TypeError(f"{name} must be a sympy.Symbol, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def gaussian_density(x: sp.Expr, mean: sp.Expr, std: sp.Expr) -> sp.Expr:
-    """N(x; mean, std^2) in 1D, the conditional path p_t(x|x_1) of FM paper Eq. (10)."""
-    x, mean, std = _expr("x", x), _expr("mean", mean), _expr("std", std)
-    return sp.exp(-(x - mean) ** 2 / (2 * std ** 2)) / (sp.sqrt(2 * sp.pi) * std)
-
-
-def _tidy(e: sp.Expr) -> sp.Expr:
-    """One `sp.simplify`; log-powers such as log(r**(x - x_1)) are expanded back to (x - x_1) log r."""
-    e = sp.simplify(e)
-    return sp.factor(sp.expand_log(e, force=True)) if e.has(sp.log) else e
+from .._checks import check_choice, check_positive_int
+from .core import (PATH_PARAMS, _expr, _symbol, _tidy, beta_max, beta_min, gaussian_density, is_zero, s, sigma_max,
+                   sigma_min, t, x, x1, y)
 
 
 def gaussian_conditional_velocity(mu: sp.Expr, sigma: sp.Expr, t: sp.Symbol = t, x: sp.Symbol = x,
@@ -106,109 +68,6 @@ def vp_velocity(schedule: str = "linear") -> tuple[sp.Expr, sp.Expr]:
     a = sp.exp(-tm / 2)
     paper = -dtm / 2 * (sp.exp(-tm) * x - sp.exp(-tm / 2) * x1) / (1 - sp.exp(-tm))
     return gaussian_conditional_velocity(a * x1, sp.sqrt(1 - a ** 2)), paper
-
-
-def continuity_residual(p: sp.Expr, u: sp.Expr | Sequence[sp.Expr], t: sp.Symbol = t,
-                        xs: Sequence[sp.Symbol] = (x,), simplify: bool = True) -> sp.Expr:
-    """d/dt p_t + div(p_t u_t), zero iff u_t generates p_t (continuity equation, FM paper Sec. 2)."""
-    p, t = _expr("p", p), _symbol("t", t)
-    if isinstance(xs, sp.Symbol) or not isinstance(xs, (list, tuple)) or len(xs) == 0:
-        raise TypeError(f"xs must be a non-empty list of sympy Symbols such as [x] or [x, y], got {xs!r}")
-    xs = [_symbol("each entry of xs", xi) for xi in xs]
-    if len(set(xs)) != len(xs) or t in xs:
-        raise ValueError(f"xs must be distinct space symbols different from t={t}, got {xs}")
-    if not isinstance(u, (list, tuple)):
-        u = [u]
-    if len(u) != len(xs):
-        raise ValueError(f"u has {len(u)} components but xs has {len(xs)} coordinates; they must match")
-    u = [_expr("each component of u", ui) for ui in u]
-    r = sp.diff(p, t) + sum(sp.diff(p * ui, xi) for ui, xi in zip(u, xs))
-    return sp.simplify(r) if simplify else r
-
-
-def log_density_rate(p: sp.Expr, u: sp.Expr, t: sp.Symbol = t, x: sp.Symbol = x) -> sp.Expr:
-    """d/dt log p_t(x_t) along dx_t/dt = u_t(x_t): d_t log p + u d_x log p, at a generic point x (1D)."""
-    p, u, t, x = _expr("p", p), _expr("u", u), _symbol("t", t), _symbol("x", x)
-    logp = sp.expand_log(sp.log(p), force=True)
-    return sp.diff(logp, t) + u * sp.diff(logp, x)
-
-
-def linear_flow_log_density(a: sp.Expr | None = None, b: sp.Expr | None = None) -> tuple[sp.Expr, sp.Expr]:
-    """(d/dt log p_t(x_t), -div u) for u = a(t) x + b(t) pushing N(m_0, s_0^2) forward (instantaneous change of
-    variables, Chen et al. 2018 Thm 1); p_t = N(m_t, s_t^2) with m' = a m + b, s' = a s, x_t = m_t + s_t z."""
-    a = sp.Function("a", real=True)(t) if a is None else _expr("a", a)
-    b = sp.Function("b", real=True)(t) if b is None else _expr("b", b)
-    if x in a.free_symbols or x in b.free_symbols:
-        raise ValueError("a and b must depend on t only (u = a(t) x + b(t) is linear in x)")
-    m, sd = sp.Function("m", real=True)(t), sp.Function("s", positive=True)(t)
-    z = sp.Symbol("z", real=True)
-    logp = sp.expand_log(sp.log(gaussian_density(x, m, sd)), force=True).subs(x, m + z * sd)
-    lhs = sp.diff(logp, t).subs({sp.Derivative(m, t): a * m + b, sp.Derivative(sd, t): a * sd})
-    return sp.simplify(lhs), -sp.diff(a * x + b, x)
-
-
-def two_component_marginal_1d(x1s: Sequence | None = None, weights: Sequence | None = None,
-                              alpha: sp.Expr | None = None, sigma: sp.Expr | None = None,
-                              target_std: sp.Expr | float = 0, t: sp.Symbol = t,
-                              x: sp.Symbol = x) -> tuple[sp.Expr, sp.Expr]:
-    """(p_t(x), u_t(x)) = (sum_k w_k p_t(x|k), sum_k w_k p_t(x|k) u_t(x|k) / p_t(x)) (FM paper Eqs. 6, 8).
-
-    Target sum_k w_k N(x1s[k], target_std^2) (point masses when 0) under x_t = alpha_t x_1 + sigma_t x_0:
-    component k is the Gaussian path N(alpha m_k, alpha^2 tau^2 + sigma^2) whose Thm 3 field equals
-    E[alpha' x_1 + sigma' x_0 | x_t = x, k] (x_1, x_0, x_t jointly Gaussian). Any K >= 1; the book uses K = 2.
-    Defaults: x1s = (m_1, m_2), weights = (w, 1 - w), alpha and sigma undefined functions of t.
-    """
-    t, x = _symbol("t", t), _symbol("x", x)
-    x1s = sp.symbols("m_1 m_2", real=True) if x1s is None else [_expr("each x1", m) for m in x1s]
-    if weights is None:
-        w = sp.Symbol("w", positive=True)
-        weights = (w, 1 - w)
-    weights = [_expr("each weight", w) for w in weights]
-    if len(x1s) == 0 or len(x1s) != len(weights):
-        raise ValueError(f"x1s and weights must be non-empty and of equal length, got {len(x1s)} and {len(weights)}")
-    if any(w.is_negative for w in weights) or sp.simplify(sum(weights) - 1) != 0:
-        raise ValueError(f"weights must be non-negative and sum to 1, got {weights}")
-    alpha = sp.Function("alpha", real=True)(t) if alpha is None else _expr("alpha", alpha)
-    sigma = sp.Function("sigma", positive=True)(t) if sigma is None else _expr("sigma", sigma)
-    tau = _expr("target_std", target_std)
-    if tau.is_negative:
-        raise ValueError(f"target_std must be >= 0, got {tau}")
-    std = sigma if tau == 0 else sp.sqrt(alpha ** 2 * tau ** 2 + sigma ** 2)
-    comps = [(gaussian_density(x, alpha * m, std), gaussian_conditional_velocity(alpha * m, std, t, x, False))
-             for m in x1s]
-    p = sum(w * pk for w, (pk, _) in zip(weights, comps))
-    return p, sum(w * pk * uk for w, (pk, uk) in zip(weights, comps)) / p
-
-
-def values_at_random_points(expr: sp.Expr, n: int = 3, seed: int = 0, digits: int = 60) -> list[float]:
-    """|expr| / max |top-level term| at n random points: every symbol, function value and derivative becomes an
-    independent random rational in (0, 1); evaluated with mpmath at `digits` significant digits."""
-    import mpmath
-
-    expr = _expr("expr", expr)
-    check_positive_int("n", n)
-    check_positive_int("digits", digits)
-    jets = expr.atoms(sp.Subs) | expr.atoms(sp.Derivative) | expr.atoms(sp.core.function.AppliedUndef)
-    e = expr.xreplace({j: sp.Dummy() for j in jets})  # top-down: a derivative is replaced before its function
-    args = sorted(e.free_symbols, key=sp.default_sort_key)
-    f = sp.lambdify(args, list(sp.Add.make_args(e)), modules="mpmath")
-    rng, out = random.Random(seed), []
-    with mpmath.workdps(digits):
-        for _ in range(n):
-            terms = f(*[mpmath.mpf(rng.randint(1, 999)) / 1000 for _ in args])
-            scale = max(abs(v) for v in terms)
-            out.append(float(abs(mpmath.fsum(terms)) / scale) if scale else 0.0)
-    return out
-
-
-def is_zero(expr: sp.Expr, method: str = "simplify", n: int = 3, seed: int = 0, tol: float = 1e-30) -> bool:
-    """True if `expr` is identically 0: by `sp.simplify` ("simplify"), or at n random points ("points") where the
-    60-digit value is below `tol` relative to its largest term (a wrong identity gives O(1), a true one ~1e-58)."""
-    check_choice("method", method, ("simplify", "points"))
-    expr = _expr("expr", expr)
-    if method == "simplify":
-        return sp.simplify(expr) == 0
-    return all(v <= tol for v in values_at_random_points(expr, n, seed))
 
 
 def cross_check_paths(paths: Sequence | None = None, n: int = 64, seed: int = 0) -> dict[str, float]:
@@ -283,15 +142,6 @@ def rotated_gaussian_2d(mu: Sequence | None = None, sigma: sp.Expr | None = None
     c, s_ = sp.cos(theta), sp.sin(theta)
     flow = [mu[0] + sigma * (c * a - s_ * b), mu[1] + sigma * (s_ * a + c * b)]
     return RotatedGaussian2D(p, u, w, flow, (a, b))
-
-
-def flux_divergence(p: sp.Expr, w: Sequence[sp.Expr], xs: Sequence[sp.Symbol] = (x, y)) -> sp.Expr:
-    """div(p w) = sum_i d(p w_i)/dx_i; zero means adding w to a field leaves the path p_t unchanged (Ch. 4)."""
-    p = _expr("p", p)
-    if len(w) != len(xs):
-        raise ValueError(f"w has {len(w)} components but xs has {len(xs)} coordinates; they must match")
-    xs = [_symbol("each entry of xs", xi) for xi in xs]
-    return sp.simplify(sum(sp.diff(p * _expr("each component of w", wi), xi) for wi, xi in zip(w, xs)))
 
 
 def standard_normal_expectation(expr: sp.Expr, zs: Sequence[sp.Symbol]) -> sp.Expr:

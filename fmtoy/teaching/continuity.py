@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_points, check_positive, check_positive_int
-from .solvers import integrate, log_likelihood
+from .._checks import check_points, check_positive, check_positive_int
+from ..solvers import integrate, log_likelihood
 
 LogProb = Callable[[Tensor, float], Tensor]     # log p_t(x): x (n, d), t float -> (n,)
 Velocity = Callable[[Tensor, Tensor], Tensor]   # u_t(x): x (n, d), t (n,) -> (n, d)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_points, check_positive, check_positive_int
-from .data import Distribution, StandardNormal
-from .models import VelocityMLP, _check_model_time
-from .train import FitConfig, FitContext, FitResult, check_distributions, fit
+from .._checks import check_points, check_positive, check_positive_int
+from ..data import Distribution, StandardNormal
+from ..models import VelocityMLP, _check_model_time
+from ..train import FitConfig, FitContext, FitResult, check_distributions, fit
 
 
 class MeanFlowMLP(nn.Module):
@@ -70,7 +70,7 @@ def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distributio
                    threads: str | int | None = None) -> FitResult:
     """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times."""
     if not isinstance(model, MeanFlowMLP):
-        raise TypeError(f"model must be a fmtoy.meanflow.MeanFlowMLP, got {type(model).__name__}")
+        raise TypeError(f"model must be a fmtoy.methods.meanflow.MeanFlowMLP, got {type(model).__name__}")
     source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
     check_distributions(model, target, source)
     config = FitConfig(steps, batch_size, lr, lr_schedule, seed=seed, device=device, threads=threads)

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
-from .data import Distribution, StandardNormal
-from .models import VelocityMLP, _check_model_time
-from .solvers import integrate
-from .train import FitConfig, FitContext, FitResult, check_distributions, check_ema, fit
+from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
+from ..data import Distribution, StandardNormal
+from ..models import VelocityMLP, _check_model_time
+from ..solvers import integrate
+from ..train import FitConfig, FitContext, FitResult, check_distributions, check_ema, fit
 
 Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
 TEACHERS = ("ema", "online")
@@ -191,7 +191,7 @@ def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module |
     |s(x_t, t, 2d) - sg(target)|^2 (a fraction k of rows, Eq. SC); the target comes from `teacher` (EMA copy or the
     model itself) and carries no gradient. return_parts: also the two parts' means (detached)."""
     if not isinstance(model, ShortcutMLP):
-        raise TypeError(f"model must be a fmtoy.shortcut.ShortcutMLP, got {type(model).__name__}")
+        raise TypeError(f"model must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(model).__name__}")
     teacher = model if teacher is None else teacher
     max_steps = model.max_steps if max_steps is None else check_max_steps(max_steps)
     if max_steps != model.max_steps:
@@ -216,7 +216,7 @@ def train_shortcut(model: ShortcutMLP, target: Distribution, source: Distributio
     """Minimise shortcut_loss with fmtoy.train.fit; teacher "ema" (official: rate 0.999) or "online" (the model
     itself, still without gradient through the target). Loss parts "fm" and "sc" per step."""
     if not isinstance(model, ShortcutMLP):
-        raise TypeError(f"model must be a fmtoy.shortcut.ShortcutMLP, got {type(model).__name__}")
+        raise TypeError(f"model must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(model).__name__}")
     source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
     check_distributions(model, target, source)
     sc_rows(check_positive_int("batch_size", batch_size), k, model.max_steps)

@@ -1,0 +1,2 @@
+"""Method families, each a loss on fmtoy.train.fit plus its model and sampler: shortcut and meanflow (chapter 6),
+vrfm (chapter 7)."""
