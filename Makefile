@@ -5,6 +5,7 @@
 # make grade NB=student.ipynb  grade a filled-in student notebook (score table + NB.grade.json)
 # make book-student           the student edition of the site (solutions removed) in _build/student
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
+# make lock   regenerate constraints.txt (exact versions) in a clean temporary venv; kept only if the fast tests pass
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
@@ -12,17 +13,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fmtoy-installed
 BENCH_STAMP := $(VENV)/.fmtoy-bench-installed
+# Kernels that the book build starts talk over Unix sockets, not TCP on localhost (book/_ext/fmbook.py,
+# kernels_over_ipc); `make book FMTOY_KERNEL_TRANSPORT=tcp` goes back to TCP.
+export FMTOY_KERNEL_TRANSPORT ?= ipc
 
-.PHONY: setup book test bench assignments grade book-student clean distclean
+.PHONY: setup book test bench assignments grade book-student lock clean distclean
 
 setup: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install only when the requirements or the package metadata change.
-$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -r requirements.txt
+# Re-install only when the requirements, the locked versions or the package metadata change. requirements.txt stays
+# open for people who install fmtoy into their own environment; constraints.txt pins every package to a version
+# known to pass (`make lock` regenerates it).
+$(STAMP): requirements.txt constraints.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -r requirements.txt -c constraints.txt
 	touch $@
 
 book: $(STAMP)
@@ -55,6 +61,29 @@ book-student: $(STAMP)
 	$(BIN)/python -m fmtoy student-book --out _build/student_src
 	$(BIN)/jupyter-book build _build/student_src --path-output _build/student --all -n -W --keep-going
 	@echo "Student edition: $(CURDIR)/_build/student/_build/html/index.html"
+
+# A clean venv in a temporary folder: the CPU torch first (as .ci/run does), then requirements.txt; pip freeze minus
+# fmtoy itself (and minus torch's local label, so that `torch==X` matches the +cpu wheel as well as PyPI's) becomes
+# constraints.txt, but only after the fast tests pass in that venv (written next to it, then renamed into place).
+LOCK_TORCH ?= torch==2.13.0
+lock:
+	@set -e; tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/fmtoy-lock.XXXXXX"); new=constraints.txt.tmp.$$$$; \
+	trap 'rm -rf "$$tmp" "$$new"' EXIT; \
+	echo "lock: clean venv in $$tmp"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q "$(LOCK_TORCH)"; \
+	"$$tmp/venv/bin/python" -m pip install -q -r requirements.txt; \
+	{ echo "# Exact versions known to pass: make book, make test and .ci/run install requirements.txt with -c constraints.txt."; \
+	  echo "# Made by \`make lock\`: python3 -m venv (a clean one, in a temporary folder), pip install $(LOCK_TORCH),"; \
+	  echo "# pip install -r requirements.txt, then pip freeze --exclude-editable without fmtoy itself and without torch's"; \
+	  echo "# local label (+cpu); kept only because the fast tests passed in that venv. Python $$("$$tmp/venv/bin/python" -c 'import platform; print(platform.python_version(), platform.machine())')."; \
+	  echo "# requirements.txt stays unpinned: to install fmtoy into your own environment, use it without this file."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -viE '^fmtoy( |=|@|$$)' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	} > "$$tmp/constraints.txt"; \
+	grep -qx '$(LOCK_TORCH)' "$$tmp/constraints.txt" || { echo "lock: $(LOCK_TORCH) is not what got installed"; exit 1; }; \
+	"$$tmp/venv/bin/python" -m pytest -m 'not notebooks and not grading' -x -q -p no:cacheprovider; \
+	cp "$$tmp/constraints.txt" "$$new"; mv -f "$$new" constraints.txt; \
+	echo "lock: constraints.txt updated ($$(grep -vc '^#' constraints.txt) packages); make book/test re-sync .venv with it"
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache *.egg-info assignments

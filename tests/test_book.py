@@ -180,3 +180,97 @@ def test_every_widget_has_a_static_sweep_and_no_dead_output(chapter):
     if widget_cells:
         assert any("static_sweep(" in c.source for c in cells), (
             f"{chapter.name} has a widget but no static_sweep player for readers without a kernel")
+
+
+# --- (4) the execution-time report (book/_ext/fmbook.py writes _build/execution-times.md and .json) -------------
+
+@pytest.fixture(scope="module")
+def fmbook():
+    """The book's local Sphinx extension, imported from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fmbook", BOOK / "_ext" / "fmbook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(docname: str, seconds: float | None, executed: bool = True, method: str = "cache") -> dict:
+    return {"docname": docname, "title": docname.split("/")[-1].title(), "seconds": seconds, "executed": executed,
+            "method": method}
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the per-document rows (the ones numbered 1, 2, ...)."""
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in markdown.splitlines()
+            if re.match(r"\| \d+ \|", line)]
+
+
+def budget_line(markdown: str, name: str) -> str:
+    [line] = [line for line in markdown.splitlines() if line.startswith(f"| {name} |")]
+    return line
+
+
+def test_execution_table_sums_each_budget(fmbook):
+    records = [record("book/playground", 30.5), record("book/ch1_continuity", 100.0),
+               record("book/ch7_vrfm", 100.0), record("book/instructors", 20.0), record("book/ch3_cfm", None)]
+    markdown, data = fmbook.execution_table(records)
+    assert data["budgets"] == [
+        {"budget": "playground + chapters 1-7", "seconds": 230.5, "limit": 240.0, "over": False},
+        {"budget": "whole book", "seconds": 250.5, "limit": 480.0, "over": False}]
+    assert "OVER BUDGET" not in markdown
+    assert "| 230.50 | 240 | within budget |" in budget_line(markdown, "playground + chapters 1-7")
+    assert [r for r in table_rows(markdown) if r[1] == "book/ch3_cfm"][0][3] == "-"   # no recorded time
+
+
+@pytest.mark.parametrize("seconds, over", [(240.0, False), (240.01, True), (500.0, True)])
+def test_execution_table_marks_a_budget_that_is_exceeded(fmbook, seconds, over):
+    records = [record("book/playground", seconds / 2), record("book/ch4_gaussian_paths", seconds / 2)]
+    markdown, data = fmbook.execution_table(records)
+    assert data["budgets"][0]["over"] is over
+    assert ("**OVER BUDGET**" in budget_line(markdown, "playground + chapters 1-7")) is over
+    assert ("OVER BUDGET" in budget_line(markdown, "whole book")) is (seconds > 480)
+
+
+def test_only_the_playground_and_chapters_1_to_7_count_against_the_240_s_budget(fmbook):
+    name, pattern, limit = fmbook.EXECUTION_BUDGETS[0]
+    counted = [d for d in toc_files(TOC) if re.fullmatch(pattern, d)]
+    assert limit == 240 and fmbook.EXECUTION_BUDGETS[1][2] == 480
+    assert counted == ["book/playground"] + sorted(d for d in toc_files(TOC) if re.fullmatch(r"book/ch[1-7]_\w+", d))
+    assert len(counted) == 8 and not re.fullmatch(pattern, "book/ch10_more")
+
+
+def test_execution_table_follows_the_toc_order(fmbook):
+    order = ["book/intro", "book/playground", "book/ch1_continuity", "book/ch2_marginal", "book/instructors"]
+    records = [record("book/instructors", 1), record("book/zz_not_in_toc", 1), record("book/ch2_marginal", 1),
+               record("book/playground", 1), record("book/aa_not_in_toc", 1), record("book/ch1_continuity", 1)]
+    markdown, data = fmbook.execution_table(records, order=order)
+    expected = ["book/playground", "book/ch1_continuity", "book/ch2_marginal", "book/instructors",
+                "book/zz_not_in_toc", "book/aa_not_in_toc"]     # pages outside the toc last, in the order given
+    assert [r[1] for r in table_rows(markdown)] == expected
+    assert [r[0] for r in table_rows(markdown)] == ["1", "2", "3", "4", "5", "6"]
+    assert [d["docname"] for d in data["documents"]] == expected
+
+
+def test_execution_table_says_which_times_come_from_the_cache(fmbook):
+    records = [record("book/playground", 12.345, executed=True), record("book/ch1_continuity", 50.0, executed=False),
+               record("book/ch2_marginal", 3.0, executed=True, method="force")]
+    markdown, data = fmbook.execution_table(records)
+    rows = {r[1]: r for r in table_rows(markdown)}
+    assert rows["book/playground"][3:] == ["12.35", "in this build", "cache"]
+    assert rows["book/ch1_continuity"][3:] == ["50.00", "from cache: time of the last real run", "cache"]
+    assert rows["book/ch2_marginal"][5] == "force"
+    assert "| Executed | Method |" in markdown
+    assert [d["executed"] for d in data["documents"]] == [True, False, True]
+
+
+def test_toc_order_walks_the_toctrees_depth_first(fmbook):
+    class Env:
+        toctree_includes = {"intro": ["a", "b"], "a": ["a1"], "b": ["a"]}
+    assert fmbook.toc_order(Env(), "intro") == ["intro", "a", "a1", "b"]
+
+
+def test_write_atomically_replaces_the_file_and_leaves_no_temporary(fmbook, tmp_path):
+    target = tmp_path / "execution-times.md"
+    target.write_text("old")
+    fmbook.write_atomically(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == [target.name]

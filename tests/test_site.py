@@ -10,6 +10,7 @@ build instead.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import http.server
 import json
@@ -38,7 +39,8 @@ def toc_pages() -> list[str]:
 
 
 PAGES = toc_pages()
-CHAPTERS = [p for p in PAGES if "{code-cell}" in (ROOT / f"{p}.md").read_text() and not p.endswith("instructors")]
+NOTEBOOKS = [p for p in PAGES if "{code-cell}" in (ROOT / f"{p}.md").read_text()]
+CHAPTERS = [p for p in NOTEBOOKS if not p.endswith("instructors")]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +56,7 @@ def site(tmp_path_factory) -> Path:
                            "--keep-going"], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     (out / "build.log").write_text(log)
-    warnings = [line for line in log.splitlines() if "WARNING" in line and "IPKernelApp" not in line]
+    warnings = [line for line in log.splitlines() if "WARNING" in line]   # kernels over ipc: no TCP warning either
     assert proc.returncode == 0 and not warnings, (
         f"the book build failed (exit {proc.returncode}); warnings/errors:\n" + "\n".join(warnings[:30])
         + "\n" + log[-3000:])
@@ -170,6 +172,32 @@ def test_every_chapter_offers_its_notebook(site):
     missing = [p for p in CHAPTERS if not (site / "_sources" / f"{p}.ipynb").is_file()
                or f"_sources/{p}.ipynb" not in html_path(site, p).read_text(encoding="utf-8")]
     assert not missing, f"no .ipynb download for {missing}"
+
+
+def test_the_build_reports_every_notebooks_execution_time(site):
+    build = site.parent                  # _build, next to _build/html (book/_ext/fmbook.py writes it)
+    table, js = build / "execution-times.md", build / "execution-times.json"
+    assert table.is_file() and js.is_file(), f"the build wrote no {table.name} / {js.name} in {build}"
+    data = json.loads(js.read_text())
+    seconds = {d["docname"]: d["seconds"] for d in data["documents"]}
+    assert not [p for p in NOTEBOOKS if not (seconds.get(p) or 0) > 0], (
+        f"{js.name} lacks a positive time for some notebooks of _toc.yml: {seconds}")
+    assert [d for d in seconds if d in NOTEBOOKS] == NOTEBOOKS, f"{js.name} is not in toc order"
+    text = table.read_text()
+    assert all(f"| {p} |" in text for p in NOTEBOOKS) and "| whole book |" in text
+    assert [b["limit"] for b in data["budgets"]] == [240, 480]
+
+
+def test_the_book_kernels_train_under_the_thread_policy(site):
+    """The playground's training cell, run by a kernel the build started, reports the policy it trained under."""
+    nb = json.loads((site.parent / "jupyter_execute" / "book" / "playground.ipynb").read_text())
+    text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
+    line = next((x for x in text.splitlines() if x.startswith("CPU threads: ")), None)
+    assert line is not None, "the playground's training cell printed no thread policy"
+    if "FMTOY_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:   # no explicit setting: auto measures
+        assert line.startswith("CPU threads: auto: measures 1 vs"), line
+        counts = ast.literal_eval(line.split("steps per thread count: ")[1])
+        assert 1 in counts and sum(counts.values()) == 5000, line
 
 
 def test_mathjax_is_served_locally(site):
