@@ -25,7 +25,7 @@ from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
-from .train import (FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, train_cfm,
+from .train import (FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, fit_cfm,
                     train_flow)
 
 _VIZ = ("plot_samples", "plot_density", "plot_field", "plot_trajectories", "animate_trajectories", "show",
@@ -51,5 +51,5 @@ __all__ = [
     "energy_distance", "mmd", "nll", "nll_gap", "w2", "VelocityMLP", "AffinePath", "CondOTPath", "GaussianPath",
     "SchedulerOutput", "VEPath", "VPPath", "get_path", "list_paths", "SOLVERS", "divergence", "integrate",
     "log_likelihood", "sample", "describe_threads", "FitConfig", "FitResult", "TrainConfig", "fit",
-    "load_checkpoint", "save_checkpoint", "train_cfm", "train_flow", *_VIZ,
+    "load_checkpoint", "save_checkpoint", "fit_cfm", "train_flow", *_VIZ,
 ]

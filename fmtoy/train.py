@@ -214,7 +214,7 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
 
 
 # ----------------------------------------------------------------------------------------------- CFM
-def train_cfm(model: nn.Module, path, target: Distribution, source: Distribution | None = None, *, steps: int,
+def fit_cfm(model: nn.Module, path, target: Distribution, source: Distribution | None = None, *, steps: int,
               batch_size: int, lr: float, device: str | torch.device = "auto", seed: int = 0,
               ema_decay: float | None = None, coupling: str = "independent", lr_schedule: str = "cosine",
               progress: bool = True, log_every: int = 100, threads: str | int | None = None) -> FitResult:
@@ -244,17 +244,10 @@ def train_cfm(model: nn.Module, path, target: Distribution, source: Distribution
 
 
 @dataclass
-class TrainConfig:
-    """Everything train_flow needs to rebuild a run.
-
-    The defaults train eight_gaussians in ~13 s on 2 CPU cores to an NLL gap of ~0.02 nats (exact divergence) and
-    Euler-8 samples as close (energy distance) as the exact marginal field's; EMA is off because the cosine lr
-    decay already averages out the SGD noise (plain EMA 0.999 was worse at this length).
-    """
+class RecipeConfig:
+    """The fields every method's config shares: data set, network size, optimisation, seed, device and threads."""
 
     data: str = "eight_gaussians"
-    path: str = "ot"
-    sigma_min: float = 0.0
     steps: int = 5000
     batch_size: int = 1024
     lr: float = 3e-3
@@ -262,27 +255,48 @@ class TrainConfig:
     depth: int = 3
     seed: int = 0
     device: str = "auto"
-    ema_decay: float | None = None
-    coupling: str = "independent"
     lr_schedule: str = "cosine"
     threads: str | int | None = None
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.data, list_datasets())
-        check_choice("path", self.path, list_paths())
-        check_positive("sigma_min", self.sigma_min, allow_zero=True)
-        if self.sigma_min > 0 and self.path not in ("ot", "ve"):
-            raise ValueError(f"sigma_min applies to the 'ot' and 've' paths only (0 leaves the 've' default); "
-                             f"path {self.path!r} got sigma_min={self.sigma_min}")
         for name in ("steps", "batch_size", "hidden", "depth"):
             check_positive_int(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_seed(self.seed)
         resolve_device(self.device)
-        check_ema(self.ema_decay)
-        check_threads(self.threads)
-        check_choice("coupling", self.coupling, COUPLINGS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_threads(self.threads)
+
+    def fit_config(self, **changes) -> FitConfig:
+        """The FitConfig of this recipe (fit's share of the fields), with `changes` (e.g. ema_decay, optimizer)."""
+        return FitConfig(self.steps, self.batch_size, self.lr, self.lr_schedule, seed=self.seed, device=self.device,
+                         threads=self.threads, **changes)
+
+
+@dataclass
+class TrainConfig(RecipeConfig):
+    """Everything train_flow needs to rebuild a CFM run.
+
+    The defaults train eight_gaussians in ~13 s on 2 CPU cores to an NLL gap of ~0.02 nats (exact divergence) and
+    Euler-8 samples as close (energy distance) as the exact marginal field's; EMA is off because the cosine lr
+    decay already averages out the SGD noise (plain EMA 0.999 was worse at this length).
+    """
+
+    path: str = "ot"
+    sigma_min: float = 0.0
+    ema_decay: float | None = None
+    coupling: str = "independent"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("path", self.path, list_paths())
+        check_positive("sigma_min", self.sigma_min, allow_zero=True)
+        if self.sigma_min > 0 and self.path not in ("ot", "ve"):
+            raise ValueError(f"sigma_min applies to the 'ot' and 've' paths only (0 leaves the 've' default); "
+                             f"path {self.path!r} got sigma_min={self.sigma_min}")
+        check_ema(self.ema_decay)
+        check_choice("coupling", self.coupling, COUPLINGS)
 
 
 def _path_from_config(config: TrainConfig):
@@ -292,11 +306,12 @@ def _path_from_config(config: TrainConfig):
     return get_path(config.path)
 
 
-def build_model(config: TrainConfig, dim: int = 2) -> VelocityMLP:
-    """The VelocityMLP for `config`, initialised from torch.manual_seed(config.seed) (global RNG left untouched)."""
+def build_model(config: RecipeConfig, dim: int = 2, cls: type[nn.Module] = VelocityMLP, **kwargs) -> nn.Module:
+    """cls(dim=dim, hidden=config.hidden, depth=config.depth, **kwargs), initialised from torch.manual_seed(config.seed)
+    (the global RNG is left untouched); VelocityMLP by default."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return VelocityMLP(dim=dim, hidden=config.hidden, depth=config.depth)
+        return cls(dim=dim, hidden=config.hidden, depth=config.depth, **kwargs)
 
 
 def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
@@ -306,7 +321,7 @@ def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     target = get_dataset(config.data)
     path = _path_from_config(config)
     model = build_model(config, target.dim)
-    result = train_cfm(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+    result = fit_cfm(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                        device=config.device, seed=config.seed, ema_decay=config.ema_decay, coupling=config.coupling,
                        lr_schedule=config.lr_schedule, progress=progress, threads=config.threads)
     result.config = config

@@ -13,7 +13,7 @@ from chapter_solutions import solution_namespace
 from fmtoy.symbolic import shortcut as Z
 from fmtoy.data import eight_gaussians
 from fmtoy.device import make_generator
-from fmtoy.methods.meanflow import MeanFlowMLP, meanflow_loss, meanflow_times, sample_meanflow, train_meanflow
+from fmtoy.methods.meanflow import MeanFlowMLP, meanflow_loss, meanflow_times, sample_meanflow, fit_meanflow
 from fmtoy.methods.shortcut import ShortcutMLP
 from fmtoy.methods.shortcut import shortcut_target as reference_target
 from fmtoy.symbolic import is_zero
@@ -138,7 +138,7 @@ def test_meanflow_target_has_no_gradient_and_training_runs():
     frozen = (v + dc * ds).detach()
     ((net(xt, t, dd) - frozen).square().sum(1).mean()).backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, net.parameters()))
-    res = train_meanflow(MeanFlowMLP(hidden=16, depth=1), eight_gaussians(), steps=5, batch_size=16, device="cpu")
+    res = fit_meanflow(MeanFlowMLP(hidden=16, depth=1), eight_gaussians(), steps=5, batch_size=16, device="cpu")
     assert len(res.losses) == 5 and sample_meanflow(res.model, torch.randn(4, 2), 2).shape == (4, 2)
 
 

@@ -8,12 +8,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fmtoy import threads as TH
 from fmtoy.data import Distribution, StandardNormal, eight_gaussians
-from fmtoy.methods.meanflow import MeanFlowMLP, train_meanflow
+from fmtoy.methods.meanflow import MeanFlowMLP, fit_meanflow
 from fmtoy.models import VelocityMLP
 from fmtoy.teaching.objectives import train_logged
 from fmtoy.paths import CondOTPath
-from fmtoy.methods.shortcut import ShortcutMLP, train_shortcut
-from fmtoy.train import FitConfig, FitResult, fit, train_cfm
+from fmtoy.methods.shortcut import ShortcutMLP, fit_shortcut
+from fmtoy.train import FitConfig, FitResult, fit, fit_cfm
 from fmtoy.methods.vrfm import PosteriorEncoder, fit_vrfm
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -29,17 +29,17 @@ class InfTarget(Distribution):
 
 
 def _cfm(target, **kw):
-    return train_cfm(VelocityMLP(hidden=16, depth=1), CondOTPath(), target, batch_size=32, lr=1e-2, device="cpu",
+    return fit_cfm(VelocityMLP(hidden=16, depth=1), CondOTPath(), target, batch_size=32, lr=1e-2, device="cpu",
                      progress=False, **kw)
 
 
 def _shortcut(target, **kw):
-    return train_shortcut(ShortcutMLP(hidden=16, depth=1, max_steps=4), target, batch_size=32, lr=1e-2,
+    return fit_shortcut(ShortcutMLP(hidden=16, depth=1, max_steps=4), target, batch_size=32, lr=1e-2,
                           device="cpu", teacher="online", **kw)
 
 
 def _meanflow(target, **kw):
-    return train_meanflow(MeanFlowMLP(hidden=16, depth=1), target, batch_size=32, lr=1e-2, device="cpu", **kw)
+    return fit_meanflow(MeanFlowMLP(hidden=16, depth=1), target, batch_size=32, lr=1e-2, device="cpu", **kw)
 
 
 def _vrfm(target, **kw):
@@ -174,3 +174,27 @@ def test_no_chapter_or_test_module_pins_threads_by_hand():
     pinned = [str(p.relative_to(root)) for p in [*root.glob("book/*.md"), *root.glob("tests/*.py")]
               if p.resolve() not in allowed and "set_num_threads(" in p.read_text()]
     assert not pinned, f"thread counts are fmtoy's policy (fmtoy.threads), not pinned by hand: {pinned}"
+
+
+def test_every_method_has_one_entry_shape_taking_its_config():
+    from fmtoy.methods.meanflow import MeanFlowConfig, train_meanflow
+    from fmtoy.methods.shortcut import ShortcutConfig, train_shortcut
+    from fmtoy.methods.vrfm import VRFMConfig, train_vrfm
+    from fmtoy.train import TrainConfig, train_flow
+
+    small = dict(steps=3, hidden=8, depth=1, device="cpu")
+    runs = [(train_flow, TrainConfig(batch_size=16, **small)),
+            (train_shortcut, ShortcutConfig(batch_size=32, max_steps=4, **small)),
+            (train_meanflow, MeanFlowConfig(batch_size=16, **small)),
+            (train_vrfm, VRFMConfig(setting="two_modes_1d", batch_size=16, **small))]
+    for entry, config in runs:
+        res = entry(config, progress=False)
+        assert isinstance(res, FitResult) and len(res.losses) == 3 and res.config == config, entry.__name__
+        with pytest.raises(TypeError, match=f"config must be a {type(config).__name__}"):
+            entry({"steps": 3})
+    with pytest.raises(ValueError, match="unknown teacher 'bad'; allowed: ema, online"):
+        ShortcutConfig(teacher="bad")
+    with pytest.raises(ValueError, match="fewer than the 7 step levels"):
+        ShortcutConfig(batch_size=16)
+    with pytest.raises(ValueError, match="threads must be 'auto' or a positive integer"):
+        MeanFlowConfig(threads=0)

@@ -17,9 +17,9 @@ from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.methods.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, level_of, n_levels, sample_shortcut,
                             sc_rows, self_consistency_loss, shortcut_batch, shortcut_error_map, shortcut_loss,
-                            shortcut_target, step_sizes, train_shortcut)
+                            shortcut_target, step_sizes, fit_shortcut)
 from fmtoy.solvers import integrate
-from fmtoy.train import train_cfm as train
+from fmtoy.train import fit_cfm as train
 
 D64 = torch.float64
 A = torch.tensor([[-0.3, 1.2], [-0.8, 0.4]], dtype=D64)      # a linear field u(x) = A x (Euler is not exact)
@@ -150,7 +150,7 @@ def test_too_small_batch_is_refused():
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         sc_rows(256, 1.5)
     with pytest.raises(ValueError, match="never train"):
-        train_shortcut(small_model(max_steps=128), eight_gaussians(), steps=1, batch_size=16, device="cpu")
+        fit_shortcut(small_model(max_steps=128), eight_gaussians(), steps=1, batch_size=16, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -226,16 +226,16 @@ def test_error_map_is_zero_for_the_exact_shortcut_and_grows_with_d_for_the_veloc
 # ----------------------------------------------------------------------------------------------- training
 def test_training_is_reproducible_and_validated():
     kw = dict(steps=5, batch_size=32, device="cpu", teacher="online")
-    a = train_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
-    b = train_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
+    a = fit_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
+    b = fit_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
     assert a.losses == b.losses and len(a.losses) == 5 and a.ema_model is None
     assert all(math.isfinite(v) for v in a.parts["fm"] + a.parts["sc"])
-    c = train_shortcut(small_model(max_steps=8), eight_gaussians(), steps=3, batch_size=32, device="cpu")
+    c = fit_shortcut(small_model(max_steps=8), eight_gaussians(), steps=3, batch_size=32, device="cpu")
     assert c.ema_model is not None and not c.ema_model.training
     with pytest.raises(ValueError, match="teacher"):
-        train_shortcut(small_model(max_steps=8), eight_gaussians(), steps=1, batch_size=32, teacher="bad")
+        fit_shortcut(small_model(max_steps=8), eight_gaussians(), steps=1, batch_size=32, teacher="bad")
     with pytest.raises(TypeError):
-        train_shortcut(VelocityMLP(), eight_gaussians(), steps=1, batch_size=32)
+        fit_shortcut(VelocityMLP(), eight_gaussians(), steps=1, batch_size=32)
 
 
 def test_short_training_beats_flow_matching_at_one_step():
@@ -244,7 +244,7 @@ def test_short_training_beats_flow_matching_at_one_step():
     fm = train(VelocityMLP(hidden=64, depth=3), CondOTPath(), target, steps=steps, batch_size=batch, lr=3e-3,
                device="cpu", progress=False).model
     torch.manual_seed(0)
-    sc = train_shortcut(ShortcutMLP(hidden=64, depth=3, max_steps=16), target, steps=steps, batch_size=batch,
+    sc = fit_shortcut(ShortcutMLP(hidden=64, depth=3, max_steps=16), target, steps=steps, batch_size=batch,
                         teacher="online", device="cpu").model
     x0, ref = torch.randn(1000, 2, generator=make_generator(8)), target.sample(1000, make_generator(9))
     ed_fm = energy_distance(integrate(fm, x0, 1), ref)

@@ -16,7 +16,7 @@ from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
 from fmtoy.train import FitResult, TrainConfig, load_checkpoint, save_checkpoint, train_flow
-from fmtoy.train import train_cfm as train
+from fmtoy.train import fit_cfm as train
 
 SMALL = dict(steps=30, batch_size=64, hidden=32, depth=2, device="cpu")
 X = torch.randn(16, 2, generator=torch.Generator().manual_seed(5))

@@ -6,13 +6,16 @@ forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_points, check_positive, check_positive_int
 from ..data import Distribution, StandardNormal
 from ..models import VelocityMLP, _check_model_time
-from ..train import FitConfig, FitContext, FitResult, check_distributions, fit
+from ..data import get_dataset
+from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, fit
 
 
 class MeanFlowMLP(nn.Module):
@@ -64,10 +67,10 @@ def meanflow_loss(model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor
     return (weight * err).mean()
 
 
-def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
+def fit_meanflow(model: MeanFlowMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
                    batch_size: int, lr: float = 3e-3, fraction: float = 0.25, power: float = 1.0, seed: int = 0,
-                   lr_schedule: str = "cosine", device: str | torch.device = "auto",
-                   threads: str | int | None = None) -> FitResult:
+                 lr_schedule: str = "cosine", device: str | torch.device = "auto",
+                 threads: str | int | None = None, progress: bool = False) -> FitResult:
     """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times."""
     if not isinstance(model, MeanFlowMLP):
         raise TypeError(f"model must be a fmtoy.methods.meanflow.MeanFlowMLP, got {type(model).__name__}")
@@ -82,7 +85,36 @@ def train_meanflow(model: MeanFlowMLP, target: Distribution, source: Distributio
         t, d = meanflow_times(n, fraction, gen, dev)
         return meanflow_loss(model, x0, x1, t, d, power)
 
-    return fit(model, loss_fn, config, name="meanflow")
+    return fit(model, loss_fn, config, name="meanflow", progress=progress)
+
+
+@dataclass
+class MeanFlowConfig(RecipeConfig):
+    """A MeanFlow recipe for train_meanflow (defaults: chapter 6's budget, 4000 steps of 256)."""
+
+    steps: int = 4000
+    batch_size: int = 256
+    fraction: float = 0.25
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        meanflow_times(1, self.fraction)
+        check_positive("power", self.power, allow_zero=True)
+
+
+def train_meanflow(config: MeanFlowConfig, progress: bool = False) -> FitResult:
+    """Build a MeanFlowMLP for config.data and train it with fit_meanflow: the whole recipe in one call."""
+    if not isinstance(config, MeanFlowConfig):
+        raise TypeError(f"config must be a MeanFlowConfig, got {type(config).__name__}")
+    target = get_dataset(config.data)
+    model = build_model(config, target.dim, MeanFlowMLP)
+    result = fit_meanflow(model, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                          fraction=config.fraction, power=config.power, seed=config.seed,
+                          lr_schedule=config.lr_schedule, device=config.device, threads=config.threads,
+                          progress=progress)
+    result.config = config
+    return result
 
 
 def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_trajectory: bool = False) -> Tensor:
@@ -98,4 +130,4 @@ def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_traject
     return torch.stack(traj) if return_trajectory else x
 
 
-__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "train_meanflow", "sample_meanflow"]
+__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "fit_meanflow", "MeanFlowConfig", "train_meanflow", "sample_meanflow"]
