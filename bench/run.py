@@ -26,7 +26,7 @@ from fmtoy.marginal import ExactField  # noqa: E402
 from fmtoy.metrics import energy_distance, nll_gap  # noqa: E402
 from fmtoy.paths import get_path  # noqa: E402
 from fmtoy.solvers import integrate, log_likelihood  # noqa: E402
-from fmtoy.train import TrainConfig, build_model, train_cfm, train_flow  # noqa: E402
+from fmtoy.train import TrainConfig, build_model, fit_cfm, train_flow  # noqa: E402
 
 NFES = (1, 2, 4, 8, 32)
 DATASETS = ("eight_gaussians", "two_moons")
@@ -66,7 +66,7 @@ def throughput(cfg: TrainConfig, steps: int, warmup: int, repeats: int) -> dict:
     def run(name: str, n: int, seed: int) -> tuple[float, float]:
         model = build_model(cfg)
         if name == "fmtoy":
-            fn = lambda: train_cfm(model, path, target, steps=n, device="cpu", seed=seed, progress=False,  # noqa: E731
+            fn = lambda: fit_cfm(model, path, target, steps=n, device="cpu", seed=seed, progress=False,  # noqa: E731
                                lr_schedule=cfg.lr_schedule, **kw)
         else:
             fn = lambda: peers.train_peer(name, model, target, steps=n, seed=seed,  # noqa: E731
