@@ -174,12 +174,19 @@ class StandardNormal(GaussianMixture):
         return torch.randn(n, self.dim, generator=g, device=dev, dtype=torch.float32)
 
 
-def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
-    """Eight equal-weight isotropic Gaussians N(r (cos 2 pi k/8, sin 2 pi k/8), std^2 I) on a circle."""
+def circle_mixture(k: int, radius: float, std: float, name: str | None = None) -> GaussianMixture:
+    """K equal-weight isotropic Gaussians N(r (cos 2 pi j/K, sin 2 pi j/K), std^2 I), j = 0 ... K-1, on a circle."""
+    k = check_positive_int("k", k)
     radius, std = check_positive("radius", radius), check_positive("std", std)
-    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    angles = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
     means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-    return GaussianMixture(torch.ones(8), means, std**2 * torch.eye(2).expand(8, 2, 2), name="eight_gaussians")
+    return GaussianMixture(torch.ones(k), means, std**2 * torch.eye(2).expand(k, 2, 2),
+                           name=name or f"circle_{k}")
+
+
+def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
+    """Eight equal-weight isotropic Gaussians on a circle of radius r (circle_mixture with K = 8)."""
+    return circle_mixture(8, radius, std, name="eight_gaussians")
 
 
 class Checkerboard(Distribution):

@@ -89,6 +89,26 @@ def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler",
     return torch.stack(trajectory) if return_trajectory else x
 
 
+def integrate_average(average: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, steps: int,
+                      return_trajectory: bool = False, threads: str | int | None = None) -> Tensor:
+    """N steps of an average-velocity model s(x, t, d) (shortcut, MeanFlow; ch. 6): x_{t+d} = x_t + d s(x_t, t, d),
+    d = 1/N, t = 0, d, ..., 1 - d (one call per step), under torch.no_grad and the CPU thread policy."""
+    if not callable(average):
+        raise TypeError(f"the model must be a callable s(x, t, d) -> (n, d), got {type(average).__name__}")
+    x = check_points(x0, name="x0")
+    steps = check_positive_int("steps", steps)
+    n, d = x.shape[0], 1.0 / steps
+    dvec = x.new_full((n,), d)
+    trajectory = [x]
+    with torch.no_grad(), thread_policy(threads, x.device) as tuner:
+        for i in range(steps):
+            tuner.tick()
+            x = x + d * check_velocity_output(average(x, x.new_full((n,), i * d), dvec), x)
+            if return_trajectory:
+                trajectory.append(x)
+    return torch.stack(trajectory) if return_trajectory else x
+
+
 def sample(velocity: Velocity, source, n: int, steps: int = 100, method: str = "euler",
            generator: torch.Generator | None = None, device=None, return_trajectory: bool = False) -> Tensor:
     """Draw x_0 ~ p_0 = source and push it through the flow: x_1 = psi_1(x_0) ~ p_1 (integrate from 0 to 1)."""

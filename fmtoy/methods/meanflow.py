@@ -15,6 +15,7 @@ from .._checks import check_points, check_positive, check_positive_int
 from ..data import Distribution, StandardNormal
 from ..models import VelocityMLP, _check_model_time
 from ..data import get_dataset
+from ..solvers import integrate_average
 from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, fit
 
 
@@ -118,16 +119,8 @@ def train_meanflow(config: MeanFlowConfig, progress: bool = False) -> FitResult:
 
 
 def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_trajectory: bool = False) -> Tensor:
-    """x_{t+d} = x_t + d s(x_t, t, d), d = 1/steps: one network call per step."""
-    x = check_points(x0, name="x0")
-    steps = check_positive_int("steps", steps)
-    n, d = x.shape[0], 1.0 / steps
-    traj = [x]
-    with torch.no_grad():
-        for i in range(steps):
-            x = x + d * model(x, x.new_full((n,), i * d), x.new_full((n,), d))
-            traj.append(x)
-    return torch.stack(traj) if return_trajectory else x
+    """x_{t+d} = x_t + d s(x_t, t, d), d = 1/steps: one network call per step (fmtoy.solvers.integrate_average)."""
+    return integrate_average(model, x0, steps, return_trajectory)
 
 
 __all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "fit_meanflow", "MeanFlowConfig", "train_meanflow", "sample_meanflow"]

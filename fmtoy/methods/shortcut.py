@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
 from ..data import Distribution, StandardNormal
 from ..models import VelocityMLP, _check_model_time
-from ..solvers import integrate
+from ..solvers import integrate, integrate_average
 from ..data import get_dataset
 from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, check_ema, fit
 
@@ -288,18 +288,8 @@ def check_sampling_steps(steps: int, max_steps: int = 128) -> int:
 def sample_shortcut(s: Shortcut, x0: Tensor, steps: int, max_steps: int | None = None,
                     return_trajectory: bool = False) -> Tensor:
     """N Euler steps with the shortcut at d = 1/N: x_{t+d} = x_t + d s(x_t, t, d), t = 0, d, ..., 1 - d (N calls)."""
-    x = check_points(x0, name="x0")
     max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
-    steps = check_sampling_steps(steps, max_steps)
-    n, d = x.shape[0], 1.0 / steps
-    dvec = x.new_full((n,), d)
-    trajectory = [x]
-    with torch.no_grad():
-        for i in range(steps):
-            x = x + d * s(x, x.new_full((n,), i * d), dvec)
-            if return_trajectory:
-                trajectory.append(x)
-    return torch.stack(trajectory) if return_trajectory else x
+    return integrate_average(s, x0, check_sampling_steps(steps, max_steps), return_trajectory)
 
 
 # ----------------------------------------------------------------------------------------------- exact shortcut

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
-from ..data import Distribution, GaussianMixture, StandardNormal, eight_gaussians
+from ..data import Distribution, GaussianMixture, StandardNormal, circle_mixture, eight_gaussians
 from ..device import resolve_device
 from ..losses import _check_pair, cfm_loss
 from ..marginal import _check_models, posterior_weights
@@ -42,11 +42,8 @@ def two_modes_1d(std: float = 0.1) -> GaussianMixture:
 
 
 def hexagon(radius: float = 1.0, std: float = 0.05, name: str = "hexagon") -> GaussianMixture:
-    """Six equal-weight N(r (cos 2 pi k/6, sin 2 pi k/6), std^2 I) on a circle of radius r (the paper's 2D setting)."""
-    radius, std = check_positive("radius", radius), check_positive("std", std)
-    angles = torch.arange(6, dtype=torch.float64) * (2 * math.pi / 6)
-    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-    return GaussianMixture(torch.ones(6), means, std**2 * torch.eye(2).expand(6, 2, 2), name=name)
+    """Six equal-weight Gaussians on a circle of radius r (the paper's 2D setting; circle_mixture with K = 6)."""
+    return circle_mixture(6, radius, std, name=name)
 
 
 @dataclass(frozen=True)
