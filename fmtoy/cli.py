@@ -178,15 +178,17 @@ def _load_run(run: str, device: str):
 
 
 def _flow(args: argparse.Namespace, trajectory: bool):
-    """x_0 ~ N(0, I) (seeded) pushed through the learned flow with args.steps solver steps, Eq. (ODE)."""
-    from .data import StandardNormal
+    """x_0 ~ p_0 of the run's path (seeded) pushed through the learned flow with args.steps solver steps, Eq. (ODE)."""
+    from .data import get_dataset
     from .device import make_generator
     from .solvers import integrate, nfe
+    from .train import build_path
 
     n, steps = check_positive_int("--n", args.n), check_positive_int("--steps", args.steps)
     nfe(args.solver, steps)  # validates the solver name before any work
     model, config, dev = _load_run(args.run, args.device)
-    x0 = StandardNormal(model.dim).sample(n, generator=make_generator(args.seed, dev), device=dev)
+    source = build_path(config).source(get_dataset(config.data))    # p_0 of the run's path (VE: not N(0, I))
+    x0 = source.sample(n, generator=make_generator(args.seed, dev), device=dev)
     start = time.perf_counter()
     x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=_threads(args.threads))
     return x.cpu(), config, model, time.perf_counter() - start

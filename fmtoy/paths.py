@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_points, check_positive, check_time
+from .data import Distribution, GaussianMixture, StandardNormal
 
 LOG_2PI = math.log(2 * math.pi)
 T_EDGE = 1e-5  # t_max = 1 - T_EDGE for paths with sigma_1 = 0
@@ -87,6 +88,21 @@ class GaussianPath:
     def _d_sigma(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def source(self, target: Distribution) -> Distribution:
+        """p_0, where sampling starts: the law of alpha_0 x_1 + sigma_0 x_0, x_1 ~ target, x_0 ~ N(0, I) (FM Eq. 10 at
+        t = 0). N(0, I) itself when alpha_0 = 0 and sigma_0 = 1 (CondOT); for a GaussianMixture target the exact
+        mixture (VE: the data blurred by N(0, sigma_max^2 I), not N(0, I)); otherwise a sampler of that law."""
+        if not isinstance(target, Distribution):
+            raise TypeError(f"target must be a fmtoy.data.Distribution, got {type(target).__name__}")
+        alpha0, sigma0 = (float(v) for v in self._coef(torch.zeros(1, dtype=torch.float64), "alpha", "sigma"))
+        if alpha0 == 0.0 and sigma0 == 1.0:
+            return StandardNormal(target.dim)
+        if isinstance(target, GaussianMixture):
+            from .marginal import marginal_distribution
+
+            return marginal_distribution(0.0, self, target)
+        return PathSource(self, target, alpha0, sigma0)
+
     # --- shared machinery --------------------------------------------------------------------------------------
     def _prepare(self, x: Tensor, t: float | Tensor, other: Tensor, other_name: str) -> Tensor:
         """Check x (n, d) and `other` of the same shape; return t as (n, 1) or (1, 1) in x's dtype."""
@@ -152,6 +168,22 @@ class GaussianPath:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, t in [{self.t_min}, {self.t_max}])"
+
+
+class PathSource(Distribution):
+    """p_0 = law of alpha_0 x_1 + sigma_0 x_0 for a target without a closed-form p_0: sampling only (GaussianPath.source)."""
+
+    def __init__(self, path: GaussianPath, target: Distribution, alpha0: float, sigma0: float) -> None:
+        self.path, self.target, self.alpha0, self.sigma0 = path, target, alpha0, sigma0
+        self.dim, self.name = target.dim, f"p_0({path.name}, {target.name})"
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        x1 = self.target.sample(n, generator=g, device=dev)
+        return self.alpha0 * x1 + self.sigma0 * torch.randn(n, self.dim, generator=g, device=dev, dtype=x1.dtype)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        raise ValueError(f"{self.name} has no closed-form density (the target {self.target.name!r} is not a "
+                         "GaussianMixture); it can only be sampled")
 
 
 class CondOTPath(GaussianPath):

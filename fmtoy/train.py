@@ -299,7 +299,7 @@ class TrainConfig(RecipeConfig):
         check_choice("coupling", self.coupling, COUPLINGS)
 
 
-def _path_from_config(config: TrainConfig):
+def build_path(config: TrainConfig):
     """get_path(config.path) with sigma_min for the paths that have one (ve: 0 means the path's default)."""
     if config.path == "ot" or (config.path == "ve" and config.sigma_min > 0):
         return get_path(config.path, sigma_min=config.sigma_min)
@@ -319,7 +319,7 @@ def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     target = get_dataset(config.data)
-    path = _path_from_config(config)
+    path = build_path(config)
     model = build_model(config, target.dim)
     result = fit_cfm(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                        device=config.device, seed=config.seed, ema_decay=config.ema_decay, coupling=config.coupling,

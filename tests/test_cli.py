@@ -186,3 +186,15 @@ def test_cli_training_applies_the_thread_policy_and_an_explicit_setting_wins(tmp
     bad = _cli(args + ["--threads", "lots"], tmp_path=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == ("fmtoy: error: threads must be 'auto' or a positive "
                                                           "integer number of CPU threads, got 'lots'")
+
+
+def test_sampling_starts_from_the_paths_own_source(tmp_path):
+    """A VE run starts from the data blurred by N(0, sigma_max^2 I), not N(0, I): one Euler step of a barely trained
+    model moves points little, so the samples keep the source's spread (std ~ 10, not ~ 1)."""
+    out = tmp_path / "ve"
+    assert main(["train", "--data", "eight_gaussians", "--path", "ve", "--out", str(out), *TINY[:1], "5",
+                 *TINY[2:]]) == 0
+    assert main(["sample", "--run", str(out), "--n", "4000", "--steps", "1", "--solver", "euler", "--device", "cpu",
+                 "--out", str(tmp_path / "x.npy")]) == 0
+    x = np.load(tmp_path / "x.npy")
+    assert 8.0 < x.std(0).min() < 13.0, x.std(0)

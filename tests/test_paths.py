@@ -205,3 +205,27 @@ def test_schedule_is_the_one_reading_of_alpha_sigma_and_their_derivatives(path):
         path.schedule(torch.tensor([1.5]))
     unchecked = path.schedule(torch.tensor([0.5]), check=False)      # the training losses' fast path
     torch.testing.assert_close(unchecked.alpha_t, path.alpha(0.5).reshape(1).to(unchecked.alpha_t.dtype))
+
+
+def test_every_path_names_its_source_p0():
+    from fmtoy.data import Checkerboard, StandardNormal, eight_gaussians
+    from fmtoy.marginal import marginal_distribution
+    from fmtoy.paths import PathSource
+
+    q = eight_gaussians()
+    assert type(CondOTPath().source(q)) is StandardNormal and type(CondOTPath(0.1).source(q)) is StandardNormal
+    for path in (VEPath(), VPPath()):
+        p0 = path.source(q)                            # the exact mixture alpha_0 q + sigma_0 N(0, I)
+        exact = marginal_distribution(0.0, path, q)
+        torch.testing.assert_close(p0.covs, exact.covs)
+        torch.testing.assert_close(p0.means, exact.means)
+    ve = VEPath().source(q)
+    assert ve.covs[0, 0, 0].item() == pytest.approx(10.0**2 + 0.5**2)   # the data blurred by sigma_max = 10
+    board = VEPath().source(Checkerboard())            # no closed form: a sampler of x_1 + sigma_max x_0
+    assert isinstance(board, PathSource)
+    x = board.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert 9.5 < x.std(0).min().item() < 11.0
+    with pytest.raises(ValueError, match="has no closed-form density"):
+        board.log_prob(x[:3])
+    with pytest.raises(TypeError, match="target must be a fmtoy.data.Distribution"):
+        CondOTPath().source("eight_gaussians")
