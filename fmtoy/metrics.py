@@ -3,6 +3,7 @@ kinetic energy. Distances between point sets return Python floats and are comput
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ._checks import check_points, check_positive, check_positive_int
 from .data import StandardNormal
-from .solvers import Velocity, log_likelihood
+from .solvers import STAGES, Velocity, integrate, log_likelihood, steps_for_nfe
 
 W2_MAX_POINTS = 10_000  # the assignment problem costs O(n^3) time and an n x n matrix of memory
 _CHUNK = 1 << 22        # max entries of one block of pairwise distances
@@ -76,6 +77,16 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float = 1.0) -> float:
 
     return (_mean_pairwise(x, x, True, kernel) + _mean_pairwise(y, y, True, kernel)
             - 2 * _mean_pairwise(x, y, False, kernel))
+
+
+def quality_vs_nfe(velocity: Velocity, x0: Tensor, reference: Tensor, nfes: Sequence[int], method: str = "euler",
+                   metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[int, float]:
+    """{nfe: metric(psi_1(x0), reference)} for each nfe the solver can spend exactly (a multiple of its stages): the
+    quality-vs-cost sweep of chapters 5-7; metric defaults to energy_distance (report it beside its noise floor)."""
+    metric = energy_distance if metric is None else metric
+    x0 = check_points(x0, name="x0")
+    return {n: metric(integrate(velocity, x0, steps_for_nfe(method, n), method), reference)
+            for n in nfes if n % STAGES[method] == 0}
 
 
 # ----------------------------------------------------------------------------------------------- likelihood

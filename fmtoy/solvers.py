@@ -60,6 +60,16 @@ def nfe(method: str, steps: int) -> int:
     return STAGES[method] * check_positive_int("steps", steps)
 
 
+def steps_for_nfe(method: str, nfe: int, exact: bool = True) -> int:
+    """Fixed steps of `method` that spend `nfe` velocity evaluations: nfe / stages (1 euler, 2 midpoint, 4 rk4);
+    exact=False rounds down (at least one step) instead of refusing an nfe that is not a multiple of the stages."""
+    check_choice("solver", method, SOLVERS)
+    nfe, per = check_positive_int("nfe", nfe), STAGES[method]
+    if exact and nfe % per:
+        raise ValueError(f"{method} spends {per} evaluations per step, so nfe must be a multiple of {per}, got {nfe}")
+    return max(1, nfe // per)
+
+
 # ----------------------------------------------------------------------------------------------- integration
 def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler", t0: float = 0.0, t1: float = 1.0,
               return_trajectory: bool = False, grad: bool = False, threads: str | int | None = None) -> Tensor:

@@ -48,10 +48,16 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = (4, 4)) -> Axes:
     return ax
 
 
-def _square(ax: Axes, lim: float) -> None:
+def square_axes(ax: Axes, lim: float) -> Axes:
+    """Square axes [-lim, lim]^2 with equal aspect (every 2D picture of the book); returns the Axes."""
+    lim = check_positive("lim", lim)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
+    return ax
+
+
+_square = square_axes
 
 
 def _auto_lim(x: np.ndarray) -> float:
@@ -108,6 +114,45 @@ def plot_samples(x: Tensor | np.ndarray, ax: Axes | None = None, *, s: float = 2
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_over_reference(samples: Tensor | np.ndarray, reference: Tensor | np.ndarray, ax: Axes | None = None, *,
+                        lim: float | None = None, s: float = 1.0, color: str = "C0", ref_color: str = "0.8",
+                        title: str | None = None, fontsize: float = 9) -> Axes:
+    """Samples (color) drawn over samples of the target (light grey) on square axes: where x_1 lands against q."""
+    ref = _as_array(reference, 2, "reference", "(m, 2)")
+    x = _as_array(samples, 2, "samples", "(n, 2)")
+    ax = _axes(ax)
+    ax.scatter(ref[:, 0], ref[:, 1], s=s, color=ref_color, linewidths=0)
+    ax.scatter(x[:, 0], x[:, 1], s=s, color=color, linewidths=0)
+    square_axes(ax, _auto_lim(ref) if lim is None else lim)
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+    return ax
+
+
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]], fmt: str = ".3f",
+                   align: str | None = None) -> str:
+    """A markdown table: numbers formatted with `fmt` (strings as they are); align per column, e.g. "lrr"."""
+    header = [str(h) for h in header]
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError(f"every row needs {len(header)} cells (one per header), got {sorted({len(r) for r in rows})}")
+    align = align or "l" + "r" * (len(header) - 1)
+    if len(align) != len(header) or set(align) - set("lrc"):
+        raise ValueError(f"align must have one of l, r, c per column ({len(header)}), got {align!r}")
+    rule = {"l": "---", "r": "---:", "c": ":---:"}
+    cell = lambda v: format(v, fmt) if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def show_table(header: Sequence[object], rows: Sequence[Sequence[object]], title: str | None = None,
+               **kwargs) -> None:
+    """Display markdown_table(header, rows, **kwargs) in a notebook (a bold title above it if given)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown((f"**{title}**\n\n" if title else "") + markdown_table(header, rows, **kwargs)))
 
 
 def plot_density(log_prob_fn: Callable[[Tensor], Tensor], ax: Axes | None = None, *, lim: float = 5.0,

@@ -326,3 +326,22 @@ def test_log_likelihood_rejects_bad_inputs(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         log_likelihood(**args)
+
+
+def test_steps_for_nfe_and_the_quality_sweep():
+    from fmtoy.data import eight_gaussians
+    from fmtoy.marginal import ExactField
+    from fmtoy.metrics import quality_vs_nfe
+    from fmtoy.paths import CondOTPath
+    from fmtoy.solvers import steps_for_nfe
+
+    assert [steps_for_nfe(m, 8) for m in ("euler", "midpoint", "rk4")] == [8, 4, 2]
+    assert steps_for_nfe("rk4", 2, exact=False) == 1
+    with pytest.raises(ValueError, match="midpoint spends 2 evaluations per step, so nfe must be a multiple of 2"):
+        steps_for_nfe("midpoint", 3)
+    q = eight_gaussians()
+    g = torch.Generator().manual_seed(0)
+    x0, ref = torch.randn(1500, 2, generator=g), q.sample(1500, generator=g)
+    sweep = quality_vs_nfe(ExactField(CondOTPath(), q), x0, ref, (1, 2, 4, 16), "midpoint")
+    assert list(sweep) == [2, 4, 16]                      # NFE 1 cannot be spent by midpoint: left out
+    assert sweep[16] < sweep[2] / 5                        # more evaluations, closer to the target

@@ -214,3 +214,27 @@ def test_player_html_is_offline():
     assert not _re.search(r"(src|href)=\"https?://", html)
     assert 'class="fa ' not in html
     assert all(ch in html for ch in PLAYER_ICONS.values())
+
+
+def test_plot_over_reference_and_square_axes():
+    from fmtoy.viz import plot_over_reference, square_axes
+
+    ref, x = np.random.default_rng(0).normal(size=(50, 2)) * 3, np.zeros((10, 2))
+    ax = plot_over_reference(x, ref, title="t")
+    assert ax.get_xlim() == ax.get_ylim() and ax.get_xlim()[1] == pytest.approx(1.05 * np.abs(ref).max())
+    assert len(ax.collections) == 2 and ax.get_title() == "t"          # reference first, then the samples
+    assert square_axes(ax, 2.0).get_xlim() == (-2.0, 2.0) and ax.get_aspect() == 1.0
+    with pytest.raises(ValueError, match="lim must be a finite number > 0"):
+        square_axes(ax, 0)
+    plt.close("all")
+
+
+def test_markdown_table_formats_numbers_and_refuses_ragged_rows():
+    from fmtoy.viz import markdown_table
+
+    text = markdown_table(["model", "ED"], [["FM", 0.12345], ["a|b", 2]], fmt=".2f")
+    assert text.splitlines() == ["| model | ED |", "| --- | ---: |", "| FM | 0.12 |", "| a\\|b | 2 |"]
+    with pytest.raises(ValueError, match="every row needs 2 cells"):
+        markdown_table(["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="align must have one of l, r, c per column"):
+        markdown_table(["a", "b"], [[1, 2]], align="x")
