@@ -15,6 +15,8 @@ from fmtoy.losses import cfm_loss
 from fmtoy.marginal import marginal_velocity
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath, get_path
+from fmtoy.device import make_generator
+from helpers import draw_batch, small_model
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch3_cfm.md"
 TARGET = eight_gaussians()
@@ -25,16 +27,11 @@ Q1D = GaussianMixture(torch.tensor([0.75, 0.25]), torch.tensor([[-1.0], [2.5]]),
 
 
 def batch(n: int, seed: int = 0, target=TARGET, path=PATH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x1 = target.sample(n, generator=g).double()
-    x0 = torch.randn(n, target.dim, generator=g, dtype=torch.float64)
-    t = torch.rand(n, generator=g, dtype=torch.float64) * path.t_max
-    return x0, x1, t
+    return draw_batch(n, seed, target, path)
 
 
 def small_net(seed: int = 0, dim: int = 2) -> VelocityMLP:
-    torch.manual_seed(seed)
-    return VelocityMLP(dim=dim, hidden=32, depth=2, time_features=8).double()
+    return small_model(seed, dim=dim, time_features=8).double()
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -141,7 +138,7 @@ def test_gradient_agreement_error_shrinks_with_batch_size():
 
 # ----------------------------------------------------------------------------------------------- divergences
 def test_bregman_divergence_closed_forms():
-    g = torch.Generator().manual_seed(0)
+    g = make_generator(0)
     y, v = torch.randn(100, 2, generator=g, dtype=torch.float64), torch.randn(100, 2, generator=g, dtype=torch.float64)
     a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     quad = obj.bregman_divergence(obj.quadratic_potential(a))(y, v)
@@ -169,7 +166,7 @@ def test_bregman_divergence_is_differentiable_in_the_prediction():
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_posterior_mean_is_the_marginal_field(target, t):
     """c E[x_1 | x] + r x from x1_posterior equals fmtoy.marginal's u_t(x) (Theorem 1 two ways)."""
-    x = 3 * torch.randn(200, target.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = 3 * torch.randn(200, target.dim, generator=make_generator(1), dtype=torch.float64)
     assert torch.allclose(obj.posterior_mean_velocity(x, t, PATH, target), marginal_velocity(x, t, PATH, target),
                           rtol=1e-9, atol=1e-9)
 
@@ -178,7 +175,7 @@ def test_posterior_median_splits_the_posterior_in_half():
     """Draw x_1 ~ p(x_1 | x) and check P(u(x|x_1) <= median) = 1/2 within 4 binomial standard errors; mean != median."""
     x, t, m = torch.tensor([[0.3]], dtype=torch.float64), 0.4, 40000
     w, mu, var, c, r = obj.x1_posterior(x, t, PATH, Q1D)
-    g = torch.Generator().manual_seed(2)
+    g = make_generator(2)
     k = torch.multinomial(w[0], m, replacement=True, generator=g)
     x1 = mu[0, k] + var[0, k].sqrt() * torch.randn(m, 1, generator=g, dtype=torch.float64)
     u = c * x1 + r * x                                      # u_t(x | x_1)
@@ -193,7 +190,7 @@ def test_l1_minimiser_at_a_point_is_the_median():
     """Minimising the L1 objective over a constant v (subgradient = mean sign) gives the posterior median."""
     x, t = torch.tensor([[0.3]], dtype=torch.float64), 0.4
     w, mu, var, c, r = obj.x1_posterior(x, t, PATH, Q1D)
-    g = torch.Generator().manual_seed(3)
+    g = make_generator(3)
     k = torch.multinomial(w[0], 20000, replacement=True, generator=g)
     u = c * (mu[0, k] + var[0, k].sqrt() * torch.randn(20000, 1, generator=g, dtype=torch.float64)) + r * x
     lo, hi = u.min(), u.max()
@@ -261,7 +258,7 @@ def test_solution_x0_loss(sigma_min):
 @pytest.mark.parametrize("scale", [0.5, 2.0])
 def test_solution_exp_bregman(scale):
     f = solutions()["exp_bregman"]
-    g = torch.Generator().manual_seed(9)
+    g = make_generator(9)
     y, v = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
     assert torch.allclose(f(y, v, scale), obj.bregman_divergence(obj.exp_potential(scale))(y, v), rtol=1e-10)
 

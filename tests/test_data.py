@@ -268,7 +268,7 @@ def test_samples_are_float32_even_with_a_float64_default_dtype(name):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        x = get_dataset(name).sample(64, generator=torch.Generator().manual_seed(0))
+        x = get_dataset(name).sample(64, generator=make_generator(0))
     finally:
         torch.set_default_dtype(old)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -10,18 +10,14 @@ from fmtoy.data import eight_gaussians
 from fmtoy.losses import COUPLINGS, cfm_loss, get_coupling, independent_coupling, minibatch_ot_coupling
 from fmtoy.marginal import ExactField
 from fmtoy.paths import CondOTPath, get_path
-
-
-def batch(n: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x1 = eight_gaussians().sample(n, generator=g).to(dtype)
-    return torch.randn(n, 2, generator=g, dtype=dtype), x1, torch.rand(n, generator=g, dtype=dtype)
+from fmtoy.device import make_generator
+from helpers import draw_batch
 
 
 @pytest.mark.parametrize("sigma_min", [0.0, 0.1])
 def test_condot_target_is_x1_minus_scaled_x0(sigma_min):
     """For CondOT the regression target is x1 - (1 - sigma_min) x0 (FM Eq. 23): a zero model pays its mean square."""
-    x0, x1, t = batch(64)
+    x0, x1, t = draw_batch(64)
     path = CondOTPath(sigma_min)
     loss = cfm_loss(lambda x, s: torch.zeros_like(x), x0, x1, t, path)
     expected = (x1 - (1 - sigma_min) * x0).square().sum(1).mean()
@@ -33,7 +29,7 @@ def test_condot_target_is_x1_minus_scaled_x0(sigma_min):
 def test_model_sees_xt_and_t_and_zero_loss_at_the_target(name):
     """cfm_loss feeds the model x_t = psi_t(x0|x1) and t (n,), and regresses on path.target_velocity."""
     path = get_path(name)
-    x0, x1, t = batch(32, seed=1)
+    x0, x1, t = draw_batch(32, seed=1)
     t = t * path.t_max
 
     def oracle(x, s):
@@ -52,7 +48,7 @@ def test_exact_marginal_field_minimises_the_loss(sigma_min, kind):
     = 0) fails if u is not the conditional mean of the target: e.g. 0.95 u is off by 11-19 standard errors.
     """
     path = CondOTPath(sigma_min)
-    x0, x1, t = batch(20000, seed=2)
+    x0, x1, t = draw_batch(20000, seed=2)
     t = t * path.t_max
     u = ExactField(path, eight_gaussians())
     # (a constant shift would be a weak probe: E u = E target = 0 by the symmetry of eight_gaussians)
@@ -69,7 +65,7 @@ def test_exact_marginal_field_minimises_the_loss(sigma_min, kind):
 
 
 def test_cond_is_passed_to_the_model():
-    x0, x1, t = batch(8)
+    x0, x1, t = draw_batch(8)
     seen = {}
 
     def model(x, s, c):
@@ -92,7 +88,7 @@ def test_cfm_loss_bad_inputs(args, err, match):
 
 
 def test_cfm_loss_bad_model_or_path():
-    x0, x1, t = batch(4)
+    x0, x1, t = draw_batch(4)
     with pytest.raises(ValueError, match="model must return a tensor of shape"):
         cfm_loss(lambda x, s: x[:, :1], x0, x1, t, CondOTPath())
     with pytest.raises(TypeError, match="GaussianPath"):
@@ -100,7 +96,7 @@ def test_cfm_loss_bad_model_or_path():
 
 
 def test_ot_coupling_is_a_permutation_with_lower_cost():
-    g = torch.Generator().manual_seed(3)
+    g = make_generator(3)
     x0, x1 = torch.randn(256, 2, generator=g), eight_gaussians().sample(256, generator=g)
     y0, y1 = minibatch_ot_coupling(x0, x1)
     assert torch.equal(y0, x0)
@@ -114,7 +110,7 @@ def test_ot_coupling_is_a_permutation_with_lower_cost():
 
 def test_ot_coupling_matches_brute_force():
     """The assignment is the exact minimiser of sum_i |x0_i - x1_sigma(i)|^2 over all 720 permutations."""
-    g = torch.Generator().manual_seed(4)
+    g = make_generator(4)
     x0, x1 = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x0, x1).square()
     best = min(sum(cost[i, p[i]].item() for i in range(6)) for p in itertools.permutations(range(6)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
+from fmtoy.device import make_generator
 
 F64 = torch.float64
 
@@ -25,7 +26,7 @@ ALL = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 
 def draws(path: GaussianPath, n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random (x0, x1, t) in float64 with t inside [t_min, min(t_max, 0.99)]."""
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     lo, hi = path.t_min, min(path.t_max, 0.99)
     t = lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64)
     return torch.randn(n, 2, generator=g, dtype=F64), 3 * torch.randn(n, 2, generator=g, dtype=F64), t
@@ -55,7 +56,7 @@ def test_conditional_velocity_is_time_derivative_of_flow(path):
 def test_conditional_path_satisfies_continuity_equation(path):
     """d/dt log p_t(x|x_1) + div u_t(x|x_1) + u . grad log p_t(x|x_1) = 0 (exact autograd derivatives)."""
     _, x1, t = draws(path, n=64, seed=1)
-    x = (2 * torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(2))).requires_grad_(True)
+    x = (2 * torch.randn(64, 2, dtype=F64, generator=make_generator(2))).requires_grad_(True)
     t.requires_grad_(True)
     logp = path.conditional_log_prob(x, t, x1)
     dlogp_dt, grad = torch.autograd.grad(logp.sum(), (t, x), create_graph=True)
@@ -79,7 +80,7 @@ def test_derivatives_match_finite_differences(path):
 @ALL
 def test_sample_xt_has_conditional_mean_and_std(path):
     """Monte Carlo: x_t = psi_t(x_0|x_1), x_0 ~ N(0, I), has mean alpha_t x_1 and std sigma_t (5 standard errors)."""
-    g = torch.Generator().manual_seed(3)
+    g = make_generator(3)
     n, t = 40_000, 0.6
     x1 = torch.tensor([[1.5, -2.0]], dtype=F64).expand(n, 2)
     xt = path.sample_xt(torch.randn(n, 2, generator=g, dtype=F64), x1, t)
@@ -100,7 +101,7 @@ def test_conditional_log_prob_is_gaussian(path):
 
 
 def test_boundary_values():
-    g = torch.Generator().manual_seed(5)
+    g = make_generator(5)
     x0, x1 = torch.randn(10, 2, generator=g, dtype=F64), torch.randn(10, 2, generator=g, dtype=F64)
     ot, ot_s = CondOTPath(), CondOTPath(sigma_min=0.1)
     assert torch.equal(ot.sample_xt(x0, x1, 0.0), x0) and torch.allclose(ot.sample_xt(x0, x1, 1.0), x1)
@@ -116,7 +117,7 @@ def test_boundary_values():
 
 
 def test_affine_path_reproduces_condot_and_autograd_derivatives():
-    g = torch.Generator().manual_seed(6)
+    g = make_generator(6)
     aff = AffinePath(lambda t: t, lambda t: 1 - 0.9 * t, t_max=1.0)
     ot = CondOTPath(sigma_min=0.1)
     x, x1, t = torch.randn(20, 2, generator=g, dtype=F64), torch.randn(20, 2, generator=g, dtype=F64), torch.rand(20)
@@ -223,7 +224,7 @@ def test_every_path_names_its_source_p0():
     assert ve.covs[0, 0, 0].item() == pytest.approx(10.0**2 + 0.5**2)   # the data blurred by sigma_max = 10
     board = VEPath().source(Checkerboard())            # no closed form: a sampler of x_1 + sigma_max x_0
     assert isinstance(board, PathSource)
-    x = board.sample(20000, generator=torch.Generator().manual_seed(0))
+    x = board.sample(20000, generator=make_generator(0))
     assert 9.5 < x.std(0).min().item() < 11.0
     with pytest.raises(ValueError, match="has no closed-form density"):
         board.log_prob(x[:3])

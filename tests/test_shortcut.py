@@ -20,6 +20,7 @@ from fmtoy.methods.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, 
                             shortcut_target, step_sizes, fit_shortcut)
 from fmtoy.solvers import integrate
 from fmtoy.train import fit_cfm as train
+from helpers import small_model
 
 D64 = torch.float64
 A = torch.tensor([[-0.3, 1.2], [-0.8, 0.4]], dtype=D64)      # a linear field u(x) = A x (Euler is not exact)
@@ -37,9 +38,8 @@ def linear_shortcut(a: torch.Tensor = A, perturb: float = 0.0):
     return s
 
 
-def small_model(seed: int = 0, max_steps: int = 8) -> ShortcutMLP:
-    torch.manual_seed(seed)
-    return ShortcutMLP(hidden=32, depth=2, max_steps=max_steps)
+def small_shortcut(seed: int = 0, max_steps: int = 8) -> ShortcutMLP:
+    return small_model(seed, ShortcutMLP, max_steps=max_steps)
 
 
 # ----------------------------------------------------------------------------------------------- the d grid
@@ -63,7 +63,7 @@ def test_max_steps_must_be_power_of_two(bad):
 
 
 def test_network_shapes_and_fm_branch():
-    net, x = small_model(max_steps=8), torch.randn(5, 2)
+    net, x = small_shortcut(max_steps=8), torch.randn(5, 2)
     out = net(x, torch.rand(5), 0.25)
     assert out.shape == (5, 2)
     assert torch.equal(net(x, 0.3, 0.0), net(x, 0.3, 1 / 8)) and torch.equal(net.velocity(x, 0.3), net(x, 0.3, 0.0))
@@ -93,7 +93,7 @@ def test_target_is_exact_for_exact_shortcut():
 
 
 def test_target_has_no_gradient():
-    net = small_model().double()
+    net = small_shortcut().double()
     x = torch.randn(16, 2, dtype=D64)
     target = shortcut_target(net, x, torch.zeros(16, dtype=D64), 0.25)
     assert not target.requires_grad and target.grad_fn is None
@@ -103,7 +103,7 @@ def test_target_has_no_gradient():
 
 def test_shortcut_loss_gradient_ignores_the_target():
     """Online targets: the gradient equals that of the same loss with a frozen copy as teacher (same batch)."""
-    net = small_model(max_steps=8).double()
+    net = small_shortcut(max_steps=8).double()
     g = make_generator(2)
     x0, x1 = torch.randn(64, 2, generator=g, dtype=D64), eight_gaussians().sample(64, g).double()
     loss = shortcut_loss(net, x0, x1, k=0.5, generator=make_generator(3))
@@ -150,7 +150,7 @@ def test_too_small_batch_is_refused():
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         sc_rows(256, 1.5)
     with pytest.raises(ValueError, match="never train"):
-        fit_shortcut(small_model(max_steps=128), eight_gaussians(), steps=1, batch_size=16, device="cpu")
+        fit_shortcut(small_shortcut(max_steps=128), eight_gaussians(), steps=1, batch_size=16, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -168,7 +168,7 @@ class Counter(torch.nn.Module):
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_sampling_calls_the_network_exactly_steps_times(steps):
-    s = Counter(small_model(max_steps=8))
+    s = Counter(small_shortcut(max_steps=8))
     x0 = torch.randn(10, 2)
     out = sample_shortcut(s, x0, steps)
     assert len(s.calls) == steps and out.shape == (10, 2)
@@ -178,7 +178,7 @@ def test_sampling_calls_the_network_exactly_steps_times(steps):
 
 
 def test_max_steps_sampling_is_the_fm_branch_euler():
-    net = small_model(max_steps=8)
+    net = small_shortcut(max_steps=8)
     x0 = torch.randn(10, 2)
     assert torch.allclose(sample_shortcut(net, x0, 8), integrate(net.velocity, x0, 8), atol=1e-6)
     for bad in (3, 16, 0):
@@ -226,14 +226,14 @@ def test_error_map_is_zero_for_the_exact_shortcut_and_grows_with_d_for_the_veloc
 # ----------------------------------------------------------------------------------------------- training
 def test_training_is_reproducible_and_validated():
     kw = dict(steps=5, batch_size=32, device="cpu", teacher="online")
-    a = fit_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
-    b = fit_shortcut(small_model(max_steps=8), eight_gaussians(), **kw)
+    a = fit_shortcut(small_shortcut(max_steps=8), eight_gaussians(), **kw)
+    b = fit_shortcut(small_shortcut(max_steps=8), eight_gaussians(), **kw)
     assert a.losses == b.losses and len(a.losses) == 5 and a.ema_model is None
     assert all(math.isfinite(v) for v in a.parts["fm"] + a.parts["sc"])
-    c = fit_shortcut(small_model(max_steps=8), eight_gaussians(), steps=3, batch_size=32, device="cpu")
+    c = fit_shortcut(small_shortcut(max_steps=8), eight_gaussians(), steps=3, batch_size=32, device="cpu")
     assert c.ema_model is not None and not c.ema_model.training
     with pytest.raises(ValueError, match="teacher"):
-        fit_shortcut(small_model(max_steps=8), eight_gaussians(), steps=1, batch_size=32, teacher="bad")
+        fit_shortcut(small_shortcut(max_steps=8), eight_gaussians(), steps=1, batch_size=32, teacher="bad")
     with pytest.raises(TypeError):
         fit_shortcut(VelocityMLP(), eight_gaussians(), steps=1, batch_size=32)
 

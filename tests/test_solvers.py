@@ -10,6 +10,7 @@ import torch
 from fmtoy.data import StandardNormal
 from fmtoy.models import VelocityMLP
 from fmtoy.solvers import SOLVERS, divergence, integrate, log_likelihood, nfe, sample
+from fmtoy.device import make_generator
 
 F64 = torch.float64
 # dx/dt = A x with A = a I + b J (J a quarter turn): x(t) = e^{a t} R(b t) x(0)
@@ -38,7 +39,7 @@ ODES = {"linear": (linear_field, linear_solution), "nonautonomous": (nonautonomo
 
 
 def points(n=16, d=2, seed=0, dtype=F64):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return torch.randn(n, d, generator=make_generator(seed), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- integrate
@@ -116,7 +117,7 @@ def test_no_grad_by_default_and_grad_flag():
 def test_sample_pushes_source_through_the_flow():
     shift = torch.tensor([3.0, -1.0])
     x = sample(lambda x, t: shift.expand_as(x), StandardNormal(), 4000, steps=5,
-               generator=torch.Generator().manual_seed(0))
+               generator=make_generator(0))
     assert x.shape == (4000, 2)
     # x = x_0 + shift with x_0 ~ N(0, I): the mean is within 5 standard errors of the shift
     assert ((x.mean(0) - shift).abs() < 5 / math.sqrt(4000)).all()
@@ -124,14 +125,14 @@ def test_sample_pushes_source_through_the_flow():
 
 def test_sample_same_generator_same_samples():
     field = lambda x, t: -x  # noqa: E731
-    a = sample(field, StandardNormal(), 10, generator=torch.Generator().manual_seed(3))
-    b = sample(field, StandardNormal(), 10, generator=torch.Generator().manual_seed(3))
+    a = sample(field, StandardNormal(), 10, generator=make_generator(3))
+    b = sample(field, StandardNormal(), 10, generator=make_generator(3))
     assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- divergence
 def test_exact_divergence_of_linear_field_is_trace():
-    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    a = torch.randn(3, 3, generator=make_generator(1), dtype=F64)
     x = points(n=10, d=3)
     div = divergence(lambda x, t: x @ a.T + t[:, None], x, 0.3)
     assert div.shape == (10,)
@@ -150,7 +151,7 @@ def nonlinear_divergence(x, t):  # d/dx0 sin(x0 x1)(1+t) + d/dx1 x0^2 x1^3
 
 def test_exact_divergence_of_nonlinear_field():
     x = points(n=20)
-    t = torch.rand(20, generator=torch.Generator().manual_seed(2), dtype=F64)
+    t = torch.rand(20, generator=make_generator(2), dtype=F64)
     assert torch.allclose(divergence(nonlinear_field, x, t), nonlinear_divergence(x, t), atol=1e-12)
     with torch.no_grad():  # the caller's no_grad does not matter
         assert torch.allclose(divergence(nonlinear_field, x, t[:, None]), nonlinear_divergence(x, t), atol=1e-12)
@@ -160,7 +161,7 @@ def test_hutchinson_is_exact_for_diagonal_jacobians():
     # eps^T D eps = sum_i D_ii eps_i^2 = tr D for Rademacher probes (Gaussian probes would not be exact)
     x = points(n=50)
     field = lambda x, t: torch.stack([x[:, 0] ** 3, torch.sin(x[:, 1])], 1)  # noqa: E731
-    est = divergence(field, x, 0.5, method="hutchinson", generator=torch.Generator().manual_seed(0))
+    est = divergence(field, x, 0.5, method="hutchinson", generator=make_generator(0))
     assert torch.allclose(est, divergence(field, x, 0.5), atol=1e-12)
 
 
@@ -168,14 +169,14 @@ def test_hutchinson_is_unbiased_with_the_rademacher_variance():
     # for v = A x: eps^T A eps = tr A + (A_01 + A_10) eps_0 eps_1, so the variance is (A_01 + A_10)^2 per probe
     a = torch.tensor([[0.3, 2.0], [0.5, -1.0]], dtype=F64)
     x = points(n=4000)
-    est = divergence(lambda x, t: x @ a.T, x, 0.0, method="hutchinson", generator=torch.Generator().manual_seed(1))
+    est = divergence(lambda x, t: x @ a.T, x, 0.0, method="hutchinson", generator=make_generator(1))
     stderr = 2.5 / math.sqrt(4000)
     assert abs(est.mean().item() - torch.trace(a).item()) < 5 * stderr
     assert abs(est.var().item() - 2.5 ** 2) < 0.1 * 2.5 ** 2
     # nonlinear field, many probes per point: within Monte-Carlo error of the exact divergence
     x = points(n=8)
     est = divergence(nonlinear_field, x, 0.2, method="hutchinson", n_probes=4000,
-                     generator=torch.Generator().manual_seed(2))
+                     generator=make_generator(2))
     exact = divergence(nonlinear_field, x, 0.2)
     with torch.no_grad():
         xg = x.clone().requires_grad_(True)
@@ -238,7 +239,7 @@ def test_log_likelihood_of_gaussian_flow_is_exact():
     assert (wrong - truth).abs().min() > 0.5
     # Rademacher Hutchinson is exact here (the Jacobian is a multiple of I)
     hutch = log_likelihood(gaussian_ot_field, x1, source, steps=40, divergence="hutchinson",
-                           generator=torch.Generator().manual_seed(0))
+                           generator=make_generator(0))
     assert (hutch - truth).abs().max() < 1e-4
 
 
@@ -340,7 +341,7 @@ def test_steps_for_nfe_and_the_quality_sweep():
     with pytest.raises(ValueError, match="midpoint spends 2 evaluations per step, so nfe must be a multiple of 2"):
         steps_for_nfe("midpoint", 3)
     q = eight_gaussians()
-    g = torch.Generator().manual_seed(0)
+    g = make_generator(0)
     x0, ref = torch.randn(1500, 2, generator=g), q.sample(1500, generator=g)
     sweep = quality_vs_nfe(ExactField(CondOTPath(), q), x0, ref, (1, 2, 4, 16), "midpoint")
     assert list(sweep) == [2, 4, 16]                      # NFE 1 cannot be spent by midpoint: left out

@@ -17,14 +17,10 @@ from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
 from fmtoy.train import FitResult, TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from fmtoy.train import fit_cfm as train
+from helpers import small_model
 
 SMALL = dict(steps=30, batch_size=64, hidden=32, depth=2, device="cpu")
-X = torch.randn(16, 2, generator=torch.Generator().manual_seed(5))
-
-
-def small_model(seed: int = 0, hidden: int = 32) -> VelocityMLP:
-    torch.manual_seed(seed)
-    return VelocityMLP(hidden=hidden, depth=2)
+X = torch.randn(16, 2, generator=make_generator(5))
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from fmtoy import viz  # noqa: E402
 from fmtoy.data import GaussianMixture  # noqa: E402
+from fmtoy.device import make_generator
 
 FRAME_RE = re.compile(r'frames\[(\d+)\] = "data:image/png;base64,([^"]*)"')
 
@@ -43,7 +44,7 @@ def spread_log_prob(x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def random_traj(steps: int = 100, n: int = 7, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     return torch.randn(steps + 1, n, 2, generator=g).cumsum(0) * 0.1
 
 
