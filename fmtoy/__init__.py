@@ -12,6 +12,7 @@ subpackages: methods (shortcut and meanflow, chapter 6; vrfm, chapter 7), teachi
 symbolic (SymPy derivations, one module per topic), course (assignments and the autograder). The plotting names
 (plot_samples, ...) load matplotlib on first use.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -25,11 +26,18 @@ from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
-from .train import (FitConfig, FitResult, TrainConfig, fit, load_checkpoint, save_checkpoint, fit_cfm,
-                    train_flow)
+from .train import FitConfig, FitResult, TrainConfig, fit, fit_cfm, load_checkpoint, save_checkpoint, train_flow
 
-_VIZ = ("plot_samples", "plot_density", "plot_field", "plot_trajectories", "animate_trajectories", "show",
-        "save_animation", "grid_points")
+_VIZ = (
+    "plot_samples",
+    "plot_density",
+    "plot_field",
+    "plot_trajectories",
+    "animate_trajectories",
+    "show",
+    "save_animation",
+    "grid_points",
+)
 
 
 def __getattr__(name: str):
@@ -46,10 +54,45 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "__version__", "GaussianMixture", "StandardNormal", "eight_gaussians", "get_dataset", "list_datasets",
-    "make_generator", "resolve_device", "cfm_loss", "ExactField", "marginal_log_prob", "marginal_velocity",
-    "energy_distance", "mmd", "nll", "nll_gap", "w2", "VelocityMLP", "AffinePath", "CondOTPath", "GaussianPath",
-    "SchedulerOutput", "VEPath", "VPPath", "get_path", "list_paths", "SOLVERS", "divergence", "integrate",
-    "log_likelihood", "sample", "describe_threads", "FitConfig", "FitResult", "TrainConfig", "fit",
-    "load_checkpoint", "save_checkpoint", "fit_cfm", "train_flow", *_VIZ,
+    "__version__",
+    "GaussianMixture",
+    "StandardNormal",
+    "eight_gaussians",
+    "get_dataset",
+    "list_datasets",
+    "make_generator",
+    "resolve_device",
+    "cfm_loss",
+    "ExactField",
+    "marginal_log_prob",
+    "marginal_velocity",
+    "energy_distance",
+    "mmd",
+    "nll",
+    "nll_gap",
+    "w2",
+    "VelocityMLP",
+    "AffinePath",
+    "CondOTPath",
+    "GaussianPath",
+    "SchedulerOutput",
+    "VEPath",
+    "VPPath",
+    "get_path",
+    "list_paths",
+    "SOLVERS",
+    "divergence",
+    "integrate",
+    "log_likelihood",
+    "sample",
+    "describe_threads",
+    "FitConfig",
+    "FitResult",
+    "TrainConfig",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+    "fit_cfm",
+    "train_flow",
+    *_VIZ,
 ]

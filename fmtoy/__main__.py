@@ -1,4 +1,5 @@
 """`python -m fmtoy ...`: the same command line as the `fmtoy` console script."""
+
 from __future__ import annotations
 
 from .cli import main

@@ -1,4 +1,5 @@
 """Input validation shared by every fmtoy module: clear errors instead of deep torch tracebacks."""
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,10 @@ def check_time(t: float | Tensor, n: int | None = None, like: Tensor | None = No
     if n is not None and t.shape[0] not in (1, n):
         raise ValueError(f"t has {t.shape[0]} entries but x has {n} rows")
     if torch.isnan(t).any() or (t < 0).any() or (t > 1).any():
-        raise ValueError(f"t must lie in [0, 1] (t=0 is noise, t=1 is data); got values in "
-                         f"[{t.min().item():.4g}, {t.max().item():.4g}]")
+        raise ValueError(
+            f"t must lie in [0, 1] (t=0 is noise, t=1 is data); got values in "
+            f"[{t.min().item():.4g}, {t.max().item():.4g}]"
+        )
     return t
 
 
@@ -95,5 +98,7 @@ def check_generator(generator: torch.Generator | None, device: torch.device, wha
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type != device.type:
-        raise ValueError(f"the generator lives on {generator.device} but {what} on {device}; "
-                         "make the generator on the same device (fmtoy.device.make_generator(seed, device))")
+        raise ValueError(
+            f"the generator lives on {generator.device} but {what} on {device}; "
+            "make the generator on the same device (fmtoy.device.make_generator(seed, device))"
+        )

@@ -7,6 +7,7 @@
     fmtoy assign --out assignments                      # student + instructor notebooks of every chapter
     fmtoy grade assignments/release/ch5_paths/ch5_paths.ipynb --json grade.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(prog="fmtoy", description="Flow matching playground on 2D toy data (see `fmtoy list`).")
     p.add_argument("--version", action="version", version=f"fmtoy {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True)
+    sub = p.add_subparsers(
+        dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True
+    )
 
     t = sub.add_parser("train", help="train a velocity MLP with conditional flow matching")
     t.add_argument("--data", default=d.data, help=f"data set (default {d.data})")
@@ -56,12 +59,17 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/<data>_<path>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    for name, helptext in (("sample", "draw samples x_1 from a trained run"),
-                           ("animate", "animate particles flowing from noise to data")):
+    for name, helptext in (
+        ("sample", "draw samples x_1 from a trained run"),
+        ("animate", "animate particles flowing from noise to data"),
+    ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--run", required=True, help="run folder written by `fmtoy train`")
-        s.add_argument("--out", required=True, help="output file: " + (
-            ".npy, .csv or .png" if name == "sample" else ".gif, .mp4 (needs ffmpeg) or .html"))
+        s.add_argument(
+            "--out",
+            required=True,
+            help="output file: " + (".npy, .csv or .png" if name == "sample" else ".gif, .mp4 (needs ffmpeg) or .html"),
+        )
         s.add_argument("--n", type=int, default=2000 if name == "sample" else 500, help="number of particles")
         s.add_argument("--steps", type=int, default=8 if name == "sample" else 40, help="ODE solver steps")
         s.add_argument("--solver", default="euler" if name == "sample" else "midpoint", help="euler, midpoint, rk4")
@@ -80,8 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="assignments", help="output folder (default assignments)")
     r = sub.add_parser("grade", help="grade a filled-in student notebook; prints a score table")
     r.add_argument("notebook", help="the student's .ipynb")
-    r.add_argument("--source", default=None,
-                   help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter it names")
+    r.add_argument(
+        "--source",
+        default=None,
+        help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter it names",
+    )
     r.add_argument("--json", default=None, help="also write the result as JSON to this file (for an LMS)")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds per cell (default 60)")
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
@@ -92,12 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _version() -> str:
     import fmtoy
+
     return str(getattr(fmtoy, "__version__", "0.1.0"))
 
 
 def _use_agg() -> None:
     """A fresh command-line process plots off-screen; never switch the backend of a session that already has pyplot."""
     import matplotlib
+
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
 
@@ -139,10 +152,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train on args.data along args.path (CFM loss, FM paper Eq. 14); write model.pt, config.json, losses.csv."""
     from .train import TrainConfig, save_checkpoint, train_flow
 
-    config = TrainConfig(data=args.data, path=args.path, sigma_min=args.sigma_min, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, depth=args.depth,
-                         seed=args.seed, device=args.device, ema_decay=args.ema, coupling=args.coupling,
-                         threads=_threads(args.threads))
+    config = TrainConfig(
+        data=args.data,
+        path=args.path,
+        sigma_min=args.sigma_min,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        depth=args.depth,
+        seed=args.seed,
+        device=args.device,
+        ema_decay=args.ema,
+        coupling=args.coupling,
+        threads=_threads(args.threads),
+    )
     out = Path(args.out or f"runs/{config.data}_{config.path}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -155,8 +179,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         w.writerow(["step", "loss"])
         w.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
     tail = result.losses[-100:]
-    print(f"trained {config.data} / {config.path}: {config.steps} steps in {result.seconds:.1f} s on "
-          f"{result.device} ({result.steps_per_second:.0f} steps/s; {_threads_used(result.threads)})")
+    print(
+        f"trained {config.data} / {config.path}: {config.steps} steps in {result.seconds:.1f} s on "
+        f"{result.device} ({result.steps_per_second:.0f} steps/s; {_threads_used(result.threads)})"
+    )
     print(f"final loss {result.losses[-1]:.4f} (mean of the last {len(tail)} steps: {sum(tail) / len(tail):.4f})")
     print(f"wrote {out / 'model.pt'}, config.json, losses.csv")
     return 0
@@ -171,8 +197,9 @@ def _load_run(run: str, device: str):
     path = Path(run)
     file = path / "model.pt" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"run folder {run!r} not found or has no model.pt; make one with "
-                                f"`fmtoy train --out {run}`")
+        raise FileNotFoundError(
+            f"run folder {run!r} not found or has no model.pt; make one with `fmtoy train --out {run}`"
+        )
     model, config = load_checkpoint(file, device=dev)
     return model, config, dev
 
@@ -187,7 +214,7 @@ def _flow(args: argparse.Namespace, trajectory: bool):
     n, steps = check_positive_int("--n", args.n), check_positive_int("--steps", args.steps)
     nfe(args.solver, steps)  # validates the solver name before any work
     model, config, dev = _load_run(args.run, args.device)
-    source = build_path(config).source(get_dataset(config.data))    # p_0 of the run's path (VE: not N(0, I))
+    source = build_path(config).source(get_dataset(config.data))  # p_0 of the run's path (VE: not N(0, I))
     x0 = source.sample(n, generator=make_generator(args.seed, dev), device=dev)
     start = time.perf_counter()
     x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=_threads(args.threads))
@@ -220,12 +247,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         fig, ax = plt.subplots(figsize=(5, 5))
         lim = max(5.0, float(np.abs(arr).max()) * 1.05)
         plot_density(get_dataset(config.data).log_prob, ax, lim=lim, grid=150, cmap="Greys")
-        plot_samples(arr, ax, lim=lim, color="C1", s=3,
-                     title=f"{config.data}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}")
+        plot_samples(
+            arr,
+            ax,
+            lim=lim,
+            color="C1",
+            s=3,
+            title=f"{config.data}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
+        )
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
-    print(f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "
-          f"in {seconds:.2f} s; wrote {out}")
+    print(
+        f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "
+        f"in {seconds:.2f} s; wrote {out}"
+    )
     return 0
 
 
@@ -244,8 +279,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_animation(anim, out, fps=args.fps)
     plt.close(anim.fig)
-    print(f"animated {traj.shape[1]} particles of {config.data} ({len(anim.frame_indices)} frames) "
-          f"in {time.perf_counter() - start:.1f} s; wrote {out}")
+    print(
+        f"animated {traj.shape[1]} particles of {config.data} ({len(anim.frame_indices)} frames) "
+        f"in {time.perf_counter() - start:.1f} s; wrote {out}"
+    )
     return 0
 
 
@@ -277,8 +314,15 @@ def cmd_student_book(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "list": cmd_list,
-            "assign": cmd_assign, "grade": cmd_grade, "student-book": cmd_student_book}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "animate": cmd_animate,
+    "list": cmd_list,
+    "assign": cmd_assign,
+    "grade": cmd_grade,
+    "student-book": cmd_student_book,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

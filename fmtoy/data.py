@@ -4,6 +4,7 @@ Gaussian mixtures (closed form), a checkerboard (uniform on squares, closed form
 noise, closed form through the Bessel function I_0), and moons / spirals (curves + Gaussian noise: the density
 is an integral over the curve parameter, evaluated by composite Gauss-Legendre quadrature).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,10 @@ class GaussianMixture(Distribution):
         if k == 0 or d == 0:
             raise ValueError(f"means must have shape (K, d) with K, d >= 1, got {tuple(m.shape)}")
         if w.shape != (k,) or c.shape != (k, d, d):
-            raise ValueError(f"shapes must be weights (K,), means (K, d), covs (K, d, d); got weights "
-                             f"{tuple(w.shape)}, means {tuple(m.shape)}, covs {tuple(c.shape)}")
+            raise ValueError(
+                f"shapes must be weights (K,), means (K, d), covs (K, d, d); got weights "
+                f"{tuple(w.shape)}, means {tuple(m.shape)}, covs {tuple(c.shape)}"
+            )
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
         scale = 1.0 + c.abs().amax(dim=(1, 2))
@@ -95,15 +98,17 @@ class GaussianMixture(Distribution):
         eig, vec = torch.linalg.eigh(c)
         if (eig[:, 0] < -1e-10 * scale).any():
             bad = int(torch.nonzero(eig[:, 0] < -1e-10 * scale)[0])
-            raise ValueError(f"covs[{bad}] is not positive semi-definite (smallest eigenvalue "
-                             f"{eig[bad, 0].item():.3g}); a covariance matrix must be symmetric PSD")
+            raise ValueError(
+                f"covs[{bad}] is not positive semi-definite (smallest eigenvalue "
+                f"{eig[bad, 0].item():.3g}); a covariance matrix must be symmetric PSD"
+            )
         self.name, self.dim = name, d
         self.weights, self.means, self.covs = w / w.sum(), m, c
-        self._root = vec * eig.clamp_min(0).sqrt()[:, None, :]          # S_k = root_k root_k^T (works for PSD)
+        self._root = vec * eig.clamp_min(0).sqrt()[:, None, :]  # S_k = root_k root_k^T (works for PSD)
         chol, info = torch.linalg.cholesky_ex(c)
         self._singular = [int(i) for i in torch.nonzero(info)]
         if not self._singular:
-            self._chol_inv = torch.linalg.inv(chol)                       # whitening: z = L^{-1}(x - m)
+            self._chol_inv = torch.linalg.inv(chol)  # whitening: z = L^{-1}(x - m)
             self._log_det = 2 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)
 
     @property
@@ -127,7 +132,7 @@ class GaussianMixture(Distribution):
         """The k-th component N(m_k, S_k) as a one-component mixture."""
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_components:
             raise ValueError(f"component index must be an int in [0, {self.n_components - 1}], got {k!r}")
-        return GaussianMixture(torch.ones(1), self.means[k:k + 1], self.covs[k:k + 1], name=f"{self.name}[{k}]")
+        return GaussianMixture(torch.ones(1), self.means[k : k + 1], self.covs[k : k + 1], name=f"{self.name}[{k}]")
 
     def _float32_on(self, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(weights, roots, means) as float32 on `dev`, converted once per device (sampling is in the training loop)."""
@@ -145,17 +150,21 @@ class GaussianMixture(Distribution):
     def _log_prob(self, x: Tensor) -> Tensor:
         if self._singular:
             if self.is_empirical:
-                raise ValueError(f"{self.name!r} is an empirical data set (point masses, zero covariances, e.g. "
-                                 "from_points): it has no density, so log_prob is undefined; compare samples "
-                                 "instead (fmtoy.metrics.w2 / energy_distance)")
-            raise ValueError(f"components {self._singular} of {self.name!r} have singular covariances, so the "
-                             "mixture has no density on R^d; log_prob needs positive-definite covariances")
+                raise ValueError(
+                    f"{self.name!r} is an empirical data set (point masses, zero covariances, e.g. "
+                    "from_points): it has no density, so log_prob is undefined; compare samples "
+                    "instead (fmtoy.metrics.w2 / energy_distance)"
+                )
+            raise ValueError(
+                f"components {self._singular} of {self.name!r} have singular covariances, so the "
+                "mixture has no density on R^d; log_prob needs positive-definite covariances"
+            )
         like = dict(dtype=x.dtype, device=x.device)
         m, a = self.means.to(**like), self._chol_inv.to(**like)
         const = (self.weights.log() - 0.5 * self._log_det - 0.5 * self.dim * LOG_2PI).to(**like)
         out = []
         for xc in _chunks(x, self.n_components * self.dim):
-            z = torch.einsum("kij,nkj->nki", a, xc[:, None, :] - m)        # whitened residuals (n, K, d)
+            z = torch.einsum("kij,nkj->nki", a, xc[:, None, :] - m)  # whitened residuals (n, K, d)
             out.append(torch.logsumexp(const - 0.5 * (z * z).sum(-1), dim=1))
         return torch.cat(out)
 
@@ -180,8 +189,7 @@ def circle_mixture(k: int, radius: float, std: float, name: str | None = None) -
     radius, std = check_positive("radius", radius), check_positive("std", std)
     angles = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
     means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-    return GaussianMixture(torch.ones(k), means, std**2 * torch.eye(2).expand(k, 2, 2),
-                           name=name or f"circle_{k}")
+    return GaussianMixture(torch.ones(k), means, std**2 * torch.eye(2).expand(k, 2, 2), name=name or f"circle_{k}")
 
 
 def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
@@ -197,7 +205,7 @@ class Checkerboard(Distribution):
         self.half_width = check_positive("half_width", half_width)
         self.name, self.dim, self.side = "checkerboard", 2, 2 * self.half_width / self.squares
         ij = torch.cartesian_prod(torch.arange(self.squares), torch.arange(self.squares))
-        self.black = ij[ij.sum(1) % 2 == 0]                                  # (n_black, 2) cell indices
+        self.black = ij[ij.sum(1) % 2 == 0]  # (n_black, 2) cell indices
         self.log_density = -math.log(len(self.black) * self.side**2)
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
@@ -227,7 +235,7 @@ class Rings(Distribution):
             raise ValueError(f"radii must be a non-empty list or tuple of positive numbers, got {radii!r}")
         self.radii = torch.tensor([check_positive("each radius", r) for r in radii], dtype=torch.float64)
         self.std, self.name, self.dim = check_positive("std", std), "rings", 2
-        self.weights = self.radii / self.radii.sum()                          # uniform along the total length
+        self.weights = self.radii / self.radii.sum()  # uniform along the total length
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         k = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
@@ -238,8 +246,9 @@ class Rings(Distribution):
     def _log_prob(self, x: Tensor) -> Tensor:
         r, radii = x.norm(dim=1, keepdim=True), self.radii.to(x)
         s2 = self.std**2
-        log_k = (self.weights.log().to(x) - (r - radii) ** 2 / (2 * s2)
-                 + torch.special.i0e(r * radii / s2).log())                   # angular integral = I_0(r R / s^2)
+        log_k = (
+            self.weights.log().to(x) - (r - radii) ** 2 / (2 * s2) + torch.special.i0e(r * radii / s2).log()
+        )  # angular integral = I_0(r R / s^2)
         return torch.logsumexp(log_k, dim=1) - math.log(2 * math.pi * s2)
 
 
@@ -252,29 +261,36 @@ class CurveNoise(Distribution):
     p > 1e-20 max p; only in the far tails (> 9 std from every curve) does the relative error grow.
     """
 
-    def __init__(self, curves: Sequence[Callable[[Tensor], Tensor]], weights: Sequence[float], std: float,
-                 name: str = "curve", panels: int | None = None, order: int = 8) -> None:
+    def __init__(
+        self,
+        curves: Sequence[Callable[[Tensor], Tensor]],
+        weights: Sequence[float],
+        std: float,
+        name: str = "curve",
+        panels: int | None = None,
+        order: int = 8,
+    ) -> None:
         if len(curves) == 0 or len(weights) != len(curves) or any(not callable(c) for c in curves):
             raise ValueError("curves must be a non-empty list of callables u -> (m, 2) with one weight each")
         w = torch.tensor([check_positive("each weight", v) for v in weights], dtype=torch.float64)
         self.curves, self.weights, self.name, self.dim = list(curves), w / w.sum(), name, 2
         self.std, self.order = check_positive("std", std), check_positive_int("order", order)
-        if panels is None:                                                 # panel length <= 2 std on every arc
+        if panels is None:  # panel length <= 2 std on every arc
             fine = torch.linspace(0, 1, 2001, dtype=torch.float64)
             speed = max(float((c(fine).diff(dim=0).norm(dim=1) * 2000).max()) for c in self.curves)
             panels = max(8, math.ceil(speed / (2 * self.std)))
         self.panels = check_positive_int("panels", panels)
         g, gw = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(self.order))
         left = torch.arange(self.panels, dtype=torch.float64)[:, None] / self.panels
-        u = (left + (g + 1) / (2 * self.panels)).reshape(-1)                # nodes in [0, 1]
-        log_du = (gw / (2 * self.panels)).log().repeat(self.panels)         # their weights (sum to 1)
-        self.centres = torch.cat([c(u) for c in self.curves])               # (arcs * panels * order, 2)
+        u = (left + (g + 1) / (2 * self.panels)).reshape(-1)  # nodes in [0, 1]
+        log_du = (gw / (2 * self.panels)).log().repeat(self.panels)  # their weights (sum to 1)
+        self.centres = torch.cat([c(u) for c in self.curves])  # (arcs * panels * order, 2)
         self.log_w = torch.cat([log_du + lw for lw in self.weights.log()])
 
     def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
         a = torch.multinomial(self.weights.float().to(dev), n, replacement=True, generator=g)
         u = torch.rand(n, generator=g, device=dev, dtype=torch.float32)
-        on_curve = torch.stack([c(u) for c in self.curves])                # (arcs, n, 2)
+        on_curve = torch.stack([c(u) for c in self.curves])  # (arcs, n, 2)
         point = on_curve[a, torch.arange(n, device=dev)]
         return point.float() + self.std * torch.randn(n, 2, generator=g, device=dev, dtype=torch.float32)
 
@@ -316,6 +332,7 @@ def spirals(radius: float = 4.0, turns: float = 1.5, std: float = 0.25, panels: 
             th = torch.sqrt(th0**2 + (th1**2 - th0**2) * u)
             r = radius * th / th1
             return torch.stack([r * torch.cos(th + shift), r * torch.sin(th + shift)], dim=-1)
+
         return curve
 
     return CurveNoise([arm(0.0), arm(math.pi)], [1.0, 1.0], std, name="spirals", panels=panels)

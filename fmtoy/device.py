@@ -1,4 +1,5 @@
 """Device selection: `device="auto"` picks cuda, then mps, then cpu; an absent device is a clear error."""
+
 from __future__ import annotations
 
 import torch
@@ -22,15 +23,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was requested but CUDA is not available here; "
-                             "use device='auto' or 'cpu'")
+            raise ValueError(
+                f"device {device!r} was requested but CUDA is not available here; use device='auto' or 'cpu'"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif dev.type == "mps":
         if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r} was requested but MPS is not available here; "
-                             "use device='auto' or 'cpu'")
+            raise ValueError(
+                f"device {device!r} was requested but MPS is not available here; use device='auto' or 'cpu'"
+            )
     elif dev.type != "cpu":
         raise ValueError(f"unsupported device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     return dev

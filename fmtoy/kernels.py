@@ -1,4 +1,5 @@
 """The Jupyter kernels fmtoy's processes start (the book build, the autograder) talk over Unix sockets (ipc)."""
+
 from __future__ import annotations
 
 import atexit
@@ -29,15 +30,15 @@ def kernels_over_ipc() -> None:
         if not folder:
             base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
             if len(base) > 60 or not (os.path.isdir(base) and os.access(base, os.W_OK)):
-                base = "/tmp"                  # a Unix socket path has at most 107 bytes (103 on macOS)
-            folder.append(tempfile.mkdtemp(prefix="fmk-", dir=base))    # mode 0700: only this user can connect
+                base = "/tmp"  # a Unix socket path has at most 107 bytes (103 on macOS)
+            folder.append(tempfile.mkdtemp(prefix="fmk-", dir=base))  # mode 0700: only this user can connect
             atexit.register(shutil.rmtree, folder[0], True)
         return folder[0]
 
     def create_kernel_manager(self):
         km = create(self)
         if km.transport == "tcp" and km.ipykernel and not km.has_kernel:
-            name = os.path.join(socket_folder(), uuid.uuid4().hex[:12])     # one name per kernel: NAME-1 ... NAME-5
+            name = os.path.join(socket_folder(), uuid.uuid4().hex[:12])  # one name per kernel: NAME-1 ... NAME-5
             km.transport, km.ip, km.cache_ports, km.connection_file = "ipc", name, False, name + ".json"
         return km
 

@@ -1,4 +1,5 @@
 """The conditional flow matching loss and the couplings pi(x_0, x_1) that feed it."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -21,23 +22,27 @@ def _check_pair(x0: Tensor, x1: Tensor) -> None:
         raise ValueError(f"x0 and x1 must have the same shape (n, d), got {tuple(x0.shape)} and {tuple(x1.shape)}")
 
 
-def cfm_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path,
-             cond: Tensor | None = None) -> Tensor:
-    """CFM loss, FM paper Eq. (9)/(14): mean_i || v(x_t, t) - (d_alpha_t x_1 + d_sigma_t x_0) ||^2, x_t = alpha_t x_1 + sigma_t x_0.
+def cfm_loss(
+    model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path, cond: Tensor | None = None
+) -> Tensor:
+    """CFM loss, FM paper Eq. (9)/(14): mean_i || v(x_t, t) - (d_alpha_t x_1 + d_sigma_t x_0) ||^2,
+    x_t = alpha_t x_1 + sigma_t x_0.
 
     Shape checks only (no range check on t, no device sync): callers keep t in [path.t_min, path.t_max].
     """
     _check_pair(x0, x1)
     if not callable(getattr(path, "schedule", None)):
         raise TypeError(f"path must be a GaussianPath (fmtoy.paths, with .schedule(t)), got {type(path).__name__}")
-    tc = _check_model_time(t, x0.shape[0], x0)               # (n, 1)
-    s = path.schedule(tc, check=False)                       # no range check, no device sync
+    tc = _check_model_time(t, x0.shape[0], x0)  # (n, 1)
+    s = path.schedule(tc, check=False)  # no range check, no device sync
     xt = s.alpha_t * x1 + s.sigma_t * x0
     target = s.d_alpha_t * x1 + s.d_sigma_t * x0
     v = model(xt, tc[:, 0]) if cond is None else model(xt, tc[:, 0], cond)
     if not isinstance(v, Tensor) or v.shape != x0.shape:
-        raise ValueError(f"the model must return a tensor of shape {tuple(x0.shape)}, "
-                         f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        raise ValueError(
+            f"the model must return a tensor of shape {tuple(x0.shape)}, "
+            f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+        )
     return (v - target).square().sum(dim=1).mean()
 
 

@@ -16,6 +16,7 @@ K_src x K_tgt component pairs (rows are processed in chunks to bound memory); is
 point masses) take a scalar fast path. Component pairs are flattened source-major: index i * K_tgt + j.
 Where C_ij is singular (a point-mass target at t = 1 with sigma_1 = 0) p_t has no density: ValueError.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ import torch
 from torch import Tensor
 
 from ._checks import check_points, check_time
-from ._checks import check_positive_int
 from .data import GaussianMixture, StandardNormal
 from .paths import GaussianPath
 
@@ -39,8 +39,10 @@ def _check_models(path: GaussianPath, target: GaussianMixture, source: GaussianM
         raise TypeError(f"path must be a fmtoy.paths.GaussianPath (e.g. CondOTPath()), got {type(path).__name__}")
     for role, dist in (("target", target), ("source", source)):
         if dist is not None and not isinstance(dist, GaussianMixture):
-            raise TypeError(f"{role} must be a fmtoy.data.GaussianMixture (the closed form exists only for Gaussian "
-                            f"mixtures, incl. GaussianMixture.from_points), got {type(dist).__name__}")
+            raise TypeError(
+                f"{role} must be a fmtoy.data.GaussianMixture (the closed form exists only for Gaussian "
+                f"mixtures, incl. GaussianMixture.from_points), got {type(dist).__name__}"
+            )
     if target is None:
         raise TypeError("target must be a fmtoy.data.GaussianMixture, got None")
     source = StandardNormal(target.dim) if source is None else source
@@ -54,16 +56,20 @@ def _schedule(path: GaussianPath, t: Tensor) -> list[Tensor]:
     out = list(path.schedule(t))
     for k, v in zip(("alpha", "sigma", "d_alpha", "d_sigma"), out):
         if not torch.isfinite(v).all():
-            raise ValueError(f"path {path.name!r}: {k}_t is not finite at some t in [{t.min().item():.6g}, "
-                             f"{t.max().item():.6g}]; evaluate the marginal for t in [{path.t_min}, {path.t_max}]")
+            raise ValueError(
+                f"path {path.name!r}: {k}_t is not finite at some t in [{t.min().item():.6g}, "
+                f"{t.max().item():.6g}]; evaluate the marginal for t in [{path.t_min}, {path.t_max}]"
+            )
     return out
 
 
 def _singular(t: Tensor, path: GaussianPath) -> ValueError:
-    return ValueError(f"p_t has no density at t = {t.max().item():.6g}: some C_ij = alpha_t^2 S1_j + sigma_t^2 S0_i "
-                      f"is singular (a point-mass target, e.g. from_points, where sigma_t = 0 such as t = 1 with "
-                      f"sigma_min = 0); use t in [{path.t_min}, {path.t_max}], sigma_min > 0, or a target with "
-                      "positive covariances")
+    return ValueError(
+        f"p_t has no density at t = {t.max().item():.6g}: some C_ij = alpha_t^2 S1_j + sigma_t^2 S0_i "
+        f"is singular (a point-mass target, e.g. from_points, where sigma_t = 0 such as t = 1 with "
+        f"sigma_min = 0); use t in [{path.t_min}, {path.t_max}], sigma_min > 0, or a target with "
+        "positive covariances"
+    )
 
 
 def _isotropic(covs: Tensor) -> Tensor | None:
@@ -77,21 +83,27 @@ def _contract(w: Tensor, m: Tensor) -> Tensor:
     return w @ m if w.numel() > 1 << 16 else (w[:, :, None] * m).sum(1)
 
 
-def _pairs(x: Tensor, t: Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture,
-           force_general: bool = False) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def _pairs(
+    x: Tensor,
+    t: Tensor,
+    path: GaussianPath,
+    target: GaussianMixture,
+    source: GaussianMixture,
+    force_general: bool = False,
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """logits (n, K0, K1) = log a_i b_j N(x; mu_ij, C_ij) in float64, and w -> sum_ij w_ij E[xdot | x_t = x, i, j]."""
     dev, d = x.device, x.shape[1]
     a, m0, S0 = (v.to(dev) for v in (source.weights, source.means, source.covs))
     b, m1, S1 = (v.to(dev) for v in (target.weights, target.means, target.covs))
     s0, s1 = _isotropic(source.covs), _isotropic(target.covs)
-    al, sg, dal, dsg = (v[:, :, None] for v in _schedule(path, t))          # (T, 1, 1), T = 1 or n
+    al, sg, dal, dsg = (v[:, :, None] for v in _schedule(path, t))  # (T, 1, 1), T = 1 or n
     log_ab = a.log()[:, None] + b.log()[None, :]
-    if s0 is not None and s1 is not None and not force_general:              # C_ij = c_ij I, D_ij = e_ij I
+    if s0 is not None and s1 is not None and not force_general:  # C_ij = c_ij I, D_ij = e_ij I
         s0, s1 = s0.to(dev)[None, :, None], s1.to(dev)[None, None, :]
         c = al**2 * s1 + sg**2 * s0
         if (c <= 0).any():
             raise _singular(t, path)
-        r = (al * dal * s1 + sg * dsg * s0) / c                              # D C^{-1} = r_ij I
+        r = (al * dal * s1 + sg * dsg * s0) / c  # D C^{-1} = r_ij I
         quad = sum((x[:, k, None, None] - (al * m1[:, k] + sg * m0[:, k, None])) ** 2 for k in range(d))
         logits = torch.addcmul(log_ab - 0.5 * d * (c.log() + LOG_2PI), quad, -0.5 / c)
 
@@ -101,26 +113,37 @@ def _pairs(x: Tensor, t: Tensor, path: GaussianPath, target: GaussianMixture, so
                 out = _contract(w.flatten(1), torch.cat([base, r[0, :, :, None]], -1).flatten(0, 1))
                 return out[:, -1:] * x + out[:, :-1]
             wr = w * r
-            return (wr.sum((1, 2))[:, None] * x + _contract((w * dal - wr * al).sum(1), m1)
-                    + _contract((w * dsg - wr * sg).sum(2), m0))
+            return (
+                wr.sum((1, 2))[:, None] * x
+                + _contract((w * dal - wr * al).sum(1), m1)
+                + _contract((w * dsg - wr * sg).sum(2), m0)
+            )
+
         return logits, velocity
-    al, sg, dal, dsg = (v[..., None, None] for v in (al, sg, dal, dsg))     # (T, 1, 1, 1, 1)
-    mu = (al * m1[None, None, :, :, None] + sg * m0[None, :, None, :, None])[..., 0]   # (T, K0, K1, d)
-    resid = x[:, None, None, :] - mu                                         # (n, K0, K1, d)
+    al, sg, dal, dsg = (v[..., None, None] for v in (al, sg, dal, dsg))  # (T, 1, 1, 1, 1)
+    mu = (al * m1[None, None, :, :, None] + sg * m0[None, :, None, :, None])[..., 0]  # (T, K0, K1, d)
+    resid = x[:, None, None, :] - mu  # (n, K0, K1, d)
     S0, S1 = S0[None, :, None], S1[None, None, :]
-    chol, info = torch.linalg.cholesky_ex(al**2 * S1 + sg**2 * S0)          # (T, K0, K1, d, d)
+    chol, info = torch.linalg.cholesky_ex(al**2 * S1 + sg**2 * S0)  # (T, K0, K1, d, d)
     if (info != 0).any():
         raise _singular(t, path)
-    prec_r = torch.cholesky_solve(resid[..., None], chol)                    # C^{-1} (x - mu), (n, K0, K1, d, 1)
+    prec_r = torch.cholesky_solve(resid[..., None], chol)  # C^{-1} (x - mu), (n, K0, K1, d, 1)
     log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     logits = log_ab - 0.5 * ((resid * prec_r[..., 0]).sum(-1) + log_det + d * LOG_2PI)
     mean_v = (dal * m1[None, None, :, :, None] + dsg * m0[None, :, None, :, None])[..., 0]
-    ev = mean_v + ((al * dal * S1 + sg * dsg * S0) * prec_r.transpose(-1, -2)).sum(-1)   # E[xdot | x_t = x, i, j]
+    ev = mean_v + ((al * dal * S1 + sg * dsg * S0) * prec_r.transpose(-1, -2)).sum(-1)  # E[xdot | x_t = x, i, j]
     return logits, lambda w: (w[..., None] * ev).sum((1, 2))
 
 
-def _evaluate(x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture,
-              source: GaussianMixture | None, what: str, force_general: bool = False) -> Tensor:
+def _evaluate(
+    x: Tensor,
+    t: float | Tensor,
+    path: GaussianPath,
+    target: GaussianMixture,
+    source: GaussianMixture | None,
+    what: str,
+    force_general: bool = False,
+) -> Tensor:
     """Chunked driver: what = "log_prob" (n,), "weights" (n, K0 K1) or "velocity" (n, d), in x's dtype."""
     source = _check_models(path, target, source)
     x = check_points(x, target.dim)
@@ -135,8 +158,8 @@ def _evaluate(x: Tensor, t: float | Tensor, path: GaussianPath, target: Gaussian
     rows = max(1, _CHUNK // (k if iso else k * d * d))
     out = []
     for start in range(0, n, rows):
-        tc = t64 if t64.shape[0] == 1 else t64[start:start + rows]
-        logits, velocity = _pairs(x64[start:start + rows], tc, path, target, source, force_general)
+        tc = t64 if t64.shape[0] == 1 else t64[start : start + rows]
+        logits, velocity = _pairs(x64[start : start + rows], tc, path, target, source, force_general)
         flat = logits.flatten(1)
         log_p = torch.logsumexp(flat, dim=1)
         if what == "log_prob":
@@ -147,26 +170,30 @@ def _evaluate(x: Tensor, t: float | Tensor, path: GaussianPath, target: Gaussian
     return torch.cat(out).to(x.device, x.dtype)
 
 
-def marginal_log_prob(x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture,
-                      source: GaussianMixture | None = None) -> Tensor:
+def marginal_log_prob(
+    x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture | None = None
+) -> Tensor:
     """log p_t(x) = log sum_ij a_i b_j N(x; mu_ij, C_ij) (FM paper Eq. 6 in closed form); shape (n,)."""
     return _evaluate(x, t, path, target, source, "log_prob")
 
 
-def marginal_velocity(x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture,
-                      source: GaussianMixture | None = None) -> Tensor:
+def marginal_velocity(
+    x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture | None = None
+) -> Tensor:
     """u_t(x) = sum_ij w_ij(x) E[xdot | x_t = x, i, j] (FM paper Thm 1 / Eq. 8 for a N(0, I) source); (n, d)."""
     return _evaluate(x, t, path, target, source, "velocity")
 
 
-def posterior_weights(x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture,
-                      source: GaussianMixture | None = None) -> Tensor:
+def posterior_weights(
+    x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture | None = None
+) -> Tensor:
     """w_ij(x) = a_i b_j N(x; mu_ij, C_ij) / p_t(x), flattened source-major to (n, K_src * K_tgt); rows sum to 1."""
     return _evaluate(x, t, path, target, source, "weights")
 
 
-def marginal_distribution(t: float | Tensor, path: GaussianPath, target: GaussianMixture,
-                          source: GaussianMixture | None = None) -> GaussianMixture:
+def marginal_distribution(
+    t: float | Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture | None = None
+) -> GaussianMixture:
     """p_t = sum_ij a_i b_j N(mu_ij, C_ij) as a GaussianMixture (component i * K_tgt + j); t a single time."""
     source = _check_models(path, target, source)
     t = check_time(t, like=torch.zeros((), dtype=torch.float64))

@@ -1,5 +1,6 @@
 """Sample-quality and path metrics: W2, energy distance, MMD, model NLL and its gap to the entropy, straightness,
 kinetic energy. Distances between point sets return Python floats and are computed in float64."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from .data import StandardNormal
 from .solvers import STAGES, Velocity, integrate, log_likelihood, steps_for_nfe
 
 W2_MAX_POINTS = 10_000  # the assignment problem costs O(n^3) time and an n x n matrix of memory
-_CHUNK = 1 << 22        # max entries of one block of pairwise distances
+_CHUNK = 1 << 22  # max entries of one block of pairwise distances
 
 
 def _pair(x: Tensor, y: Tensor, min_points: int = 1) -> tuple[Tensor, Tensor]:
@@ -37,11 +38,13 @@ def w2(x: Tensor, y: Tensor) -> float:
     """Exact W2 between equal-size empirical sets: sqrt(min_perm 1/n sum_i |x_i - y_perm(i)|^2) (assignment)."""
     x, y = _pair(x, y)
     if len(x) != len(y):
-        raise ValueError(f"w2 needs equal-size sets (an assignment), got {len(x)} and {len(y)} points; "
-                         "subsample the larger one")
+        raise ValueError(
+            f"w2 needs equal-size sets (an assignment), got {len(x)} and {len(y)} points; subsample the larger one"
+        )
     if len(x) > W2_MAX_POINTS:
-        raise ValueError(f"w2 solves an O(n^3) assignment problem; n = {len(x)} exceeds {W2_MAX_POINTS}, "
-                         "subsample the sets")
+        raise ValueError(
+            f"w2 solves an O(n^3) assignment problem; n = {len(x)} exceeds {W2_MAX_POINTS}, subsample the sets"
+        )
     cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square_().cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
     return math.sqrt(float(np.mean(cost[rows, cols])))
@@ -75,18 +78,30 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float = 1.0) -> float:
     def kernel(dist: Tensor) -> Tensor:
         return torch.exp(-dist.square() / (2 * h * h))
 
-    return (_mean_pairwise(x, x, True, kernel) + _mean_pairwise(y, y, True, kernel)
-            - 2 * _mean_pairwise(x, y, False, kernel))
+    return (
+        _mean_pairwise(x, x, True, kernel)
+        + _mean_pairwise(y, y, True, kernel)
+        - 2 * _mean_pairwise(x, y, False, kernel)
+    )
 
 
-def quality_vs_nfe(velocity: Velocity, x0: Tensor, reference: Tensor, nfes: Sequence[int], method: str = "euler",
-                   metric: Callable[[Tensor, Tensor], float] | None = None) -> dict[int, float]:
+def quality_vs_nfe(
+    velocity: Velocity,
+    x0: Tensor,
+    reference: Tensor,
+    nfes: Sequence[int],
+    method: str = "euler",
+    metric: Callable[[Tensor, Tensor], float] | None = None,
+) -> dict[int, float]:
     """{nfe: metric(psi_1(x0), reference)} for each nfe the solver can spend exactly (a multiple of its stages): the
     quality-vs-cost sweep of chapters 5-7; metric defaults to energy_distance (report it beside its noise floor)."""
     metric = energy_distance if metric is None else metric
     x0 = check_points(x0, name="x0")
-    return {n: metric(integrate(velocity, x0, steps_for_nfe(method, n), method), reference)
-            for n in nfes if n % STAGES[method] == 0}
+    return {
+        n: metric(integrate(velocity, x0, steps_for_nfe(method, n), method), reference)
+        for n in nfes
+        if n % STAGES[method] == 0
+    }
 
 
 # ----------------------------------------------------------------------------------------------- likelihood
@@ -95,8 +110,16 @@ def nll(velocity: Velocity, x: Tensor, source, steps: int = 50, method: str = "r
     return -float(log_likelihood(velocity, x, source, steps=steps, method=method).mean())
 
 
-def nll_gap(velocity: Velocity, target, source=None, n: int = 2000, generator: torch.Generator | None = None,
-            steps: int = 50, method: str = "rk4", device=None) -> dict[str, float]:
+def nll_gap(
+    velocity: Velocity,
+    target,
+    source=None,
+    n: int = 2000,
+    generator: torch.Generator | None = None,
+    steps: int = 50,
+    method: str = "rk4",
+    device=None,
+) -> dict[str, float]:
     """On x ~ q (target): gap = mean(log q(x) - log p_1(x)), a Monte-Carlo estimate of KL(q || p_1) >= 0.
 
     Returns dict(nll = -mean log p_1, entropy = -mean log q, gap, gap_stderr); using the same samples for both
@@ -112,18 +135,25 @@ def nll_gap(velocity: Velocity, target, source=None, n: int = 2000, generator: t
     log_q = target.log_prob(x).double()
     log_p = log_likelihood(velocity, x, source, steps=steps, method=method).double()
     gap = log_q - log_p
-    return {"nll": -float(log_p.mean()), "entropy": -float(log_q.mean()), "gap": float(gap.mean()),
-            "gap_stderr": float(gap.std() / math.sqrt(n))}
+    return {
+        "nll": -float(log_p.mean()),
+        "entropy": -float(log_q.mean()),
+        "gap": float(gap.mean()),
+        "gap_stderr": float(gap.std() / math.sqrt(n)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- paths
 def _check_trajectory(trajectory: Tensor) -> Tensor:
     if not isinstance(trajectory, Tensor):
-        raise TypeError(f"trajectory must be a torch.Tensor of shape (steps + 1, n, d), "
-                        f"got {type(trajectory).__name__}")
+        raise TypeError(
+            f"trajectory must be a torch.Tensor of shape (steps + 1, n, d), got {type(trajectory).__name__}"
+        )
     if trajectory.ndim != 3 or trajectory.shape[0] < 2:
-        raise ValueError(f"trajectory must have shape (steps + 1, n, d) with steps >= 1 (e.g. integrate(..., "
-                         f"return_trajectory=True)), got {tuple(trajectory.shape)}")
+        raise ValueError(
+            f"trajectory must have shape (steps + 1, n, d) with steps >= 1 (e.g. integrate(..., "
+            f"return_trajectory=True)), got {tuple(trajectory.shape)}"
+        )
     if not trajectory.is_floating_point():
         raise TypeError(f"trajectory must be a floating-point tensor, got dtype {trajectory.dtype}")
     return trajectory.detach().double()
@@ -135,8 +165,8 @@ def straightness(trajectory: Tensor) -> float:
     dx/dt is the finite difference on the trajectory's uniform grid over [0, 1] (steps + 1 points)."""
     x = _check_trajectory(trajectory)
     steps = x.shape[0] - 1
-    velocity = (x[1:] - x[:-1]) * steps           # (steps, n, d)
-    chord = x[-1] - x[0]                           # (n, d)
+    velocity = (x[1:] - x[:-1]) * steps  # (steps, n, d)
+    chord = x[-1] - x[0]  # (n, d)
     return float((velocity - chord).square().sum(-1).mean())
 
 

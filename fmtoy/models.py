@@ -1,4 +1,5 @@
 """The learned velocity field v_theta(x, t [, c]): a small MLP on [x, Fourier(t), embed(c)] with SiLU activations."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,12 @@ def _check_model_time(t: float | Tensor, n: int, like: Tensor) -> Tensor:
 
 
 class VelocityMLP(nn.Module):
-    """v_theta(x, t, c) = MLP([x, gamma(t), e(c)]), gamma(t) = (t, sin(2 pi f_k t), cos(2 pi f_k t)): the CFM regressor."""
+    """v_theta(x, t, c) = MLP([x, gamma(t), e(c)]), gamma(t) = (t, sin(2 pi f_k t), cos(2 pi f_k t)): the CFM
+    regressor."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_features: int = 32,
-                 cond_dim: int = 0) -> None:
+    def __init__(
+        self, dim: int = 2, hidden: int = 256, depth: int = 3, time_features: int = 32, cond_dim: int = 0
+    ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.hidden = check_positive_int("hidden", hidden)
@@ -40,11 +43,15 @@ class VelocityMLP(nn.Module):
         self.cond_dim = cond_dim
         # Geometric frequencies 0.5 ... 32 cycles per unit time: smooth enough for coarse ODE steps.
         half = time_features // 2
-        self.register_buffer("freqs", 2 * math.pi * torch.logspace(math.log10(0.5), math.log10(32.0), half),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", 2 * math.pi * torch.logspace(math.log10(0.5), math.log10(32.0), half), persistent=False
+        )
         cond_width = time_features if cond_dim else 0
-        self.cond_embed = (nn.Sequential(nn.Linear(cond_dim, cond_width), nn.SiLU(),
-                                         nn.Linear(cond_width, cond_width)) if cond_dim else None)
+        self.cond_embed = (
+            nn.Sequential(nn.Linear(cond_dim, cond_width), nn.SiLU(), nn.Linear(cond_width, cond_width))
+            if cond_dim
+            else None
+        )
         layers: list[nn.Module] = []
         width = dim + 1 + time_features + cond_width
         for _ in range(depth):
@@ -67,8 +74,10 @@ class VelocityMLP(nn.Module):
         parts = [h, self.time_embedding(_check_model_time(t, n, h))]
         if self.cond_embed is None:
             if cond is not None:
-                raise ValueError("this model has cond_dim=0 (no conditioning input) but cond was given; "
-                                 "build it with VelocityMLP(cond_dim=...) to condition on an extra input")
+                raise ValueError(
+                    "this model has cond_dim=0 (no conditioning input) but cond was given; "
+                    "build it with VelocityMLP(cond_dim=...) to condition on an extra input"
+                )
         else:
             parts.append(self.cond_embed(self._check_cond(cond, n, h)))
         return self.net(torch.cat(parts, dim=1)).to(out_dtype)
@@ -76,8 +85,10 @@ class VelocityMLP(nn.Module):
     def _check_cond(self, cond: Tensor | float | None, n: int, like: Tensor) -> Tensor:
         """Return cond as (n, cond_dim); a scalar (or (n,) when cond_dim == 1) is broadcast."""
         if cond is None:
-            raise ValueError(f"this model was built with cond_dim={self.cond_dim} and needs cond of shape "
-                             f"(n, {self.cond_dim}); got cond=None")
+            raise ValueError(
+                f"this model was built with cond_dim={self.cond_dim} and needs cond of shape "
+                f"(n, {self.cond_dim}); got cond=None"
+            )
         if isinstance(cond, bool) or not isinstance(cond, (int, float, Tensor)):
             raise TypeError(f"cond must be a float or a tensor, got {type(cond).__name__}")
         c = torch.as_tensor(cond, dtype=like.dtype, device=like.device)
@@ -89,8 +100,10 @@ class VelocityMLP(nn.Module):
         return c.expand(n, self.cond_dim)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden={self.hidden}, depth={self.depth}, time_features={self.time_features}, "
-                f"cond_dim={self.cond_dim}")
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, depth={self.depth}, time_features={self.time_features}, "
+            f"cond_dim={self.cond_dim}"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,6 +7,7 @@ Each path states [t_min, t_max], the times where sigma_t > 0 and every field is 
 Where sigma_t = 0 (t = 1 for CondOT with sigma_min = 0 and for VP) the conditional field and density are singular:
 the methods raise ValueError there instead of returning inf / nan.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -109,8 +110,9 @@ class GaussianPath:
         check_points(x)
         check_points(other, name=other_name)
         if other.shape != x.shape:
-            raise ValueError(f"{other_name} must have the same shape as the points, got {tuple(other.shape)} "
-                             f"and {tuple(x.shape)}")
+            raise ValueError(
+                f"{other_name} must have the same shape as the points, got {tuple(other.shape)} and {tuple(x.shape)}"
+            )
         return check_time(t, x.shape[0], like=x)
 
     def _coef(self, t: Tensor, *names: str) -> list[Tensor]:
@@ -118,17 +120,21 @@ class GaussianPath:
         out = [getattr(self, "_" + k)(t) for k in names]
         for k, v in zip(names, out):
             if not torch.isfinite(v).all():
-                raise ValueError(f"path {self.name!r}: {k}(t) is not finite at some t in [{t.min().item():.6g}, "
-                                 f"{t.max().item():.6g}]; its fields are finite for t in [{self.t_min}, {self.t_max}]")
+                raise ValueError(
+                    f"path {self.name!r}: {k}(t) is not finite at some t in [{t.min().item():.6g}, "
+                    f"{t.max().item():.6g}]; its fields are finite for t in [{self.t_min}, {self.t_max}]"
+                )
         return out
 
     def _nonzero_sigma(self, t: Tensor) -> Tensor:
         """sigma_t, with ValueError where it is 0 (p_t(x|x_1) is a point mass: no density, singular field)."""
         (sigma,) = self._coef(t, "sigma")
         if (sigma <= 0).any():
-            raise ValueError(f"path {self.name!r} has sigma_t = 0 at t = {t[sigma <= 0].max().item():.6g}: "
-                             f"p_t(x|x_1) is a point mass there and u_t(x|x_1) is singular; use t in "
-                             f"[{self.t_min}, {self.t_max}]")
+            raise ValueError(
+                f"path {self.name!r} has sigma_t = 0 at t = {t[sigma <= 0].max().item():.6g}: "
+                f"p_t(x|x_1) is a point mass there and u_t(x|x_1) is singular; use t in "
+                f"[{self.t_min}, {self.t_max}]"
+            )
         return sigma
 
     def sample_xt(self, x0: Tensor, x1: Tensor, t: float | Tensor) -> Tensor:
@@ -171,7 +177,8 @@ class GaussianPath:
 
 
 class PathSource(Distribution):
-    """p_0 = law of alpha_0 x_1 + sigma_0 x_0 for a target without a closed-form p_0: sampling only (GaussianPath.source)."""
+    """p_0 = law of alpha_0 x_1 + sigma_0 x_0 for a target without a closed-form p_0: sampling only (see
+    GaussianPath.source)."""
 
     def __init__(self, path: GaussianPath, target: Distribution, alpha0: float, sigma0: float) -> None:
         self.path, self.target, self.alpha0, self.sigma0 = path, target, alpha0, sigma0
@@ -182,8 +189,10 @@ class PathSource(Distribution):
         return self.alpha0 * x1 + self.sigma0 * torch.randn(n, self.dim, generator=g, device=dev, dtype=x1.dtype)
 
     def _log_prob(self, x: Tensor) -> Tensor:
-        raise ValueError(f"{self.name} has no closed-form density (the target {self.target.name!r} is not a "
-                         "GaussianMixture); it can only be sampled")
+        raise ValueError(
+            f"{self.name} has no closed-form density (the target {self.target.name!r} is not a "
+            "GaussianMixture); it can only be sampled"
+        )
 
 
 class CondOTPath(GaussianPath):
@@ -315,9 +324,17 @@ class AffinePath(GaussianPath):
     autograd when not given. alpha, sigma must be elementwise torch functions of t; [t_min, t_max] is where
     sigma > 0 (e.g. t_max < 1 for the cosine schedule alpha = sin(pi t/2), sigma = cos(pi t/2))."""
 
-    def __init__(self, alpha: Callable[[Tensor], Tensor], sigma: Callable[[Tensor], Tensor],
-                 d_alpha: Callable[[Tensor], Tensor] | None = None, d_sigma: Callable[[Tensor], Tensor] | None = None,
-                 name: str = "affine", *, t_min: float = 0.0, t_max: float = 1.0) -> None:
+    def __init__(
+        self,
+        alpha: Callable[[Tensor], Tensor],
+        sigma: Callable[[Tensor], Tensor],
+        d_alpha: Callable[[Tensor], Tensor] | None = None,
+        d_sigma: Callable[[Tensor], Tensor] | None = None,
+        name: str = "affine",
+        *,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+    ) -> None:
         for k, f in (("alpha", alpha), ("sigma", sigma), ("d_alpha", d_alpha), ("d_sigma", d_sigma)):
             if f is not None and not callable(f):
                 raise TypeError(f"{k} must be a callable of t (a torch function), got {type(f).__name__}")
@@ -373,6 +390,11 @@ def cosine_path(sigma_min: float = 0.0) -> AffinePath:
     if sigma_min >= 1:
         raise ValueError(f"sigma_min must be < 1 (sigma_1 = sigma_min is the data-end noise std), got {sigma_min}")
     h = math.pi / 2
-    return AffinePath(lambda t: torch.sin(h * t), lambda t: sigma_min + (1 - sigma_min) * torch.cos(h * t),
-                      lambda t: h * torch.cos(h * t), lambda t: -(1 - sigma_min) * h * torch.sin(h * t),
-                      name="cosine", t_max=1.0 if sigma_min > 0 else 1.0 - T_EDGE)
+    return AffinePath(
+        lambda t: torch.sin(h * t),
+        lambda t: sigma_min + (1 - sigma_min) * torch.cos(h * t),
+        lambda t: h * torch.cos(h * t),
+        lambda t: -(1 - sigma_min) * h * torch.sin(h * t),
+        name="cosine",
+        t_max=1.0 if sigma_min > 0 else 1.0 - T_EDGE,
+    )

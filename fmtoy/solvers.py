@@ -3,6 +3,7 @@
 Sampling integrates the flow ODE from t=0 (source) to t=1 (data). The log-likelihood uses the instantaneous
 change of variables, d/dt log p_t(x_t) = -div v_t(x_t), integrated backwards from t=1 to t=0.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -10,15 +11,22 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import (check_choice, check_generator, check_points, check_positive_int, check_time, check_unit_time,
-                      check_velocity_output)
+from ._checks import (
+    check_choice,
+    check_generator,
+    check_points,
+    check_positive_int,
+    check_time,
+    check_unit_time,
+    check_velocity_output,
+)
 from .threads import thread_policy
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # v(x, t): x (n, d), t (n,) -> (n, d)
-Field = Callable[[Tensor, float], Tensor]       # the same field with a scalar time, as the steps below use it
+Field = Callable[[Tensor, float], Tensor]  # the same field with a scalar time, as the steps below use it
 
 SOLVERS = ("euler", "midpoint", "rk4")
-STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}   # velocity evaluations per step
+STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # velocity evaluations per step
 DIVERGENCES = ("exact", "hutchinson")
 
 
@@ -71,8 +79,17 @@ def steps_for_nfe(method: str, nfe: int, exact: bool = True) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- integration
-def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler", t0: float = 0.0, t1: float = 1.0,
-              return_trajectory: bool = False, grad: bool = False, threads: str | int | None = None) -> Tensor:
+def integrate(
+    velocity: Velocity,
+    x0: Tensor,
+    steps: int,
+    method: str = "euler",
+    t0: float = 0.0,
+    t1: float = 1.0,
+    return_trajectory: bool = False,
+    grad: bool = False,
+    threads: str | int | None = None,
+) -> Tensor:
     """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t, Eq. (ODE).
 
     Returns x(t1), shape (n, d), or the trajectory x(t_0..t_steps), shape (steps + 1, n, d).
@@ -99,8 +116,13 @@ def integrate(velocity: Velocity, x0: Tensor, steps: int, method: str = "euler",
     return torch.stack(trajectory) if return_trajectory else x
 
 
-def integrate_average(average: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, steps: int,
-                      return_trajectory: bool = False, threads: str | int | None = None) -> Tensor:
+def integrate_average(
+    average: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x0: Tensor,
+    steps: int,
+    return_trajectory: bool = False,
+    threads: str | int | None = None,
+) -> Tensor:
     """N steps of an average-velocity model s(x, t, d) (shortcut, MeanFlow; ch. 6): x_{t+d} = x_t + d s(x_t, t, d),
     d = 1/N, t = 0, d, ..., 1 - d (one call per step), under torch.no_grad and the CPU thread policy."""
     if not callable(average):
@@ -119,12 +141,21 @@ def integrate_average(average: Callable[[Tensor, Tensor, Tensor], Tensor], x0: T
     return torch.stack(trajectory) if return_trajectory else x
 
 
-def sample(velocity: Velocity, source, n: int, steps: int = 100, method: str = "euler",
-           generator: torch.Generator | None = None, device=None, return_trajectory: bool = False) -> Tensor:
+def sample(
+    velocity: Velocity,
+    source,
+    n: int,
+    steps: int = 100,
+    method: str = "euler",
+    generator: torch.Generator | None = None,
+    device=None,
+    return_trajectory: bool = False,
+) -> Tensor:
     """Draw x_0 ~ p_0 = source and push it through the flow: x_1 = psi_1(x_0) ~ p_1 (integrate from 0 to 1)."""
     if not hasattr(source, "sample"):
-        raise TypeError(f"source must be a fmtoy Distribution with .sample(n, generator, device), "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            f"source must be a fmtoy Distribution with .sample(n, generator, device), got {type(source).__name__}"
+        )
     x0 = source.sample(n, generator, device)
     return integrate(velocity, x0, steps, method, 0.0, 1.0, return_trajectory)
 
@@ -142,8 +173,9 @@ def _time_vector(t: float | Tensor, n: int, like: Tensor) -> Tensor:
     return check_time(t, n, like=like).expand(n, 1).reshape(n).contiguous()
 
 
-def _velocity_and_divergence(velocity: Velocity, x: Tensor, t: Tensor,
-                             probes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _velocity_and_divergence(
+    velocity: Velocity, x: Tensor, t: Tensor, probes: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """v_t(x) and div v_t(x) from one forward pass: exact, or Hutchinson with probes (K, n, d); both detached.
 
     Gradients are taken with respect to x only, so parameters' .grad is never touched."""
@@ -151,8 +183,10 @@ def _velocity_and_divergence(velocity: Velocity, x: Tensor, t: Tensor,
         x = x.detach().requires_grad_(True)
         v = check_velocity_output(velocity(x, t), x)
         if not v.requires_grad:
-            raise ValueError("velocity(x, t) is not differentiable in x (was it computed under torch.no_grad or "
-                             "detached?); the divergence needs autograd through the field")
+            raise ValueError(
+                "velocity(x, t) is not differentiable in x (was it computed under torch.no_grad or "
+                "detached?); the divergence needs autograd through the field"
+            )
         div = x.new_zeros(x.shape[0])
         if probes is None:  # tr(J) = sum_i d v_i / d x_i: one vector-Jacobian product per coordinate
             d = x.shape[1]
@@ -168,8 +202,14 @@ def _velocity_and_divergence(velocity: Velocity, x: Tensor, t: Tensor,
     return v.detach(), div
 
 
-def divergence(velocity: Velocity, x: Tensor, t: float | Tensor, method: str = "exact",
-               generator: torch.Generator | None = None, n_probes: int = 1) -> Tensor:
+def divergence(
+    velocity: Velocity,
+    x: Tensor,
+    t: float | Tensor,
+    method: str = "exact",
+    generator: torch.Generator | None = None,
+    n_probes: int = 1,
+) -> Tensor:
     """div v_t(x) = tr(dv_t/dx), shape (n,): exact (autograd) or Hutchinson E[eps^T (dv_t/dx) eps], eps = +-1."""
     _check_velocity(velocity)
     x = check_points(x)
@@ -182,9 +222,16 @@ def divergence(velocity: Velocity, x: Tensor, t: float | Tensor, method: str = "
 
 
 # ----------------------------------------------------------------------------------------------- likelihood
-def log_likelihood(velocity: Velocity, x1: Tensor, source, steps: int = 50, method: str = "rk4",
-                   divergence: str = "exact", generator: torch.Generator | None = None,
-                   n_probes: int = 1) -> Tensor:
+def log_likelihood(
+    velocity: Velocity,
+    x1: Tensor,
+    source,
+    steps: int = 50,
+    method: str = "rk4",
+    divergence: str = "exact",
+    generator: torch.Generator | None = None,
+    n_probes: int = 1,
+) -> Tensor:
     """log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (instantaneous change of variables, Eq. (CoV)).
 
     The augmented state (x_t, l_t) with dl/dt = div v_t(x_t), l_1 = 0 is integrated backwards from t=1 to t=0

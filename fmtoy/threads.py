@@ -10,6 +10,7 @@ variable FMTOY_THREADS ("auto" or N), then a setting the user made to torch itse
 MKL_NUM_THREADS in the environment, or torch.set_num_threads() after importing fmtoy), which fmtoy leaves as it is.
 The user's thread count is restored when each fmtoy loop ends. On a GPU the policy does nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,10 @@ from typing import Iterator
 import torch
 
 ENV = "FMTOY_THREADS"
-PROBE = 4        # timed steps per candidate (after one warm-up step)
-RECHECK = 2.0    # seconds between measurements
-_IMPORT_THREADS = torch.get_num_threads()   # torch's own choice, unless the user changed it before importing fmtoy
-_VERDICT: dict[str, float] = {"threads": 0, "until": 0.0}   # the last measured winner and how long it holds
+PROBE = 4  # timed steps per candidate (after one warm-up step)
+RECHECK = 2.0  # seconds between measurements
+_IMPORT_THREADS = torch.get_num_threads()  # torch's own choice, unless the user changed it before importing fmtoy
+_VERDICT: dict[str, float] = {"threads": 0, "until": 0.0}  # the last measured winner and how long it holds
 
 
 def _parse(value: object, where: str) -> str | int:
@@ -54,7 +55,8 @@ def user_setting() -> str | None:
 
 
 def resolve_threads(threads: str | int | None = None) -> tuple[str, tuple[int, ...]]:
-    """The plan for one loop: ("fixed", (N,)), ("auto", (1, N)) to measure, or ("keep", (current,)) (README, Threads)."""
+    """The plan for one loop: ("fixed", (N,)), ("auto", (1, N)) to measure, or ("keep", (current,)) (README,
+    Threads)."""
     choice = check_threads(threads)
     if choice is None and os.environ.get(ENV):
         choice = _parse(os.environ[ENV], f"the environment variable {ENV}")
@@ -98,7 +100,7 @@ class ThreadTuner:
                 self.samples.setdefault(self.current, []).append(now - self.last)
             if len(self.samples.get(self.current, ())) >= self.probe:
                 self.queue.pop(0)
-                if not self.queue:   # every candidate timed: keep the fastest (median step time) for RECHECK s
+                if not self.queue:  # every candidate timed: keep the fastest (median step time) for RECHECK s
                     best = min(self.samples, key=lambda n: statistics.median(self.samples[n]))
                     _VERDICT.update(threads=best, until=now + self.recheck)
         if not self.queue and now >= _VERDICT["until"]:

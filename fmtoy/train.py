@@ -1,5 +1,6 @@
 """The one training loop under every method (fit), conditional flow matching on it, a config dataclass, and safe
 checkpoints."""
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,9 @@ def check_distributions(model: nn.Module, target: Distribution, source: Distribu
         if not isinstance(dist, Distribution):
             raise TypeError(f"{name} must be a fmtoy.data.Distribution, got {type(dist).__name__}")
     if source.dim != target.dim or getattr(model, "dim", target.dim) != target.dim:
-        raise ValueError(f"dimensions disagree: target {target.dim}, source {source.dim}, "
-                         f"model {getattr(model, 'dim', '?')}")
+        raise ValueError(
+            f"dimensions disagree: target {target.dim}, source {source.dim}, model {getattr(model, 'dim', '?')}"
+        )
 
 
 def check_ema(ema_decay: float | None) -> float | None:
@@ -132,8 +134,15 @@ class FitResult:
 LossFn = Callable[[FitContext], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
 
 
-def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitConfig, *, name: str = "train",
-        progress: bool = False, callback: Callable[[int], None] | None = None) -> FitResult:
+def fit(
+    modules: nn.Module | dict[str, nn.Module],
+    loss_fn: LossFn,
+    config: FitConfig,
+    *,
+    name: str = "train",
+    progress: bool = False,
+    callback: Callable[[int], None] | None = None,
+) -> FitResult:
     """The training loop under every method: minimise loss_fn(ctx) (a scalar, or (scalar, {part: scalar})) over the
     modules' trainable parameters. It owns the device, the seeded generator, Adam/AdamW (fused where torch has it),
     the learning-rate schedule, EMA (theta_ema <- d theta_ema + (1 - d) theta after every step, one copy per module),
@@ -142,8 +151,10 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
     """
     named = {"model": modules} if isinstance(modules, nn.Module) else modules
     if not isinstance(named, dict) or not named or not all(isinstance(m, nn.Module) for m in named.values()):
-        raise TypeError("modules must be a torch.nn.Module or a dict of them (e.g. fmtoy.models.VelocityMLP), got "
-                        f"{type(modules).__name__}")
+        raise TypeError(
+            "modules must be a torch.nn.Module or a dict of them (e.g. fmtoy.models.VelocityMLP), got "
+            f"{type(modules).__name__}"
+        )
     if not isinstance(config, FitConfig):
         raise TypeError(f"config must be a fmtoy.train.FitConfig, got {type(config).__name__}")
     c = config
@@ -166,8 +177,10 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
     names: list[str] = []
     history: list[float] = []
     start = time.perf_counter()
-    with thread_policy(c.threads, dev) as tuner, tqdm(total=c.steps, desc=name, unit="step",
-                                                        disable=not progress) as bar:
+    with (
+        thread_policy(c.threads, dev) as tuner,
+        tqdm(total=c.steps, desc=name, unit="step", disable=not progress) as bar,
+    ):
         for step in range(c.steps):
             if callback is not None:
                 callback(step)
@@ -176,8 +189,10 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
             out = loss_fn(ctx)
             loss, extra = out if isinstance(out, tuple) else (out, {})
             if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise ValueError(f"{name}: the loss function must return a scalar tensor (or (scalar, parts)), "
-                                 f"got {type(loss).__name__}")
+                raise ValueError(
+                    f"{name}: the loss function must return a scalar tensor (or (scalar, parts)), "
+                    f"got {type(loss).__name__}"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.lr_schedule != "constant":
@@ -193,13 +208,14 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
                     names, parts = list(extra), torch.empty(c.steps, len(extra), device=dev)
                 parts[step] = torch.stack([extra[k].detach().reshape(()) for k in names])
             if (step + 1) % c.log_every == 0 or step + 1 == c.steps:  # the only host-device sync (besides "ot")
-                chunk = losses[len(history):step + 1].tolist()
+                chunk = losses[len(history) : step + 1].tolist()
                 bad = [i for i, v in enumerate(chunk) if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
                         f"{name}: the training loss became {chunk[bad[0]]} at step {len(history) + bad[0] + 1} of "
                         f"{c.steps} (lr={c.lr:g}); try a lower learning rate (e.g. lr={c.lr / 10:g}), and check "
-                        "that the data and the path give finite values")
+                        "that the data and the path give finite values"
+                    )
                 history += chunk
                 bar.update(len(chunk))
                 bar.set_postfix(loss=f"{sum(chunk) / len(chunk):.4f}")
@@ -209,16 +225,40 @@ def fit(modules: nn.Module | dict[str, nn.Module], loss_fn: LossFn, config: FitC
     for m in mods + (ema or []):
         m.eval()
     columns = parts.T.tolist() if parts is not None else []
-    return FitResult(mods[0], ema[0] if ema else None, history, seconds, c.steps / seconds, str(dev),
-                     dict(zip(names, columns)), dict(zip(named, mods)), dict(tuner.counts))
+    return FitResult(
+        mods[0],
+        ema[0] if ema else None,
+        history,
+        seconds,
+        c.steps / seconds,
+        str(dev),
+        dict(zip(names, columns)),
+        dict(zip(named, mods)),
+        dict(tuner.counts),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CFM
-def fit_cfm(model: nn.Module, path, target: Distribution, source: Distribution | None = None, *, steps: int,
-              batch_size: int, lr: float, device: str | torch.device = "auto", seed: int = 0,
-              ema_decay: float | None = None, coupling: str = "independent", lr_schedule: str = "cosine",
-              progress: bool = True, log_every: int = 100, threads: str | int | None = None) -> FitResult:
-    """Minimise the CFM loss, FM paper Eq. (9)/(14), with fit(); t ~ U[path.t_min, path.t_max], (x_0, x_1) ~ coupling."""
+def fit_cfm(
+    model: nn.Module,
+    path,
+    target: Distribution,
+    source: Distribution | None = None,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    ema_decay: float | None = None,
+    coupling: str = "independent",
+    lr_schedule: str = "cosine",
+    progress: bool = True,
+    log_every: int = 100,
+    threads: str | int | None = None,
+) -> FitResult:
+    """Minimise the CFM loss, FM paper Eq. (9)/(14), with fit(); t ~ U[path.t_min, path.t_max], (x_0, x_1) ~
+    coupling."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. fmtoy.models.VelocityMLP), got {type(model).__name__}")
     if not callable(getattr(path, "schedule", None)):
@@ -229,8 +269,17 @@ def fit_cfm(model: nn.Module, path, target: Distribution, source: Distribution |
     source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
     check_distributions(model, target, source)
     couple = get_coupling(coupling)
-    config = FitConfig(steps, batch_size, lr, lr_schedule, ema_decay=ema_decay, seed=seed, device=device,
-                       threads=threads, log_every=log_every)
+    config = FitConfig(
+        steps,
+        batch_size,
+        lr,
+        lr_schedule,
+        ema_decay=ema_decay,
+        seed=seed,
+        device=device,
+        threads=threads,
+        log_every=log_every,
+    )
 
     def loss_fn(ctx: FitContext) -> Tensor:
         gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
@@ -270,8 +319,16 @@ class RecipeConfig:
 
     def fit_config(self, **changes) -> FitConfig:
         """The FitConfig of this recipe (fit's share of the fields), with `changes` (e.g. ema_decay, optimizer)."""
-        return FitConfig(self.steps, self.batch_size, self.lr, self.lr_schedule, seed=self.seed, device=self.device,
-                         threads=self.threads, **changes)
+        return FitConfig(
+            self.steps,
+            self.batch_size,
+            self.lr,
+            self.lr_schedule,
+            seed=self.seed,
+            device=self.device,
+            threads=self.threads,
+            **changes,
+        )
 
 
 @dataclass
@@ -293,8 +350,10 @@ class TrainConfig(RecipeConfig):
         check_choice("path", self.path, list_paths())
         check_positive("sigma_min", self.sigma_min, allow_zero=True)
         if self.sigma_min > 0 and self.path not in ("ot", "ve"):
-            raise ValueError(f"sigma_min applies to the 'ot' and 've' paths only (0 leaves the 've' default); "
-                             f"path {self.path!r} got sigma_min={self.sigma_min}")
+            raise ValueError(
+                f"sigma_min applies to the 'ot' and 've' paths only (0 leaves the 've' default); "
+                f"path {self.path!r} got sigma_min={self.sigma_min}"
+            )
         check_ema(self.ema_decay)
         check_choice("coupling", self.coupling, COUPLINGS)
 
@@ -321,15 +380,28 @@ def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     target = get_dataset(config.data)
     path = build_path(config)
     model = build_model(config, target.dim)
-    result = fit_cfm(model, path, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                       device=config.device, seed=config.seed, ema_decay=config.ema_decay, coupling=config.coupling,
-                       lr_schedule=config.lr_schedule, progress=progress, threads=config.threads)
+    result = fit_cfm(
+        model,
+        path,
+        target,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        device=config.device,
+        seed=config.seed,
+        ema_decay=config.ema_decay,
+        coupling=config.coupling,
+        lr_schedule=config.lr_schedule,
+        progress=progress,
+        threads=config.threads,
+    )
     result.config = config
     return result
 
 
 def _version() -> str:
     import fmtoy
+
     return str(getattr(fmtoy, "__version__", "unknown"))
 
 
@@ -341,17 +413,33 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | VelocityMLP, co
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if (model.hidden, model.depth) != (config.hidden, config.depth):
-        raise ValueError(f"the model (hidden={model.hidden}, depth={model.depth}) does not match the config "
-                         f"(hidden={config.hidden}, depth={config.depth})")
+        raise ValueError(
+            f"the model (hidden={model.hidden}, depth={model.depth}) does not match the config "
+            f"(hidden={config.hidden}, depth={config.depth})"
+        )
     cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
-    torch.save({"format": CHECKPOINT_FORMAT, "fmtoy_version": _version(), "config": dataclasses.asdict(config),
-                "model_kwargs": {"dim": model.dim, "hidden": model.hidden, "depth": model.depth,
-                                 "time_features": model.time_features, "cond_dim": model.cond_dim},
-                "state_dict": cpu(model), "ema_state_dict": cpu(ema) if ema is not None else None}, file)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fmtoy_version": _version(),
+            "config": dataclasses.asdict(config),
+            "model_kwargs": {
+                "dim": model.dim,
+                "hidden": model.hidden,
+                "depth": model.depth,
+                "time_features": model.time_features,
+                "cond_dim": model.cond_dim,
+            },
+            "state_dict": cpu(model),
+            "ema_state_dict": cpu(ema) if ema is not None else None,
+        },
+        file,
+    )
 
 
-def load_checkpoint(file: str | os.PathLike, device: str | torch.device = "cpu",
-                    use_ema: bool = True) -> tuple[VelocityMLP, TrainConfig]:
+def load_checkpoint(
+    file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[VelocityMLP, TrainConfig]:
     """Load (model, config) saved by save_checkpoint; the EMA weights when stored and use_ema, else the online ones.
 
     The returned config has device set to `device`. A corrupt, truncated or inconsistent file raises ValueError.
@@ -362,11 +450,15 @@ def load_checkpoint(file: str | os.PathLike, device: str | torch.device = "cpu",
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise ValueError(f"{file!s} is not a readable fmtoy checkpoint (corrupt, truncated or not made by "
-                         f"save_checkpoint): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ValueError(
+            f"{file!s} is not a readable fmtoy checkpoint (corrupt, truncated or not made by "
+            f"save_checkpoint): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{file!s} is not an fmtoy checkpoint: expected format {CHECKPOINT_FORMAT!r}, "
-                         f"got {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}")
+        raise ValueError(
+            f"{file!s} is not an fmtoy checkpoint: expected format {CHECKPOINT_FORMAT!r}, "
+            f"got {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}"
+        )
     missing = [k for k in ("config", "model_kwargs", "state_dict", "ema_state_dict") if k not in ckpt]
     if missing:
         raise ValueError(f"{file!s}: checkpoint is missing the entries {missing}")
@@ -374,8 +466,10 @@ def load_checkpoint(file: str | os.PathLike, device: str | torch.device = "cpu",
         config = TrainConfig(**{**ckpt["config"], "device": str(dev)})
         kwargs = ckpt["model_kwargs"]
         if (kwargs["hidden"], kwargs["depth"]) != (config.hidden, config.depth):
-            raise ValueError(f"model size (hidden={kwargs['hidden']}, depth={kwargs['depth']}) disagrees with the "
-                             f"config (hidden={config.hidden}, depth={config.depth})")
+            raise ValueError(
+                f"model size (hidden={kwargs['hidden']}, depth={kwargs['depth']}) disagrees with the "
+                f"config (hidden={config.hidden}, depth={config.depth})"
+            )
         model = VelocityMLP(**kwargs)
         state = ckpt["ema_state_dict"] if use_ema and ckpt["ema_state_dict"] is not None else ckpt["state_dict"]
         model.load_state_dict(state)

@@ -3,6 +3,7 @@
 Everything uses plain matplotlib (works with the Agg backend). Animations are FuncAnimations; `to_html` turns
 one into a self-contained JavaScript player (play, pause, step, scrub) that needs no running kernel.
 """
+
 from __future__ import annotations
 
 import os
@@ -104,8 +105,17 @@ def _model_device(fn: Callable) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- static plots
-def plot_samples(x: Tensor | np.ndarray, ax: Axes | None = None, *, s: float = 2.0, alpha: float = 0.5,
-                 color: str = "C0", lim: float | None = None, title: str | None = None, **kwargs) -> Axes:
+def plot_samples(
+    x: Tensor | np.ndarray,
+    ax: Axes | None = None,
+    *,
+    s: float = 2.0,
+    alpha: float = 0.5,
+    color: str = "C0",
+    lim: float | None = None,
+    title: str | None = None,
+    **kwargs,
+) -> Axes:
     """Scatter plot of samples x ~ p (n, 2), e.g. x_1 = psi_1(x_0), Eq. (ODE); returns the Axes."""
     x = _as_array(x, 2, "x", "(n, 2)")
     ax = _axes(ax)
@@ -116,9 +126,18 @@ def plot_samples(x: Tensor | np.ndarray, ax: Axes | None = None, *, s: float = 2
     return ax
 
 
-def plot_over_reference(samples: Tensor | np.ndarray, reference: Tensor | np.ndarray, ax: Axes | None = None, *,
-                        lim: float | None = None, s: float = 1.0, color: str = "C0", ref_color: str = "0.8",
-                        title: str | None = None, fontsize: float = 9) -> Axes:
+def plot_over_reference(
+    samples: Tensor | np.ndarray,
+    reference: Tensor | np.ndarray,
+    ax: Axes | None = None,
+    *,
+    lim: float | None = None,
+    s: float = 1.0,
+    color: str = "C0",
+    ref_color: str = "0.8",
+    title: str | None = None,
+    fontsize: float = 9,
+) -> Axes:
     """Samples (color) drawn over samples of the target (light grey) on square axes: where x_1 lands against q."""
     ref = _as_array(reference, 2, "reference", "(m, 2)")
     x = _as_array(samples, 2, "samples", "(n, 2)")
@@ -131,8 +150,9 @@ def plot_over_reference(samples: Tensor | np.ndarray, reference: Tensor | np.nda
     return ax
 
 
-def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]], fmt: str = ".3f",
-                   align: str | None = None) -> str:
+def markdown_table(
+    header: Sequence[object], rows: Sequence[Sequence[object]], fmt: str = ".3f", align: str | None = None
+) -> str:
     """A markdown table: numbers formatted with `fmt` (strings as they are); align per column, e.g. "lrr"."""
     header = [str(h) for h in header]
     if any(len(r) != len(header) for r in rows):
@@ -147,16 +167,23 @@ def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]], f
     return "\n".join(lines)
 
 
-def show_table(header: Sequence[object], rows: Sequence[Sequence[object]], title: str | None = None,
-               **kwargs) -> None:
+def show_table(header: Sequence[object], rows: Sequence[Sequence[object]], title: str | None = None, **kwargs) -> None:
     """Display markdown_table(header, rows, **kwargs) in a notebook (a bold title above it if given)."""
     from IPython.display import Markdown, display
 
     display(Markdown((f"**{title}**\n\n" if title else "") + markdown_table(header, rows, **kwargs)))
 
 
-def plot_density(log_prob_fn: Callable[[Tensor], Tensor], ax: Axes | None = None, *, lim: float = 5.0,
-                 grid: int = 200, log: bool = False, cmap: str = "viridis", title: str | None = None) -> Axes:
+def plot_density(
+    log_prob_fn: Callable[[Tensor], Tensor],
+    ax: Axes | None = None,
+    *,
+    lim: float = 5.0,
+    grid: int = 200,
+    log: bool = False,
+    cmap: str = "viridis",
+    title: str | None = None,
+) -> Axes:
     """Image of p(x) = exp(log_prob_fn(x)) (or log p with log=True) on the cell centres of grid_points(lim, grid)."""
     if not callable(log_prob_fn):
         raise TypeError(f"log_prob_fn must be a callable x (n, 2) -> (n,), got {type(log_prob_fn).__name__}")
@@ -170,8 +197,17 @@ def plot_density(log_prob_fn: Callable[[Tensor], Tensor], ax: Axes | None = None
     return ax
 
 
-def plot_field(velocity: Callable[[Tensor, Tensor], Tensor], t: float, ax: Axes | None = None, *, lim: float = 5.0,
-               grid: int = 20, kind: str = "quiver", color: str = "k", title: str | None = None) -> Axes:
+def plot_field(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    t: float,
+    ax: Axes | None = None,
+    *,
+    lim: float = 5.0,
+    grid: int = 20,
+    kind: str = "quiver",
+    color: str = "k",
+    title: str | None = None,
+) -> Axes:
     """Arrows (quiver) or streamlines of the velocity field v_t(x) at time t on a grid x grid raster, Eq. (ODE)."""
     if not callable(velocity):
         raise TypeError(f"velocity must be a callable v(x, t) -> (n, 2), got {type(velocity).__name__}")
@@ -183,16 +219,32 @@ def plot_field(velocity: Callable[[Tensor, Tensor], Tensor], t: float, ax: Axes 
     if kind == "quiver":
         ax.quiver(x, y, v[:, 0], v[:, 1], color=color, angles="xy")
     else:
-        ax.streamplot(centres, centres, v[:, 0].reshape(grid, grid), v[:, 1].reshape(grid, grid),
-                      color=color, density=1.0, linewidth=0.7)
+        ax.streamplot(
+            centres,
+            centres,
+            v[:, 0].reshape(grid, grid),
+            v[:, 1].reshape(grid, grid),
+            color=color,
+            density=1.0,
+            linewidth=0.7,
+        )
     _square(ax, lim)
     ax.set_title(title if title is not None else f"v(x, t={t:.2f})")
     return ax
 
 
-def plot_trajectories(traj: Tensor | np.ndarray, ax: Axes | None = None, *, max_lines: int = 200,
-                      color: str = "0.4", alpha: float = 0.4, lw: float = 0.6, show_ends: bool = True,
-                      lim: float | None = None, title: str | None = None) -> Axes:
+def plot_trajectories(
+    traj: Tensor | np.ndarray,
+    ax: Axes | None = None,
+    *,
+    max_lines: int = 200,
+    color: str = "0.4",
+    alpha: float = 0.4,
+    lw: float = 0.6,
+    show_ends: bool = True,
+    lim: float | None = None,
+    title: str | None = None,
+) -> Axes:
     """Paths t -> x_t of the first max_lines particles of a trajectory (steps+1, n, 2), with x_0 and x_1 marked."""
     traj = _as_array(traj, 3, "traj", "(steps + 1, n, 2)")
     max_lines = check_positive_int("max_lines", max_lines)
@@ -247,11 +299,21 @@ class TrajectoryAnimation(animation.FuncAnimation):
             super()._post_draw(framedata, blit)
 
 
-def animate_trajectories(traj: Tensor | np.ndarray, *, field: Callable | None = None,
-                         density: Callable | None = None, times: Sequence[float] | None = None,
-                         interval: int = 100, max_frames: int = 30, lim: float | None = None,
-                         grid: int = 48, field_grid: int = 12, s: float = 4.0,
-                         figsize: tuple[float, float] = (4, 4), dpi: int = 72) -> TrajectoryAnimation:
+def animate_trajectories(
+    traj: Tensor | np.ndarray,
+    *,
+    field: Callable | None = None,
+    density: Callable | None = None,
+    times: Sequence[float] | None = None,
+    interval: int = 100,
+    max_frames: int = 30,
+    lim: float | None = None,
+    grid: int = 48,
+    field_grid: int = 12,
+    s: float = 4.0,
+    figsize: tuple[float, float] = (4, 4),
+    dpi: int = 72,
+) -> TrajectoryAnimation:
     """Animate particles x_t moving along the flow ODE, Eq. (ODE), from a trajectory (steps+1, n, 2).
 
     field: optional v(x, t) drawn as field_grid^2 arrows (t a tensor of shape (n,)); density: optional
@@ -283,13 +345,29 @@ def animate_trajectories(traj: Tensor | np.ndarray, *, field: Callable | None = 
     image = arrows = None
     if density is not None:
         dens_points = grid_points(lim, g)[0].to(_model_device(density))
-        image = ax.imshow(np.zeros((g, g)), origin="lower", extent=(-lim, lim, -lim, lim), cmap="Blues",
-                          interpolation="nearest", zorder=0)
+        image = ax.imshow(
+            np.zeros((g, g)),
+            origin="lower",
+            extent=(-lim, lim, -lim, lim),
+            cmap="Blues",
+            interpolation="nearest",
+            zorder=0,
+        )
     if field is not None:
         field_points = grid_points(lim, gf)[0].to(_model_device(field))
         xy = field_points.cpu().numpy()
-        arrows = ax.quiver(xy[:, 0], xy[:, 1], np.zeros(len(xy)), np.zeros(len(xy)), color="0.5",
-                           angles="xy", scale_units="xy", scale=8.0, width=0.004, zorder=1)
+        arrows = ax.quiver(
+            xy[:, 0],
+            xy[:, 1],
+            np.zeros(len(xy)),
+            np.zeros(len(xy)),
+            color="0.5",
+            angles="xy",
+            scale_units="xy",
+            scale=8.0,
+            width=0.004,
+            zorder=1,
+        )
     x0 = arr[0]
     hue = (np.arctan2(x0[:, 1], x0[:, 0]) + np.pi) / (2 * np.pi)  # colour = angle of x_0: shows who goes where
     particles = ax.scatter(x0[:, 0], x0[:, 1], c=hue, cmap="hsv", vmin=0, vmax=1, s=s, linewidths=0, zorder=2)
@@ -323,15 +401,24 @@ def animate_trajectories(traj: Tensor | np.ndarray, *, field: Callable | None = 
 
 def _check_animation(anim) -> animation.Animation:
     if not isinstance(anim, animation.Animation):
-        raise TypeError(f"anim must be a matplotlib Animation (e.g. from animate_trajectories), "
-                        f"got {type(anim).__name__}")
+        raise TypeError(
+            f"anim must be a matplotlib Animation (e.g. from animate_trajectories), got {type(anim).__name__}"
+        )
     return anim
 
 
 # matplotlib's player draws its buttons with Font Awesome 4 from a CDN; plain characters keep the page offline.
-PLAYER_ICONS = {"fa fa-minus": "\u2212", "fa fa-fast-backward": "\u21e4", "fa fa-step-backward": "\u2039",
-                "fa fa-play fa-flip-horizontal": "\u25c0", "fa fa-pause": "\u2016", "fa fa-play": "\u25b6",
-                "fa fa-step-forward": "\u203a", "fa fa-fast-forward": "\u21e5", "fa fa-plus": "+"}
+PLAYER_ICONS = {
+    "fa fa-minus": "\u2212",
+    "fa fa-fast-backward": "\u21e4",
+    "fa fa-step-backward": "\u2039",
+    "fa fa-play fa-flip-horizontal": "\u25c0",
+    "fa fa-pause": "\u2016",
+    "fa fa-play": "\u25b6",
+    "fa fa-step-forward": "\u203a",
+    "fa fa-fast-forward": "\u21e5",
+    "fa fa-plus": "+",
+}
 _FA_LINK = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">\s*')
 
 
@@ -369,12 +456,16 @@ def _check_animation_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ANIMATION_FORMATS:
-        raise ValueError(f"cannot save an animation as {path.name!r}: unsupported extension {suffix or '(none)'!r}; "
-                         f"use one of {', '.join(ANIMATION_FORMATS)}")
+        raise ValueError(
+            f"cannot save an animation as {path.name!r}: unsupported extension {suffix or '(none)'!r}; "
+            f"use one of {', '.join(ANIMATION_FORMATS)}"
+        )
     if suffix == ".mp4" and not animation.writers.is_available("ffmpeg"):
-        raise RuntimeError(f"cannot write {path.name!r}: saving .mp4 needs ffmpeg, which is not installed or not "
-                           "on PATH; install ffmpeg (e.g. `apt install ffmpeg`, `conda install ffmpeg`, "
-                           "`brew install ffmpeg`) or save as .gif instead")
+        raise RuntimeError(
+            f"cannot write {path.name!r}: saving .mp4 needs ffmpeg, which is not installed or not "
+            "on PATH; install ffmpeg (e.g. `apt install ffmpeg`, `conda install ffmpeg`, "
+            "`brew install ffmpeg`) or save as .gif instead"
+        )
     return path
 
 

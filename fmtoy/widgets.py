@@ -1,4 +1,5 @@
 """ipywidgets controls the chapters reuse (data set, path, solver, t, NFE, seed, sigma_min) and a live figure."""
+
 from __future__ import annotations
 
 import inspect
@@ -17,9 +18,11 @@ _STYLE = {"description_width": "initial"}
 
 def buildable_datasets() -> list[str]:
     """The data sets get_dataset(name) builds without arguments (gaussian_mixture needs weights/means/covs)."""
+
     def needs_args(name: str) -> bool:
         params = inspect.signature(DATASETS[name]).parameters.values()
         return any(p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+
     return [name for name in list_datasets() if not needs_args(name)]
 
 
@@ -44,16 +47,16 @@ def solver_dropdown(value: str = "euler", description: str = "solver") -> W.Drop
 def t_slider(value: float = 0.5, step: float = 0.01, description: str = "t") -> W.FloatSlider:
     """Slider for the time t in [0, 1] (t=0 noise, t=1 data)."""
     _check_range("t", value, 0.0, 1.0)
-    return W.FloatSlider(value=value, min=0.0, max=1.0, step=step, description=description,
-                         continuous_update=False, readout_format=".2f")
+    return W.FloatSlider(
+        value=value, min=0.0, max=1.0, step=step, description=description, continuous_update=False, readout_format=".2f"
+    )
 
 
 def nfe_slider(value: int = 8, description: str = "NFE") -> W.SelectionSlider:
     """Slider for the number of velocity evaluations (solver steps), powers of two 1 ... 256."""
     if value not in NFE_CHOICES:
         raise ValueError(f"nfe value must be a power of two in {list(NFE_CHOICES)}, got {value!r}")
-    return W.SelectionSlider(options=list(NFE_CHOICES), value=value, description=description,
-                             continuous_update=False)
+    return W.SelectionSlider(options=list(NFE_CHOICES), value=value, description=description, continuous_update=False)
 
 
 def seed_slider(value: int = 0, max: int = 99, description: str = "seed") -> W.IntSlider:
@@ -66,13 +69,22 @@ def seed_slider(value: int = 0, max: int = 99, description: str = "seed") -> W.I
     return W.IntSlider(value=value, min=0, max=max, step=1, description=description, continuous_update=False)
 
 
-def sigma_min_slider(value: float = 0.0, max: float = 0.5, step: float = 0.01,
-                     description: str = "sigma_min") -> W.FloatSlider:
+def sigma_min_slider(
+    value: float = 0.0, max: float = 0.5, step: float = 0.01, description: str = "sigma_min"
+) -> W.FloatSlider:
     """Slider for sigma_min in [0, max]: the width of p_1(x|x_1) = N(x_1, sigma_min^2 I), FM paper Eq. (20)."""
     _check_range("max", max, 0.0, 1.0)
     _check_range("sigma_min", value, 0.0, max)
-    return W.FloatSlider(value=value, min=0.0, max=max, step=step, description=description, style=_STYLE,
-                         continuous_update=False, readout_format=".2f")
+    return W.FloatSlider(
+        value=value,
+        min=0.0,
+        max=max,
+        step=step,
+        description=description,
+        style=_STYLE,
+        continuous_update=False,
+        readout_format=".2f",
+    )
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -87,8 +99,9 @@ def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget
     figure is shown in the Output; with a non-interactive backend (Agg) figures it opens are closed after each draw.
     """
     if not callable(draw_fn):
-        raise TypeError(f"draw_fn must be a callable taking the controls as keyword arguments, "
-                        f"got {type(draw_fn).__name__}")
+        raise TypeError(
+            f"draw_fn must be a callable taking the controls as keyword arguments, got {type(draw_fn).__name__}"
+        )
     if not controls:
         raise ValueError("interactive_figure needs at least one control, e.g. t=t_slider()")
     bad = [name for name, w in controls.items() if not isinstance(w, W.ValueWidget)]
@@ -109,8 +122,15 @@ def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget
     return W.VBox([W.HBox(list(controls.values())), output])
 
 
-def static_sweep(draw_fn: Callable[..., object], name: str, values: Sequence[object], *, dpi: int = 80,
-                 interval: int = 700, **fixed: object):
+def static_sweep(
+    draw_fn: Callable[..., object],
+    name: str,
+    values: Sequence[object],
+    *,
+    dpi: int = 80,
+    interval: int = 700,
+    **fixed: object,
+):
     """The kernel-free counterpart of interactive_figure: draw_fn(**fixed, name=value) for each value, as the frames
     of a JS player (play, step, scrub) that works in the static page. Show it with fmtoy.viz.show."""
     import io
@@ -119,19 +139,19 @@ def static_sweep(draw_fn: Callable[..., object], name: str, values: Sequence[obj
     from matplotlib import animation
 
     if not callable(draw_fn):
-        raise TypeError(f"draw_fn must be a callable taking the controls as keyword arguments, "
-                        f"got {type(draw_fn).__name__}")
+        raise TypeError(
+            f"draw_fn must be a callable taking the controls as keyword arguments, got {type(draw_fn).__name__}"
+        )
     values = list(values)
     if not 2 <= len(values) <= 40:
-        raise ValueError(f"values must hold between 2 and 40 settings of {name!r} (one frame each), "
-                         f"got {len(values)}")
+        raise ValueError(f"values must hold between 2 and 40 settings of {name!r} (one frame each), got {len(values)}")
     if name in fixed:
         raise ValueError(f"{name!r} is the swept control; do not also pass it as a fixed value")
     frames = []
     show = plt.show
     for value in values:
         before = set(plt.get_fignums())
-        plt.show = lambda *args, **kwargs: None      # draw_fn may call plt.show(), which would close the figure
+        plt.show = lambda *args, **kwargs: None  # draw_fn may call plt.show(), which would close the figure
         try:
             draw_fn(**fixed, **{name: value})
         finally:

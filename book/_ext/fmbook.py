@@ -1,4 +1,5 @@
 """Small Sphinx hooks for this book (loaded through _config.yml's sphinx.local_extensions)."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,12 @@ from sphinx.util import logging
 LAUNCH_KEYS = ("binderhub_url", "jupyterhub_url", "colab_url", "deepnote_url", "jupyterlite_url")
 LOGGER = logging.getLogger(__name__)
 # Execution-time budgets on 2 idle cores: (name, the docnames it sums as a regular expression, seconds).
-EXECUTION_BUDGETS = (("playground + chapters 1-7", r"book/(playground|ch[1-7]_\w+)", 240.0),
-                     ("whole book", r".*", 480.0))
+EXECUTION_BUDGETS = (
+    ("playground + chapters 1-7", r"book/(playground|ch[1-7]_\w+)", 240.0),
+    ("whole book", r".*", 480.0),
+)
 FROM_CACHE = "from cache: time of the last real run"
-EXECUTED = "fmbook_executed"     # key in myst-nb's env.nb_metadata[docname]: executed (not a cache hit) in this build
+EXECUTED = "fmbook_executed"  # key in myst-nb's env.nb_metadata[docname]: executed (not a cache hit) in this build
 _READ_START: dict[str, float] = {}
 
 
@@ -34,7 +37,7 @@ def launch_buttons_need_a_repository(app, config) -> None:
     """Launch buttons are driven by one setting, repository.url: without it they are switched off (the theme would
     otherwise fail on an empty URL)."""
     opts = config.html_theme_options
-    config.html_context.setdefault("default_mode", "auto")   # the theme logs a console error when this is empty
+    config.html_context.setdefault("default_mode", "auto")  # the theme logs a console error when this is empty
     if not opts.get("repository_url"):
         opts["launch_buttons"] = {**opts.get("launch_buttons", {}), **{k: "" for k in LAUNCH_KEYS}, "thebe": False}
 
@@ -58,11 +61,16 @@ def drop_unused_thebe_scripts(app, pagename, templatename, context, doctree) -> 
         return
     scripts = context.get("script_files")
     if scripts:
-        context["script_files"] = [js for js in scripts if "thebe" not in str(getattr(js, "filename", js) or "")
-                                   and "THEBE_JS_URL" not in str(getattr(js, "attributes", {}).get("body", ""))]
+        context["script_files"] = [
+            js
+            for js in scripts
+            if "thebe" not in str(getattr(js, "filename", js) or "")
+            and "THEBE_JS_URL" not in str(getattr(js, "attributes", {}).get("body", ""))
+        ]
 
 
 # --- execution times: _build/execution-times.md and .json after every successful build -------------------------
+
 
 def forget_earlier_executions(app, env, docnames) -> None:
     """A notebook that is not re-read in this build was not executed in it (the environment is pickled)."""
@@ -87,10 +95,17 @@ def note_fresh_execution(app, doctree) -> None:
 
 def execution_records(env) -> list[dict]:
     """One record per notebook myst-nb executed or took from its cache (from env.nb_metadata[docname]["exec_data"])."""
-    return [{"docname": doc, "title": env.titles[doc].astext() if doc in env.titles else "",
-             "seconds": meta["exec_data"]["runtime"], "executed": bool(meta.get(EXECUTED)),
-             "method": meta["exec_data"]["method"]}
-            for doc, meta in sorted(getattr(env, "nb_metadata", {}).items()) if meta.get("exec_data")]
+    return [
+        {
+            "docname": doc,
+            "title": env.titles[doc].astext() if doc in env.titles else "",
+            "seconds": meta["exec_data"]["runtime"],
+            "executed": bool(meta.get(EXECUTED)),
+            "method": meta["exec_data"]["method"],
+        }
+        for doc, meta in sorted(getattr(env, "nb_metadata", {}).items())
+        if meta.get("exec_data")
+    ]
 
 
 def toc_order(env, root: str) -> list[str]:
@@ -107,22 +122,34 @@ def toc_order(env, root: str) -> list[str]:
 def execution_table(records: list[dict], budgets=EXECUTION_BUDGETS, order=()) -> tuple[str, dict]:
     """The report (markdown, JSON-ready dict) of records {docname, title, seconds, executed, method}, in toc order."""
     rank = {doc: i for i, doc in enumerate(order)}
-    rows = sorted(records, key=lambda r: rank.get(r["docname"], len(rank)))   # stable: the rest keep their order
+    rows = sorted(records, key=lambda r: rank.get(r["docname"], len(rank)))  # stable: the rest keep their order
     totals = []
     for name, pattern, limit in budgets:
         seconds = round(sum(r["seconds"] or 0.0 for r in rows if re.fullmatch(pattern, r["docname"])), 2)
         totals.append({"budget": name, "seconds": seconds, "limit": limit, "over": seconds > limit})
     cell = lambda text: str(text).replace("|", "\\|")
-    lines = ["# Execution times", "", "Seconds each notebook took to execute, in toc order (written by "
-             "book/_ext/fmbook.py after every build). A notebook taken from the jupyter cache shows the time of its "
-             "last real run.", "", "| # | Document | Title | Seconds | Executed | Method |",
-             "| ---: | --- | --- | ---: | --- | --- |"]
-    lines += [f"| {i} | {cell(r['docname'])} | {cell(r['title'])} | "
-              f"{'-' if r['seconds'] is None else format(r['seconds'], '.2f')} | "
-              f"{'in this build' if r['executed'] else FROM_CACHE} | {r['method']} |" for i, r in enumerate(rows, 1)]
+    lines = [
+        "# Execution times",
+        "",
+        "Seconds each notebook took to execute, in toc order (written by "
+        "book/_ext/fmbook.py after every build). A notebook taken from the jupyter cache shows the time of its "
+        "last real run.",
+        "",
+        "| # | Document | Title | Seconds | Executed | Method |",
+        "| ---: | --- | --- | ---: | --- | --- |",
+    ]
+    lines += [
+        f"| {i} | {cell(r['docname'])} | {cell(r['title'])} | "
+        f"{'-' if r['seconds'] is None else format(r['seconds'], '.2f')} | "
+        f"{'in this build' if r['executed'] else FROM_CACHE} | {r['method']} |"
+        for i, r in enumerate(rows, 1)
+    ]
     lines += ["", "| Budget | Seconds | Limit (s) | Status |", "| --- | ---: | ---: | --- |"]
-    lines += [f"| {t['budget']} | {t['seconds']:.2f} | {t['limit']:g} | "
-              f"{'**OVER BUDGET**' if t['over'] else 'within budget'} |" for t in totals]
+    lines += [
+        f"| {t['budget']} | {t['seconds']:.2f} | {t['limit']:g} | "
+        f"{'**OVER BUDGET**' if t['over'] else 'within budget'} |"
+        for t in totals
+    ]
     documents = [{k: r[k] for k in ("docname", "title", "seconds", "executed", "method")} for r in rows]
     return "\n".join(lines) + "\n", {"documents": documents, "budgets": totals}
 
@@ -145,18 +172,20 @@ def write_execution_times(app, exception) -> None:
     if exception is not None:
         return
     markdown, data = execution_table(execution_records(app.env), order=toc_order(app.env, app.config.root_doc))
-    folder = Path(app.outdir).resolve().parent     # _build/html -> _build, where myst-nb keeps jupyter_execute
+    folder = Path(app.outdir).resolve().parent  # _build/html -> _build, where myst-nb keeps jupyter_execute
     write_atomically(folder / "execution-times.json", json.dumps(data, indent=2) + "\n")
     write_atomically(folder / "execution-times.md", markdown)
-    totals = "; ".join(f"{t['budget']} {t['seconds']:.1f} s of {t['limit']:g} s" + (" OVER BUDGET" if t["over"] else "")
-                       for t in data["budgets"])
+    totals = "; ".join(
+        f"{t['budget']} {t['seconds']:.1f} s of {t['limit']:g} s" + (" OVER BUDGET" if t["over"] else "")
+        for t in data["budgets"]
+    )
     LOGGER.info(f"execution times: {folder / 'execution-times.md'} ({totals})")
 
 
 def setup(app):
     from fmtoy.kernels import kernels_over_ipc
 
-    kernels_over_ipc()       # the build's kernels talk over Unix sockets (fmtoy.kernels)
+    kernels_over_ipc()  # the build's kernels talk over Unix sockets (fmtoy.kernels)
     app.connect("autodoc-process-docstring", literal_docstrings)
     app.connect("config-inited", launch_buttons_need_a_repository)
     app.connect("html-page-context", offer_notebook_download, priority=500)

@@ -11,6 +11,7 @@ A graded exercise in a chapter (MyST notebook) is a ``{exercise}`` directive tit
 The stated N must equal the sum of the test cells' points. Graded cells are self-contained (their own imports), so
 an exercise can be graded without running the rest of the chapter.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,13 +26,15 @@ STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
 NBGRADER_SCHEMA = 3
 
 # ```{exercise} Title (code, 3 points)\n:label: ex-...   (any fence of 3+ backticks or colons)
-EXERCISE = re.compile(r"^(?P<fence>`{3,}|:{3,})\{exercise\}[ \t]*(?P<title>[^\n]*)\n(?P<options>(?::[^\n]*\n)*)",
-                      re.MULTILINE)
+EXERCISE = re.compile(
+    r"^(?P<fence>`{3,}|:{3,})\{exercise\}[ \t]*(?P<title>[^\n]*)\n(?P<options>(?::[^\n]*\n)*)", re.MULTILINE
+)
 POINTS_IN_TITLE = re.compile(r"\(code,\s*(\d+)\s*points?\)")
 LABEL = re.compile(r"^:label:\s*(\S+)\s*$", re.MULTILINE)
 # a {solution} directive block: opening fence, body, the same fence alone on a line
-SOLUTION_BLOCK = re.compile(r"^(?P<fence>`{3,}|:{3,})\{solution\}[^\n]*\n.*?^(?P=fence)[ \t]*\n?",
-                            re.MULTILINE | re.DOTALL)
+SOLUTION_BLOCK = re.compile(
+    r"^(?P<fence>`{3,}|:{3,})\{solution\}[^\n]*\n.*?^(?P=fence)[ \t]*\n?", re.MULTILINE | re.DOTALL
+)
 
 
 class AssignmentError(ValueError):
@@ -111,8 +114,9 @@ def graded_exercises(nb) -> list[GradedExercise]:
         has_solution = BEGIN_SOLUTION in cell.source
         if points is None:
             if not has_solution:
-                raise AssignmentError(f"{where}: a graded cell is a solution cell ({BEGIN_SOLUTION}) or a test cell "
-                                      "(metadata points: N)")
+                raise AssignmentError(
+                    f"{where}: a graded cell is a solution cell ({BEGIN_SOLUTION}) or a test cell (metadata points: N)"
+                )
             _check_markers(cell.source, BEGIN_SOLUTION, END_SOLUTION, where)
             ex.solution_cells.append(i)
         else:
@@ -129,8 +133,10 @@ def graded_exercises(nb) -> list[GradedExercise]:
         if not ex.test_cells:
             raise AssignmentError(f"{chapter}: exercise {ex.label} has a solution cell but no test cell (points: N)")
         if sum(ex.test_points) != ex.points:
-            raise AssignmentError(f"{chapter}: exercise {ex.label} states {ex.points} points in its title but its "
-                                  f"test cells carry {ex.test_points} (sum {sum(ex.test_points)})")
+            raise AssignmentError(
+                f"{chapter}: exercise {ex.label} states {ex.points} points in its title but its "
+                f"test cells carry {ex.test_points} (sum {sum(ex.test_points)})"
+            )
     return list(exercises.values())
 
 
@@ -171,8 +177,14 @@ def remove_solution_directives(markdown: str) -> str:
 
 
 def _nbgrader(grade_id: str, *, solution: bool, grade: bool, points: int | None = None) -> dict:
-    meta = {"grade": grade, "grade_id": grade_id, "locked": not solution, "schema_version": NBGRADER_SCHEMA,
-            "solution": solution, "task": False}
+    meta = {
+        "grade": grade,
+        "grade_id": grade_id,
+        "locked": not solution,
+        "schema_version": NBGRADER_SCHEMA,
+        "solution": solution,
+        "task": False,
+    }
     if points is not None:
         meta["points"] = points
     return meta
@@ -187,14 +199,16 @@ def instructor_notebook(nb):
         for k, i in enumerate(ex.solution_cells):
             nb.cells[i].metadata["nbgrader"] = _nbgrader(f"{ex.label}-solution{k + 1}", solution=True, grade=False)
         for k, (i, p) in enumerate(zip(ex.test_cells, ex.test_points)):
-            nb.cells[i].metadata["nbgrader"] = _nbgrader(f"{ex.label}-test{k + 1}", solution=False, grade=True,
-                                                         points=p)
+            nb.cells[i].metadata["nbgrader"] = _nbgrader(
+                f"{ex.label}-test{k + 1}", solution=False, grade=True, points=p
+            )
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     meta = nb.metadata.setdefault("fmtoy", {})
-    meta.update(edition="instructor",
-                exercises={ex.label: {"title": ex.title, "points": ex.points} for ex in exercises})
+    meta.update(
+        edition="instructor", exercises={ex.label: {"title": ex.title, "points": ex.points} for ex in exercises}
+    )
     return nb
 
 
@@ -210,7 +224,7 @@ def student_notebook(nb):
             cell.source = remove_hidden_tests(cell.source)
         elif cell.cell_type == "markdown":
             cell.source = remove_solution_directives(cell.source)
-        if "hide-input" in cell.metadata.get("tags", []):          # students should see what they fill in
+        if "hide-input" in cell.metadata.get("tags", []):  # students should see what they fill in
             cell.metadata["tags"] = [t for t in cell.metadata["tags"] if t != "hide-input"]
     nb.metadata["fmtoy"]["edition"] = "student"
     return nb
@@ -259,9 +273,12 @@ def write_assignments(book_dir: str | Path, out_dir: str | Path) -> dict[str, di
             target.parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(make(nb), target)
         exercises = graded_exercises(nb)
-        summary[path.stem] = {"exercises": {ex.label: {"title": ex.title, "points": ex.points,
-                                                       "tests": ex.test_points} for ex in exercises},
-                              "points": sum(ex.points for ex in exercises)}
+        summary[path.stem] = {
+            "exercises": {
+                ex.label: {"title": ex.title, "points": ex.points, "tests": ex.test_points} for ex in exercises
+            },
+            "points": sum(ex.points for ex in exercises),
+        }
     (out_dir / "assignments.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -301,15 +318,14 @@ def write_student_book(root: str | Path, out: str | Path) -> Path:
     (out / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
     for path in sorted((root / "book").iterdir()):
         if path.is_dir():
-            if not path.name.startswith((".", "__")):                  # e.g. book/_ext, the local Sphinx hooks
+            if not path.name.startswith((".", "__")):  # e.g. book/_ext, the local Sphinx hooks
                 shutil.copytree(path, out / "book" / path.name, ignore=shutil.ignore_patterns("__pycache__"))
             continue
-        if path.stem == "instructors":                                 # not part of the student edition
+        if path.stem == "instructors":  # not part of the student edition
             continue
         if path.suffix == ".md":
             text = path.read_text(encoding="utf-8")
-            text = (student_chapter_source(path) if "{code-cell}" in text
-                    else remove_solution_directives(text))
+            text = student_chapter_source(path) if "{code-cell}" in text else remove_solution_directives(text)
             (out / "book" / path.name).write_text(text, encoding="utf-8")
         else:
             shutil.copy2(path, out / "book" / path.name)

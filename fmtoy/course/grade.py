@@ -4,6 +4,7 @@ The student's notebook only contributes its solution cells (matched by nbgrader 
 comes from the instructor version, so editing or deleting a test in the student copy changes nothing. Each test
 cell is worth its ``points``; a cell that raises, times out or kills the kernel scores 0 and the grader goes on.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ class GradeReport:
         return sum(e.earned for e in self.exercises)
 
     def to_dict(self) -> dict:
-        return {"notebook": self.notebook, "chapter": self.chapter, "earned": self.earned, "points": self.points,
-                "exercises": [asdict(e) for e in self.exercises]}
+        return {
+            "notebook": self.notebook,
+            "chapter": self.chapter,
+            "earned": self.earned,
+            "points": self.points,
+            "exercises": [asdict(e) for e in self.exercises],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -93,8 +99,10 @@ def _instructor_source(student, source):
     if source is None:
         chapter = student.metadata.get("fmtoy", {}).get("chapter")
         if not chapter:
-            raise ValueError("this notebook does not name its chapter (metadata fmtoy.chapter); pass source= the "
-                             "instructor notebook (assignments/source/<chapter>/<chapter>.ipynb) or the chapter .md")
+            raise ValueError(
+                "this notebook does not name its chapter (metadata fmtoy.chapter); pass source= the "
+                "instructor notebook (assignments/source/<chapter>/<chapter>.ipynb) or the chapter .md"
+            )
         source = BOOK_DIR / f"{chapter}.md"
         if not source.is_file():
             raise FileNotFoundError(f"chapter {chapter!r} not found at {source}; pass source= the instructor notebook")
@@ -108,8 +116,9 @@ def _instructor_source(student, source):
     return source
 
 
-def grade(notebook: str | Path, source: str | Path | None = None, *, timeout: float = 60.0,
-          kernel_name: str = "python3") -> GradeReport:
+def grade(
+    notebook: str | Path, source: str | Path | None = None, *, timeout: float = 60.0, kernel_name: str = "python3"
+) -> GradeReport:
     """Grade a filled-in student notebook: every exercise's solution cells (the student's) then its test cells (the
     instructor's), each exercise in a fresh namespace; `timeout` seconds per cell."""
     import nbformat
@@ -122,8 +131,11 @@ def grade(notebook: str | Path, source: str | Path | None = None, *, timeout: fl
     student = nbformat.read(path, as_version=4)
     instructor = _instructor_source(student, source)
     chapter = instructor.metadata.get("fmtoy", {}).get("chapter", path.stem)
-    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in student.cells
-               if c.metadata.get("nbgrader", {}).get("solution")}
+    answers = {
+        c.metadata["nbgrader"]["grade_id"]: c.source
+        for c in student.cells
+        if c.metadata.get("nbgrader", {}).get("solution")
+    }
     exercises = graded_exercises(instructor)
 
     # One notebook: per exercise, a namespace reset, the student's solution cells, the instructor's test cells.
@@ -141,8 +153,9 @@ def grade(notebook: str | Path, source: str | Path | None = None, *, timeout: fl
             test_idx.append(len(cells))
             cells.append(nbformat.v4.new_code_cell(instructor.cells[i].source))
         plan.append((ex, sol_idx, test_idx))
-    run = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": kernel_name,
-                                                                         "display_name": kernel_name}})
+    run = nbformat.v4.new_notebook(
+        cells=cells, metadata={"kernelspec": {"name": kernel_name, "display_name": kernel_name}}
+    )
     executed = _execute(run, timeout, kernel_name, cwd=path.parent)
 
     scores = []
@@ -152,8 +165,9 @@ def grade(notebook: str | Path, source: str | Path | None = None, *, timeout: fl
         for k, (i, p) in enumerate(zip(test_idx, ex.test_points)):
             message = executed.get(i, "not run: the kernel died in an earlier cell")
             tests.append(TestResult(f"{ex.label}-test{k + 1}", p, message == "", message))
-        scores.append(ExerciseScore(ex.label, ex.title, ex.points, sum(t.points for t in tests if t.passed),
-                                    tests, sol_error))
+        scores.append(
+            ExerciseScore(ex.label, ex.title, ex.points, sum(t.points for t in tests if t.passed), tests, sol_error)
+        )
     return GradeReport(str(path), chapter, scores)
 
 
@@ -165,13 +179,19 @@ def _execute(nb, timeout: float, kernel_name: str, cwd: Path) -> dict[int, str]:
 
     from ..kernels import kernels_over_ipc
 
-    kernels_over_ipc()                  # the grader's kernels talk over Unix sockets, as the book build's do
+    kernels_over_ipc()  # the grader's kernels talk over Unix sockets, as the book build's do
 
     results: dict[int, str] = {}
     start = 0
     while start < len(nb.cells):
-        client = NotebookClient(nb, timeout=timeout, allow_errors=True, interrupt_on_timeout=True,
-                                kernel_name=kernel_name, resources={"metadata": {"path": str(cwd)}})
+        client = NotebookClient(
+            nb,
+            timeout=timeout,
+            allow_errors=True,
+            interrupt_on_timeout=True,
+            kernel_name=kernel_name,
+            resources={"metadata": {"path": str(cwd)}},
+        )
         died_at = None
         with client.setup_kernel():
             for i in range(start, len(nb.cells)):
@@ -184,7 +204,7 @@ def _execute(nb, timeout: float, kernel_name: str, cwd: Path) -> dict[int, str]:
                     results[i] = f"{type(e).__name__}: {e}"[:500]
                     continue
                 msg = _error_message(nb.cells[i].outputs)
-                if msg.startswith("KeyboardInterrupt"):              # interrupt_on_timeout
+                if msg.startswith("KeyboardInterrupt"):  # interrupt_on_timeout
                     msg = f"timed out after {timeout:g} s (interrupted)"
                 if "%reset" not in nb.cells[i].source or msg:
                     results[i] = msg

@@ -4,6 +4,7 @@ trained with the MeanFlow identity s = u + d (u . grad_x s + d_t s - d_d s), the
 The target uses the conditional velocity v = x_1 - x_0 for u (as CFM does), the total derivative comes from one
 forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), and it carries no gradient.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,9 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_points, check_positive, check_positive_int
-from ..data import Distribution, StandardNormal
+from ..data import Distribution, StandardNormal, get_dataset
 from ..models import VelocityMLP, _check_model_time
-from ..data import get_dataset
 from ..solvers import integrate_average
 from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, fit
 
@@ -37,8 +37,9 @@ class MeanFlowMLP(nn.Module):
         return self(x, t, 0.0)
 
 
-def meanflow_times(n: int, fraction: float = 0.25, generator: torch.Generator | None = None,
-                   device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+def meanflow_times(
+    n: int, fraction: float = 0.25, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> tuple[Tensor, Tensor]:
     """(t, d): two sorted uniform times t <= r and d = r - t on a fraction of rows; d = 0 (flow matching) elsewhere."""
     n = check_positive_int("n", n)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
@@ -50,8 +51,9 @@ def meanflow_times(n: int, fraction: float = 0.25, generator: torch.Generator | 
     return t, d
 
 
-def meanflow_loss(model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor, power: float = 1.0,
-                  eps: float = 1e-3) -> Tensor:
+def meanflow_loss(
+    model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor, power: float = 1.0, eps: float = 1e-3
+) -> Tensor:
     """mean_i w_i |s(x_t, t, d) - sg(v + d (v . grad_x s + d_t s - d_d s))|^2, v = x_1 - x_0, x_t = (1-t) x_0 + t x_1;
     adaptive weight w = sg(1 / (|err|^2 + eps)^power) (MeanFlow's, power 0: plain squared error)."""
     x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
@@ -60,18 +62,31 @@ def meanflow_loss(model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor
     power = check_positive("power", power, allow_zero=True)
     tc, dc = _check_model_time(t, x0.shape[0], x0), _check_model_time(d, x0.shape[0], x0)
     xt, v = (1 - tc) * x0 + tc * x1, x1 - x0
-    s, ds = torch.func.jvp(lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc),
-                           (v, torch.ones_like(tc), -torch.ones_like(dc)))
+    s, ds = torch.func.jvp(
+        lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc), (v, torch.ones_like(tc), -torch.ones_like(dc))
+    )
     target = (v + dc * ds).detach()
     err = (s - target).square().sum(1)
     weight = (err.detach() + eps).pow(-power) if power > 0 else torch.ones_like(err)
     return (weight * err).mean()
 
 
-def fit_meanflow(model: MeanFlowMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
-                   batch_size: int, lr: float = 3e-3, fraction: float = 0.25, power: float = 1.0, seed: int = 0,
-                 lr_schedule: str = "cosine", device: str | torch.device = "auto",
-                 threads: str | int | None = None, progress: bool = False) -> FitResult:
+def fit_meanflow(
+    model: MeanFlowMLP,
+    target: Distribution,
+    source: Distribution | None = None,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float = 3e-3,
+    fraction: float = 0.25,
+    power: float = 1.0,
+    seed: int = 0,
+    lr_schedule: str = "cosine",
+    device: str | torch.device = "auto",
+    threads: str | int | None = None,
+    progress: bool = False,
+) -> FitResult:
     """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times."""
     if not isinstance(model, MeanFlowMLP):
         raise TypeError(f"model must be a fmtoy.methods.meanflow.MeanFlowMLP, got {type(model).__name__}")
@@ -110,10 +125,20 @@ def train_meanflow(config: MeanFlowConfig, progress: bool = False) -> FitResult:
         raise TypeError(f"config must be a MeanFlowConfig, got {type(config).__name__}")
     target = get_dataset(config.data)
     model = build_model(config, target.dim, MeanFlowMLP)
-    result = fit_meanflow(model, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                          fraction=config.fraction, power=config.power, seed=config.seed,
-                          lr_schedule=config.lr_schedule, device=config.device, threads=config.threads,
-                          progress=progress)
+    result = fit_meanflow(
+        model,
+        target,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        fraction=config.fraction,
+        power=config.power,
+        seed=config.seed,
+        lr_schedule=config.lr_schedule,
+        device=config.device,
+        threads=config.threads,
+        progress=progress,
+    )
     result.config = config
     return result
 
@@ -123,4 +148,12 @@ def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_traject
     return integrate_average(model, x0, steps, return_trajectory)
 
 
-__all__ = ["MeanFlowMLP", "meanflow_times", "meanflow_loss", "fit_meanflow", "MeanFlowConfig", "train_meanflow", "sample_meanflow"]
+__all__ = [
+    "MeanFlowMLP",
+    "meanflow_times",
+    "meanflow_loss",
+    "fit_meanflow",
+    "MeanFlowConfig",
+    "train_meanflow",
+    "sample_meanflow",
+]

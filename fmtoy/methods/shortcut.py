@@ -6,6 +6,7 @@ Level L is the flow-matching branch: s(x, t, 0) and s(x, t, 1/M) are the same ou
 which trains its flow-matching rows with the embedding of d = 1/M. Self-consistency (ch. 6, Eq. SC):
     s(x_t, t, 2d) = s(x_t, t, d)/2 + s(x'_{t+d}, t + d, d)/2,    x'_{t+d} = x_t + d s(x_t, t, d).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
-from ..data import Distribution, StandardNormal
+from ..data import Distribution, StandardNormal, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate, integrate_average
-from ..data import get_dataset
 from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, check_ema, fit
 
 Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
@@ -32,8 +32,9 @@ def check_max_steps(max_steps: int) -> int:
     """Return M if it is a power of two >= 2 (the finest step 1/M, the flow-matching branch), else ValueError."""
     ok = isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 2
     if not ok or max_steps & (max_steps - 1):
-        raise ValueError(f"max_steps must be a power of two >= 2 (e.g. 128: steps d = 1, 1/2, ..., 1/128), "
-                         f"got {max_steps!r}")
+        raise ValueError(
+            f"max_steps must be a power of two >= 2 (e.g. 128: steps d = 1, 1/2, ..., 1/128), got {max_steps!r}"
+        )
     return max_steps
 
 
@@ -44,7 +45,7 @@ def n_levels(max_steps: int = 128) -> int:
 
 def step_sizes(max_steps: int = 128) -> list[float]:
     """The d grid [1, 1/2, ..., 1/M]; entry l is the step of level l = log2(1/d)."""
-    return [2.0 ** -level for level in range(n_levels(max_steps))]
+    return [2.0**-level for level in range(n_levels(max_steps))]
 
 
 def level_of(d: float | Tensor, n: int, max_steps: int = 128, like: Tensor | None = None) -> Tensor:
@@ -64,8 +65,10 @@ def level_of(d: float | Tensor, n: int, max_steps: int = 128, like: Tensor | Non
     level = torch.where(dd == 0, torch.full_like(level, top), level)
     if not bool((ok & (level <= top)).all()):
         bad = dd[~(ok & (level <= top))][0].item()
-        raise ValueError(f"step size d must be 0 (the flow-matching velocity) or a power of two 2^-l with "
-                         f"1/{max_steps} <= d <= 1 (max_steps={max_steps}); got d = {bad!r}")
+        raise ValueError(
+            f"step size d must be 0 (the flow-matching velocity) or a power of two 2^-l with "
+            f"1/{max_steps} <= d <= 1 (max_steps={max_steps}); got d = {bad!r}"
+        )
     return level.long().expand(n)
 
 
@@ -73,14 +76,14 @@ def level_of(d: float | Tensor, n: int, max_steps: int = 128, like: Tensor | Non
 class ShortcutMLP(nn.Module):
     """s_theta(x, t, d) = MLP([x, gamma(t), e(log2(1/d))]): VelocityMLP plus one learned embedding per step level."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, time_features: int = 32,
-                 max_steps: int = 128) -> None:
+    def __init__(
+        self, dim: int = 2, hidden: int = 128, depth: int = 3, time_features: int = 32, max_steps: int = 128
+    ) -> None:
         super().__init__()
         self.max_steps = check_max_steps(max_steps)
         self.levels = n_levels(max_steps)
         # the level enters as a one-hot vector through VelocityMLP's conditioning MLP: its own embedding per level
-        self.net = VelocityMLP(dim=dim, hidden=hidden, depth=depth, time_features=time_features,
-                               cond_dim=self.levels)
+        self.net = VelocityMLP(dim=dim, hidden=hidden, depth=depth, time_features=time_features, cond_dim=self.levels)
         self.dim, self.hidden, self.depth = self.net.dim, self.net.hidden, self.net.depth
 
     def forward(self, x: Tensor, t: float | Tensor, d: float | Tensor = 0.0) -> Tensor:
@@ -107,8 +110,7 @@ def _column(v: float | Tensor, n: int, like: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- target and losses
-def shortcut_target(s: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor,
-                    clip: float | None = None) -> Tensor:
+def shortcut_target(s: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor, clip: float | None = None) -> Tensor:
     """Target for s(x, t, 2d): s(x, t, d)/2 + s(x', t + d, d)/2, x' = x + d s(x, t, d) (Eq. SC), without gradient.
 
     clip: clamp x' and the target to [-clip, clip] per coordinate (the official code uses +-4 on image latents).
@@ -130,8 +132,14 @@ def shortcut_target(s: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor
     return target.detach()
 
 
-def self_consistency_loss(model: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor,
-                          teacher: Shortcut | None = None, clip: float | None = None) -> Tensor:
+def self_consistency_loss(
+    model: Shortcut,
+    x: Tensor,
+    t: float | Tensor,
+    d: float | Tensor,
+    teacher: Shortcut | None = None,
+    clip: float | None = None,
+) -> Tensor:
     """mean_i |s(x_i, t_i, 2 d_i) - target_i|^2, the target from two d-steps of `teacher` (default: model), no grad."""
     x = check_points(x)
     n = x.shape[0]
@@ -143,30 +151,35 @@ def self_consistency_loss(model: Shortcut, x: Tensor, t: float | Tensor, d: floa
 class ShortcutBatch(NamedTuple):
     """One training batch: rows [0, n_sc) self-consistency at (t, d) on the d grid, rows [n_sc, n) flow matching."""
 
-    xt: torch.Tensor      # (n, dim) points on the CondOT path x_t = (1 - t) x_0 + t x_1
-    t: torch.Tensor       # (n,) times: multiples of d for self-consistency rows, of 1/M for flow-matching rows
-    level: torch.Tensor   # (n,) long: log2(1/d) of the asked step; log2(M) on flow-matching rows
-    n_sc: int             # number of self-consistency rows
+    xt: torch.Tensor  # (n, dim) points on the CondOT path x_t = (1 - t) x_0 + t x_1
+    t: torch.Tensor  # (n,) times: multiples of d for self-consistency rows, of 1/M for flow-matching rows
+    level: torch.Tensor  # (n,) long: log2(1/d) of the asked step; log2(M) on flow-matching rows
+    n_sc: int  # number of self-consistency rows
 
 
 def sc_rows(batch_size: int, k: float, max_steps: int = 128) -> int:
     """floor(k * batch) self-consistency rows; ValueError unless every level 0 ... log2(M) - 1 gets at least one."""
     batch_size = check_positive_int("batch_size", batch_size)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < 1:
-        raise ValueError(f"k (the self-consistency fraction of the batch) must be a number in (0, 1), "
-                         f"e.g. 0.25 (FM : SC = 3 : 1) or 0.125 (the official code); got {k!r}")
+        raise ValueError(
+            f"k (the self-consistency fraction of the batch) must be a number in (0, 1), "
+            f"e.g. 0.25 (FM : SC = 3 : 1) or 0.125 (the official code); got {k!r}"
+        )
     sc_levels = n_levels(max_steps) - 1
     m = int(k * batch_size)
     if m < sc_levels:
         need = math.ceil(sc_levels / k)
-        raise ValueError(f"batch_size={batch_size} with k={k} gives {m} self-consistency rows, fewer than the "
-                         f"{sc_levels} step levels d = 1 ... 2/{max_steps}: some levels would never train. Use "
-                         f"batch_size >= {need}, a larger k, or a smaller max_steps")
+        raise ValueError(
+            f"batch_size={batch_size} with k={k} gives {m} self-consistency rows, fewer than the "
+            f"{sc_levels} step levels d = 1 ... 2/{max_steps}: some levels would never train. Use "
+            f"batch_size >= {need}, a larger k, or a smaller max_steps"
+        )
     return m
 
 
-def shortcut_batch(x0: Tensor, x1: Tensor, k: float = 0.25, max_steps: int = 128,
-                   generator: torch.Generator | None = None) -> ShortcutBatch:
+def shortcut_batch(
+    x0: Tensor, x1: Tensor, k: float = 0.25, max_steps: int = 128, generator: torch.Generator | None = None
+) -> ShortcutBatch:
     """Stratified levels (each of 0 ... L-1 gets floor(m / L) rows, the rest d = 1, as in the official code), t on
     the grid of its own d; flow-matching rows get t ~ U{0, 1/M, ..., 1 - 1/M} and level L."""
     x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
@@ -177,18 +190,26 @@ def shortcut_batch(x0: Tensor, x1: Tensor, k: float = 0.25, max_steps: int = 128
     top = n_levels(max_steps) - 1
     per = m // top
     level = torch.full((n,), top, dtype=torch.long, device=dev)
-    level[:per * top] = torch.arange(top - 1, -1, -1, device=dev).repeat_interleave(per)
-    level[per * top:m] = 0
-    sections = torch.exp2(level.to(x0.dtype))                     # 2^l grid points on [0, 1) per level
+    level[: per * top] = torch.arange(top - 1, -1, -1, device=dev).repeat_interleave(per)
+    level[per * top : m] = 0
+    sections = torch.exp2(level.to(x0.dtype))  # 2^l grid points on [0, 1) per level
     u = torch.rand(n, generator=generator, device=dev, dtype=x0.dtype)
     t = torch.floor(u * sections) / sections
     xt = (1 - t[:, None]) * x0 + t[:, None] * x1
     return ShortcutBatch(xt, t, level, m)
 
 
-def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module | None = None, k: float = 0.25,
-                  max_steps: int | None = None, generator: torch.Generator | None = None, clip: float | None = 10.0,
-                  return_parts: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+def shortcut_loss(
+    model: nn.Module,
+    x0: Tensor,
+    x1: Tensor,
+    teacher: nn.Module | None = None,
+    k: float = 0.25,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    clip: float | None = 10.0,
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Shortcut loss: mean over the batch of |s(x_t, t, 0) - (x_1 - x_0)|^2 (flow-matching rows) and
     |s(x_t, t, 2d) - sg(target)|^2 (a fraction k of rows, Eq. SC); the target comes from `teacher` (EMA copy or the
     model itself) and carries no gradient. return_parts: also the two parts' means (detached)."""
@@ -200,7 +221,7 @@ def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module |
         raise ValueError(f"max_steps={max_steps} disagrees with the model's max_steps={model.max_steps}")
     b = shortcut_batch(x0, x1, k, max_steps, generator)
     m = b.n_sc
-    half = torch.exp2(-(b.level[:m] + 1).to(x0.dtype))            # the two half steps d of the step 2d
+    half = torch.exp2(-(b.level[:m] + 1).to(x0.dtype))  # the two half steps d of the step 2d
     sc_target = shortcut_target(teacher, b.xt[:m], b.t[:m], half, clip)
     target = torch.cat([sc_target, x1[m:] - x0[m:]])
     err = (model.forward_level(b.xt, b.t, b.level) - target).square().sum(1)
@@ -211,11 +232,24 @@ def shortcut_loss(model: nn.Module, x0: Tensor, x1: Tensor, teacher: nn.Module |
 
 
 # ----------------------------------------------------------------------------------------------- training
-def fit_shortcut(model: ShortcutMLP, target: Distribution, source: Distribution | None = None, *, steps: int,
-                   batch_size: int, lr: float = 3e-3, k: float = 0.25, teacher: str = "ema",
-                   ema_decay: float = 0.999, clip: float | None = 10.0, lr_schedule: str = "cosine",
-                 seed: int = 0, device: str | torch.device = "auto", threads: str | int | None = None,
-                 progress: bool = False) -> FitResult:
+def fit_shortcut(
+    model: ShortcutMLP,
+    target: Distribution,
+    source: Distribution | None = None,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float = 3e-3,
+    k: float = 0.25,
+    teacher: str = "ema",
+    ema_decay: float = 0.999,
+    clip: float | None = 10.0,
+    lr_schedule: str = "cosine",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    threads: str | int | None = None,
+    progress: bool = False,
+) -> FitResult:
     """Minimise shortcut_loss with fmtoy.train.fit; teacher "ema" (official: rate 0.999) or "online" (the model
     itself, still without gradient through the target). Loss parts "fm" and "sc" per step."""
     if not isinstance(model, ShortcutMLP):
@@ -226,8 +260,16 @@ def fit_shortcut(model: ShortcutMLP, target: Distribution, source: Distribution 
     check_choice("teacher", teacher, TEACHERS)
     if teacher == "ema" and check_ema(ema_decay) is None:
         raise ValueError("teacher='ema' needs ema_decay, a number in (0, 1) such as 0.999")
-    config = FitConfig(steps, batch_size, lr, lr_schedule, ema_decay=ema_decay if teacher == "ema" else None,
-                       seed=seed, device=device, threads=threads)
+    config = FitConfig(
+        steps,
+        batch_size,
+        lr,
+        lr_schedule,
+        ema_decay=ema_decay if teacher == "ema" else None,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
 
     def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
         gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
@@ -267,10 +309,22 @@ def train_shortcut(config: ShortcutConfig, progress: bool = False) -> FitResult:
         raise TypeError(f"config must be a ShortcutConfig, got {type(config).__name__}")
     target = get_dataset(config.data)
     model = build_model(config, target.dim, ShortcutMLP, max_steps=config.max_steps)
-    result = fit_shortcut(model, target, steps=config.steps, batch_size=config.batch_size, lr=config.lr, k=config.k,
-                          teacher=config.teacher, ema_decay=config.ema_decay, clip=config.clip,
-                          lr_schedule=config.lr_schedule, seed=config.seed, device=config.device,
-                          threads=config.threads, progress=progress)
+    result = fit_shortcut(
+        model,
+        target,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        k=config.k,
+        teacher=config.teacher,
+        ema_decay=config.ema_decay,
+        clip=config.clip,
+        lr_schedule=config.lr_schedule,
+        seed=config.seed,
+        device=config.device,
+        threads=config.threads,
+        progress=progress,
+    )
     result.config = config
     return result
 
@@ -280,21 +334,25 @@ def check_sampling_steps(steps: int, max_steps: int = 128) -> int:
     """Return N if it is a power of two with 1 <= N <= M (the shortcut only knows d = 1/N on its grid)."""
     ok = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 and not steps & (steps - 1)
     if not ok or steps > max_steps:
-        raise ValueError(f"steps must be a power of two between 1 and max_steps={max_steps} (the shortcut is trained "
-                         f"for d = 1, 1/2, ..., 1/{max_steps}), got {steps!r}")
+        raise ValueError(
+            f"steps must be a power of two between 1 and max_steps={max_steps} (the shortcut is trained "
+            f"for d = 1, 1/2, ..., 1/{max_steps}), got {steps!r}"
+        )
     return steps
 
 
-def sample_shortcut(s: Shortcut, x0: Tensor, steps: int, max_steps: int | None = None,
-                    return_trajectory: bool = False) -> Tensor:
+def sample_shortcut(
+    s: Shortcut, x0: Tensor, steps: int, max_steps: int | None = None, return_trajectory: bool = False
+) -> Tensor:
     """N Euler steps with the shortcut at d = 1/N: x_{t+d} = x_t + d s(x_t, t, d), t = 0, d, ..., 1 - d (N calls)."""
     max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
     return integrate_average(s, x0, check_sampling_steps(steps, max_steps), return_trajectory)
 
 
 # ----------------------------------------------------------------------------------------------- exact shortcut
-def exact_shortcut(field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float, d: float,
-                   steps_per_unit: int = 256) -> Tensor:
+def exact_shortcut(
+    field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float, d: float, steps_per_unit: int = 256
+) -> Tensor:
     """s*(x, t, d) = (phi_{t, t+d}(x) - x) / d by RK4 with ceil(d * steps_per_unit) steps; d = 0: the field u_t(x)."""
     x = check_points(x)
     t, d = check_unit_time("t", t), check_unit_time("d", d)
@@ -311,8 +369,9 @@ def exact_shortcut(field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: floa
 class ExactShortcut:
     """The exact shortcut of a known field as a callable s(x, t, d) (rows grouped by their (t, d) pair)."""
 
-    def __init__(self, field: Callable[[Tensor, Tensor], Tensor], steps_per_unit: int = 256,
-                 max_steps: int = 128) -> None:
+    def __init__(
+        self, field: Callable[[Tensor, Tensor], Tensor], steps_per_unit: int = 256, max_steps: int = 128
+    ) -> None:
         if not callable(field):
             raise TypeError(f"field must be a callable v(x, t) -> (n, d), got {type(field).__name__}")
         self.field, self.steps_per_unit = field, check_positive_int("steps_per_unit", steps_per_unit)
@@ -331,8 +390,9 @@ class ExactShortcut:
         return out
 
 
-def shortcut_error_map(s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, max_steps: int = 128,
-                       substeps: int = 4) -> list[tuple[Tensor, Tensor]]:
+def shortcut_error_map(
+    s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, max_steps: int = 128, substeps: int = 4
+) -> list[tuple[Tensor, Tensor]]:
     """RMS error sqrt(mean |s(x, t, d) - s*(x, t, d)|^2) over x ~ p_t at every grid (t, d), d = 2^-l, t in d N.
 
     One RK4 trajectory of the exact field from x0 ~ p_0 (M * substeps steps) gives x_t ~ p_t on the 1/M grid and
@@ -358,7 +418,24 @@ def shortcut_error_map(s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x
     return out
 
 
-__all__ = ["check_max_steps", "n_levels", "step_sizes", "level_of", "ShortcutMLP", "shortcut_target",
-           "self_consistency_loss", "ShortcutBatch", "sc_rows", "shortcut_batch", "shortcut_loss", 
-           "fit_shortcut", "ShortcutConfig", "train_shortcut", "check_sampling_steps", "sample_shortcut", "exact_shortcut", "ExactShortcut",
-           "shortcut_error_map"]
+__all__ = [
+    "check_max_steps",
+    "n_levels",
+    "step_sizes",
+    "level_of",
+    "ShortcutMLP",
+    "shortcut_target",
+    "self_consistency_loss",
+    "ShortcutBatch",
+    "sc_rows",
+    "shortcut_batch",
+    "shortcut_loss",
+    "fit_shortcut",
+    "ShortcutConfig",
+    "train_shortcut",
+    "check_sampling_steps",
+    "sample_shortcut",
+    "exact_shortcut",
+    "ExactShortcut",
+    "shortcut_error_map",
+]

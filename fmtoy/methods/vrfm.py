@@ -8,6 +8,7 @@ trajectory, held fixed while the ODE dx/dt = v_theta(x, t, z) is integrated (Pro
 paper's synthetic settings and the exact distribution p(v | x_t, t) of the velocity for Gaussian-mixture source and
 target (the ground truth, Prop prop-ch7-velocity-posterior).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,9 @@ METHODS = ("rfm", "vrfm")
 def two_modes_1d(std: float = 0.1) -> GaussianMixture:
     """The paper's 1D target: (1/2) N(-1, std^2) + (1/2) N(+1, std^2) (source N(0, 1))."""
     std = check_positive("std", std)
-    return GaussianMixture(torch.ones(2), torch.tensor([[-1.0], [1.0]]), torch.full((2, 1, 1), std**2),
-                           name="two_modes_1d")
+    return GaussianMixture(
+        torch.ones(2), torch.tensor([[-1.0], [1.0]]), torch.full((2, 1, 1), std**2), name="two_modes_1d"
+    )
 
 
 def hexagon(radius: float = 1.0, std: float = 0.05, name: str = "hexagon") -> GaussianMixture:
@@ -65,8 +67,9 @@ class VRFMSetting:
 def _settings() -> dict[str, Callable[[], VRFMSetting]]:
     return {
         "two_modes_1d": lambda: VRFMSetting("two_modes_1d", StandardNormal(1), two_modes_1d(), 4, 1.0),
-        "hexagon_2d": lambda: VRFMSetting("hexagon_2d", hexagon(1 / 3, name="hexagon_r1/3"),
-                                          hexagon(1.0, name="hexagon_r1"), 8, 0.1),
+        "hexagon_2d": lambda: VRFMSetting(
+            "hexagon_2d", hexagon(1 / 3, name="hexagon_r1/3"), hexagon(1.0, name="hexagon_r1"), 8, 0.1
+        ),
         "eight_gaussians": lambda: VRFMSetting("eight_gaussians", StandardNormal(2), eight_gaussians(), 8, 0.1),
     }
 
@@ -84,8 +87,9 @@ def get_setting(name: str) -> VRFMSetting:
 class PosteriorEncoder(nn.Module):
     """q_phi(z | x_0, x_1, x_t, t) = N(mu, diag exp(logvar)): an MLP on the chosen inputs (ch. 7, Def. def-ch7-vrfm)."""
 
-    def __init__(self, dim: int, latent_dim: int, hidden: int = 64, depth: int = 2,
-                 inputs: tuple[str, ...] = POSTERIOR_INPUTS) -> None:
+    def __init__(
+        self, dim: int, latent_dim: int, hidden: int = 64, depth: int = 2, inputs: tuple[str, ...] = POSTERIOR_INPUTS
+    ) -> None:
         super().__init__()
         self.dim, self.latent_dim = check_positive_int("dim", dim), check_positive_int("latent_dim", latent_dim)
         self.hidden, self.depth = check_positive_int("hidden", hidden), check_positive_int("depth", depth)
@@ -116,8 +120,7 @@ class PosteriorEncoder(nn.Module):
 def check_posterior_inputs(inputs) -> tuple[str, ...]:
     """A non-empty tuple of distinct names from ("x0", "x1", "xt", "t"), in that canonical order."""
     if isinstance(inputs, str) or not isinstance(inputs, (tuple, list)) or not inputs:
-        raise ValueError(f"posterior inputs must be a non-empty tuple of names from {POSTERIOR_INPUTS}, "
-                         f"got {inputs!r}")
+        raise ValueError(f"posterior inputs must be a non-empty tuple of names from {POSTERIOR_INPUTS}, got {inputs!r}")
     for k in inputs:
         check_choice("posterior input", k, POSTERIOR_INPUTS)
     if len(set(inputs)) != len(inputs):
@@ -129,11 +132,14 @@ def check_posterior_inputs(inputs) -> tuple[str, ...]:
 def _check_mu_logvar(mu: Tensor, logvar: Tensor) -> None:
     for name, v in (("mu", mu), ("logvar", logvar)):
         if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
-                            f"{v.dtype if isinstance(v, Tensor) else type(v).__name__}")
+            raise TypeError(
+                f"{name} must be a floating-point torch.Tensor, got "
+                f"{v.dtype if isinstance(v, Tensor) else type(v).__name__}"
+            )
     if mu.ndim != 2 or mu.shape != logvar.shape:
-        raise ValueError(f"mu and logvar must have the same shape (n, latent_dim), got {tuple(mu.shape)} and "
-                         f"{tuple(logvar.shape)}")
+        raise ValueError(
+            f"mu and logvar must have the same shape (n, latent_dim), got {tuple(mu.shape)} and {tuple(logvar.shape)}"
+        )
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -165,19 +171,25 @@ def _posterior(encoder, model: nn.Module, x0: Tensor, x1: Tensor, xt: Tensor, tc
     """(mu, logvar) = encoder(x0, x1, xt, t), checked to be (n, k) with k the model's latent size (cond_dim)."""
     k = _latent_dim(model)
     if k == 0:
-        raise ValueError("the model has cond_dim = 0 (no latent input); VRFM needs VelocityMLP(cond_dim=latent_dim), "
-                         "or pass encoder=None for the plain RFM loss")
+        raise ValueError(
+            "the model has cond_dim = 0 (no latent input); VRFM needs VelocityMLP(cond_dim=latent_dim), "
+            "or pass encoder=None for the plain RFM loss"
+        )
     if not callable(encoder):
-        raise TypeError(f"encoder must be a PosteriorEncoder (or a callable (x0, x1, xt, t) -> (mu, logvar)) or None, "
-                        f"got {type(encoder).__name__}")
+        raise TypeError(
+            f"encoder must be a PosteriorEncoder (or a callable (x0, x1, xt, t) -> (mu, logvar)) or None, "
+            f"got {type(encoder).__name__}"
+        )
     out = encoder(x0, x1, xt, tc)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"the encoder must return (mu, logvar), got {type(out).__name__}")
     mu, logvar = out
     _check_mu_logvar(mu, logvar)
     if mu.shape != (x0.shape[0], k):
-        raise ValueError(f"the encoder's mu must have shape (n, latent_dim) = {(x0.shape[0], k)} (latent_dim = the "
-                         f"model's cond_dim), got {tuple(mu.shape)}")
+        raise ValueError(
+            f"the encoder's mu must have shape (n, latent_dim) = {(x0.shape[0], k)} (latent_dim = the "
+            f"model's cond_dim), got {tuple(mu.shape)}"
+        )
     return mu, logvar
 
 
@@ -193,9 +205,16 @@ def _schedule_v(path: GaussianPath, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor
     return s.d_alpha_t * x1 + s.d_sigma_t * x0
 
 
-def vrfm_loss(model: nn.Module, encoder: Callable | None, x0: Tensor, x1: Tensor, t: float | Tensor,
-              kl_weight: float = 1.0, path: GaussianPath | None = None,
-              generator: torch.Generator | None = None) -> VRFMLoss:
+def vrfm_loss(
+    model: nn.Module,
+    encoder: Callable | None,
+    x0: Tensor,
+    x1: Tensor,
+    t: float | Tensor,
+    kl_weight: float = 1.0,
+    path: GaussianPath | None = None,
+    generator: torch.Generator | None = None,
+) -> VRFMLoss:
     """mean_i ||v_theta(x_t, t, z_i) - (x_1 - x_0)||^2 + kl_weight mean_i KL(q_phi(.|pair_i) || N(0, I)) (eq-ch7-loss).
 
     One reparametrised z_i ~ q_phi per pair. encoder=None ignores the posterior: z = 0 and KL = 0 (for a model
@@ -223,9 +242,17 @@ def gaussian_log_likelihood(v: Tensor, mean: Tensor, sigma2: float) -> Tensor:
     return -(v - mean).square().sum(-1) / (2 * sigma2) - 0.5 * d * math.log(2 * math.pi * sigma2)
 
 
-def vrfm_elbo(model: nn.Module, encoder: Callable, x0: Tensor, x1: Tensor, t: float | Tensor,
-              kl_weight: float, path: GaussianPath | None = None, n_samples: int = 1,
-              generator: torch.Generator | None = None) -> Tensor:
+def vrfm_elbo(
+    model: nn.Module,
+    encoder: Callable,
+    x0: Tensor,
+    x1: Tensor,
+    t: float | Tensor,
+    kl_weight: float,
+    path: GaussianPath | None = None,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """ELBO <= log p_theta(v | x_t, t) per pair, decoder variance sigma^2 = kl_weight / 2 (Thm thm-ch7-elbo), (n,).
 
     ELBO = E_q[log N(v; v_theta(x_t, t, z), sigma^2 I)] - KL(q_phi || N(0, I)), with n_samples reparametrised z.
@@ -237,8 +264,13 @@ def vrfm_elbo(model: nn.Module, encoder: Callable, x0: Tensor, x1: Tensor, t: fl
     tc = _check_model_time(t, x0.shape[0], x0)
     xt, v = _schedule_xt(path, x0, x1, tc), _schedule_v(path, x0, x1, tc)
     mu, logvar = _posterior(encoder, model, x0, x1, xt, tc)
-    rec = sum(gaussian_log_likelihood(v, model(xt, tc[:, 0], reparametrise(mu, logvar, generator)), kl_weight / 2)
-              for _ in range(n_samples)) / n_samples
+    rec = (
+        sum(
+            gaussian_log_likelihood(v, model(xt, tc[:, 0], reparametrise(mu, logvar, generator)), kl_weight / 2)
+            for _ in range(n_samples)
+        )
+        / n_samples
+    )
     return rec - gaussian_kl(mu, logvar)
 
 
@@ -249,18 +281,28 @@ def latent_field(model: nn.Module, z: Tensor) -> Callable[[Tensor, Tensor], Tens
     if k == 0:
         raise ValueError("the model has cond_dim = 0 (no latent); VRFM needs VelocityMLP(cond_dim=latent_dim)")
     if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != k:
-        raise ValueError(f"z must be a tensor of shape (n, {k}) or (1, {k}), got "
-                         f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        raise ValueError(
+            f"z must be a tensor of shape (n, {k}) or (1, {k}), got "
+            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}"
+        )
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         zz = z.to(x.device, x.dtype)
         return model(x, t, zz if zz.shape[0] == x.shape[0] else zz.expand(x.shape[0], k))
+
     return velocity
 
 
-def sample_vrfm(model: nn.Module, x0: Tensor, steps: int = 20, method: str = "euler", z: Tensor | None = None,
-                generator: torch.Generator | None = None, return_trajectory: bool = False,
-                resample_z: bool = False) -> Tensor:
+def sample_vrfm(
+    model: nn.Module,
+    x0: Tensor,
+    steps: int = 20,
+    method: str = "euler",
+    z: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    resample_z: bool = False,
+) -> Tensor:
     """Integrate dx/dt = v_theta(x, t, z) from x0 with z ~ N(0, I) drawn ONCE per trajectory and held fixed.
 
     z: given latents (n, k) or (1, k) instead of prior draws. resample_z=True draws a fresh z at every velocity
@@ -276,6 +318,7 @@ def sample_vrfm(model: nn.Module, x0: Tensor, steps: int = 20, method: str = "eu
 
         def fresh(x: Tensor, t: Tensor) -> Tensor:
             return model(x, t, torch.randn(x.shape[0], k, generator=generator, device=x.device, dtype=x.dtype))
+
         return integrate(fresh, x0, steps, method, return_trajectory=return_trajectory)
     if z is None:
         z = torch.randn(x0.shape[0], k, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -283,8 +326,9 @@ def sample_vrfm(model: nn.Module, x0: Tensor, steps: int = 20, method: str = "eu
 
 
 @torch.no_grad()
-def velocity_spread(model: nn.Module, x: Tensor, t: float | Tensor, n_z: int = 64,
-                    generator: torch.Generator | None = None) -> Tensor:
+def velocity_spread(
+    model: nn.Module, x: Tensor, t: float | Tensor, n_z: int = 64, generator: torch.Generator | None = None
+) -> Tensor:
     """sqrt(tr Cov_{z ~ N(0, I)}[v_theta(x, t, z)]) per point, shape (n,): 0 for a model that ignores z."""
     x = check_points(x, getattr(model, "dim", None))
     n_z = check_positive_int("n_z", n_z)
@@ -304,9 +348,9 @@ def velocity_spread(model: nn.Module, x: Tensor, t: float | Tensor, n_z: int = 6
 class VelocityPosterior(NamedTuple):
     """p(v | x_t = x, t) = sum_P weights[:, P] N(v; means[:, P], covs[P]) for each row x (pairs P = i * K1 + j)."""
 
-    weights: Tensor   # (n, P)
-    means: Tensor     # (n, P, d)
-    covs: Tensor      # (P, d, d)
+    weights: Tensor  # (n, P)
+    means: Tensor  # (n, P, d)
+    covs: Tensor  # (P, d, d)
 
     def mean(self) -> Tensor:
         """E[v | x_t = x] = the marginal field u_t(x), shape (n, d)."""
@@ -322,8 +366,13 @@ class VelocityPosterior(NamedTuple):
         return GaussianMixture(self.weights[i], self.means[i], self.covs, name=f"p(v | x_t = x[{i}])")
 
 
-def velocity_posterior(x: Tensor, t: float, target: GaussianMixture, source: GaussianMixture | None = None,
-                       path: GaussianPath | None = None) -> VelocityPosterior:
+def velocity_posterior(
+    x: Tensor,
+    t: float,
+    target: GaussianMixture,
+    source: GaussianMixture | None = None,
+    path: GaussianPath | None = None,
+) -> VelocityPosterior:
     """Exact p(v | x_t = x, t), v = alpha'_t x_1 + sigma'_t x_0, independent mixtures x_0, x_1 (ch. 7, Prop 3).
 
     Given components (i, j), (x_t, v) is jointly Gaussian: v | x_t = x is N(m_ij + B_ij C_ij^{-1}(x - mu_ij),
@@ -336,17 +385,17 @@ def velocity_posterior(x: Tensor, t: float, target: GaussianMixture, source: Gau
     t = check_unit_time("t", t)
     tt = torch.tensor([t], dtype=torch.float64)
     a, s, da, ds = (float(v) for v in path.schedule(tt))
-    s0, s1 = source.covs[:, None], target.covs[None]                         # (K0, 1, d, d), (1, K1, d, d)
-    m0, m1 = source.means[:, None], target.means[None]                       # (K0, 1, d), (1, K1, d)
+    s0, s1 = source.covs[:, None], target.covs[None]  # (K0, 1, d, d), (1, K1, d, d)
+    m0, m1 = source.means[:, None], target.means[None]  # (K0, 1, d), (1, K1, d)
     c = a**2 * s1 + s**2 * s0
     b = da * a * s1 + ds * s * s0
     v = da**2 * s1 + ds**2 * s0
-    gain = torch.linalg.solve(c, b.transpose(-1, -2)).transpose(-1, -2)     # B C^{-1} (C, B symmetric)
+    gain = torch.linalg.solve(c, b.transpose(-1, -2)).transpose(-1, -2)  # B C^{-1} (C, B symmetric)
     covs = (v - gain @ b.transpose(-1, -2)).flatten(0, 1)
     covs = 0.5 * (covs + covs.transpose(1, 2))
-    mu = (a * m1 + s * m0).flatten(0, 1)                                     # (P, d)
+    mu = (a * m1 + s * m0).flatten(0, 1)  # (P, d)
     mean_v = (da * m1 + ds * m0).flatten(0, 1)
-    gain = gain.flatten(0, 1)                                                # (P, d, d)
+    gain = gain.flatten(0, 1)  # (P, d, d)
     means = mean_v + torch.einsum("pij,npj->npi", gain, x[:, None, :] - mu)
     weights = posterior_weights(x, t, path, target, source)
     return VelocityPosterior(weights, means, covs)
@@ -406,8 +455,16 @@ class VRFMConfig:
     @classmethod
     def paper(cls, setting: str = "hexagon_2d", **changes) -> VRFMConfig:
         """The paper's full toy recipe (App. D.1): 20k AdamW iterations, lr 1e-3, batch 1000 (opt-in: minutes)."""
-        return cls(**{"setting": setting, "steps": 20_000, "batch_size": 1000, "lr": 1e-3, "lr_schedule": "constant",
-                      **changes})
+        return cls(
+            **{
+                "setting": setting,
+                "steps": 20_000,
+                "batch_size": 1000,
+                "lr": 1e-3,
+                "lr_schedule": "constant",
+                **changes,
+            }
+        )
 
 
 def build_vrfm(config: VRFMConfig, dim: int) -> tuple[VelocityMLP, PosteriorEncoder | None]:
@@ -417,21 +474,46 @@ def build_vrfm(config: VRFMConfig, dim: int) -> tuple[VelocityMLP, PosteriorEnco
         if config.method == "rfm":
             return VelocityMLP(dim=dim, hidden=config.hidden, depth=config.depth), None
         model = VelocityMLP(dim=dim, hidden=config.hidden, depth=config.depth, cond_dim=config.latent_dim)
-        encoder = PosteriorEncoder(dim, config.latent_dim, config.encoder_hidden, config.encoder_depth,
-                                   config.posterior_inputs)
+        encoder = PosteriorEncoder(
+            dim, config.latent_dim, config.encoder_hidden, config.encoder_depth, config.posterior_inputs
+        )
         return model, encoder
 
 
-def fit_vrfm(model: nn.Module, encoder: PosteriorEncoder | None, target: Distribution, source: Distribution,
-             *, steps: int, batch_size: int, lr: float, kl_weight: float, weight_decay: float = 0.01,
-             lr_schedule: str = "constant", device: str | torch.device = "auto", seed: int = 0,
-             progress: bool = False, log_every: int = 100, threads: str | int | None = None) -> FitResult:
+def fit_vrfm(
+    model: nn.Module,
+    encoder: PosteriorEncoder | None,
+    target: Distribution,
+    source: Distribution,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    weight_decay: float = 0.01,
+    lr_schedule: str = "constant",
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    log_every: int = 100,
+    threads: str | int | None = None,
+) -> FitResult:
     """Minimise vrfm_loss with AdamW over (v_theta, q_phi) by fmtoy.train.fit: x_0 ~ source, x_1 ~ target
     independently, t ~ U(0, 1). Loss parts "mse" and "kl" per step; modules "model" and "encoder" (None for RFM)."""
     check_distributions(model, target, source)
     kl_weight = check_positive("kl_weight", kl_weight, allow_zero=True)
-    config = FitConfig(steps, batch_size, lr, lr_schedule, "adamw", weight_decay, seed=seed, device=device,
-                       threads=threads, log_every=log_every)
+    config = FitConfig(
+        steps,
+        batch_size,
+        lr,
+        lr_schedule,
+        "adamw",
+        weight_decay,
+        seed=seed,
+        device=device,
+        threads=threads,
+        log_every=log_every,
+    )
     path = CondOTPath()
 
     def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
@@ -454,9 +536,21 @@ def train_vrfm(config: VRFMConfig, progress: bool = False) -> FitResult:
         raise TypeError(f"config must be a VRFMConfig, got {type(config).__name__}")
     setting = get_setting(config.setting)
     model, encoder = build_vrfm(config, setting.dim)
-    result = fit_vrfm(model, encoder, setting.target, setting.source, steps=config.steps,
-                      batch_size=config.batch_size, lr=config.lr, kl_weight=config.kl_weight,
-                      weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, device=config.device,
-                      seed=config.seed, progress=progress, threads=config.threads)
+    result = fit_vrfm(
+        model,
+        encoder,
+        setting.target,
+        setting.source,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        kl_weight=config.kl_weight,
+        weight_decay=config.weight_decay,
+        lr_schedule=config.lr_schedule,
+        device=config.device,
+        seed=config.seed,
+        progress=progress,
+        threads=config.threads,
+    )
     result.config = copy.deepcopy(config)
     return result

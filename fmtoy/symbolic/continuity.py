@@ -1,5 +1,6 @@
 """SymPy for chapters 1-2: the continuity equation, the instantaneous change of variables and the two-component
 marginal field (FM paper Eqs. 6, 8), and the divergence of a flux."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,8 +11,9 @@ from .core import _expr, _symbol, gaussian_density, t, x, y
 from .paths import gaussian_conditional_velocity
 
 
-def continuity_residual(p: sp.Expr, u: sp.Expr | Sequence[sp.Expr], t: sp.Symbol = t,
-                        xs: Sequence[sp.Symbol] = (x,), simplify: bool = True) -> sp.Expr:
+def continuity_residual(
+    p: sp.Expr, u: sp.Expr | Sequence[sp.Expr], t: sp.Symbol = t, xs: Sequence[sp.Symbol] = (x,), simplify: bool = True
+) -> sp.Expr:
     """d/dt p_t + div(p_t u_t), zero iff u_t generates p_t (continuity equation, FM paper Sec. 2)."""
     p, t = _expr("p", p), _symbol("t", t)
     if isinstance(xs, sp.Symbol) or not isinstance(xs, (list, tuple)) or len(xs) == 0:
@@ -49,10 +51,15 @@ def linear_flow_log_density(a: sp.Expr | None = None, b: sp.Expr | None = None) 
     return sp.simplify(lhs), -sp.diff(a * x + b, x)
 
 
-def two_component_marginal_1d(x1s: Sequence | None = None, weights: Sequence | None = None,
-                              alpha: sp.Expr | None = None, sigma: sp.Expr | None = None,
-                              target_std: sp.Expr | float = 0, t: sp.Symbol = t,
-                              x: sp.Symbol = x) -> tuple[sp.Expr, sp.Expr]:
+def two_component_marginal_1d(
+    x1s: Sequence | None = None,
+    weights: Sequence | None = None,
+    alpha: sp.Expr | None = None,
+    sigma: sp.Expr | None = None,
+    target_std: sp.Expr | float = 0,
+    t: sp.Symbol = t,
+    x: sp.Symbol = x,
+) -> tuple[sp.Expr, sp.Expr]:
     """(p_t(x), u_t(x)) = (sum_k w_k p_t(x|k), sum_k w_k p_t(x|k) u_t(x|k) / p_t(x)) (FM paper Eqs. 6, 8).
 
     Target sum_k w_k N(x1s[k], target_std^2) (point masses when 0) under x_t = alpha_t x_1 + sigma_t x_0:
@@ -75,9 +82,10 @@ def two_component_marginal_1d(x1s: Sequence | None = None, weights: Sequence | N
     tau = _expr("target_std", target_std)
     if tau.is_negative:
         raise ValueError(f"target_std must be >= 0, got {tau}")
-    std = sigma if tau == 0 else sp.sqrt(alpha ** 2 * tau ** 2 + sigma ** 2)
-    comps = [(gaussian_density(x, alpha * m, std), gaussian_conditional_velocity(alpha * m, std, t, x, False))
-             for m in x1s]
+    std = sigma if tau == 0 else sp.sqrt(alpha**2 * tau**2 + sigma**2)
+    comps = [
+        (gaussian_density(x, alpha * m, std), gaussian_conditional_velocity(alpha * m, std, t, x, False)) for m in x1s
+    ]
     p = sum(w * pk for w, (pk, _) in zip(weights, comps))
     return p, sum(w * pk * uk for w, (pk, uk) in zip(weights, comps)) / p
 

@@ -5,10 +5,10 @@ Simplification strategy (kept fast): fields and residuals go through `sp.simplif
 heavy for it are checked by `is_zero(expr, method="points")`, which substitutes random rationals for every symbol,
 function value and derivative and evaluates with 60 significant digits (mpmath; tolerance 1e-30 relative).
 """
+
 from __future__ import annotations
 
 import random
-from typing import NamedTuple, Sequence
 
 import sympy as sp
 
@@ -40,7 +40,7 @@ def _symbol(name: str, value) -> sp.Symbol:
 def gaussian_density(x: sp.Expr, mean: sp.Expr, std: sp.Expr) -> sp.Expr:
     """N(x; mean, std^2) in 1D, the conditional path p_t(x|x_1) of FM paper Eq. (10)."""
     x, mean, std = _expr("x", x), _expr("mean", mean), _expr("std", std)
-    return sp.exp(-(x - mean) ** 2 / (2 * std ** 2)) / (sp.sqrt(2 * sp.pi) * std)
+    return sp.exp(-((x - mean) ** 2) / (2 * std**2)) / (sp.sqrt(2 * sp.pi) * std)
 
 
 def _tidy(e: sp.Expr) -> sp.Expr:

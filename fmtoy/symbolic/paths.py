@@ -1,5 +1,6 @@
 """SymPy for chapters 4-5: Thm 3 fields, the VE/VP/CondOT closed forms and a cross-check against fmtoy.paths, a
 rotation that leaves a Gaussian path unchanged (ch. 4), and the loss weights of x- and eps-prediction (ch. 5)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -7,12 +8,28 @@ from typing import NamedTuple, Sequence
 import sympy as sp
 
 from .._checks import check_choice, check_positive_int
-from .core import (PATH_PARAMS, _expr, _symbol, _tidy, beta_max, beta_min, gaussian_density, is_zero, s, sigma_max,
-                   sigma_min, t, x, x1, y)
+from .core import (
+    PATH_PARAMS,
+    _expr,
+    _symbol,
+    _tidy,
+    beta_max,
+    beta_min,
+    gaussian_density,
+    is_zero,
+    s,
+    sigma_max,
+    sigma_min,
+    t,
+    x,
+    x1,
+    y,
+)
 
 
-def gaussian_conditional_velocity(mu: sp.Expr, sigma: sp.Expr, t: sp.Symbol = t, x: sp.Symbol = x,
-                                  simplify: bool = True) -> sp.Expr:
+def gaussian_conditional_velocity(
+    mu: sp.Expr, sigma: sp.Expr, t: sp.Symbol = t, x: sp.Symbol = x, simplify: bool = True
+) -> sp.Expr:
     """u_t(x|x_1) = d/dt psi_t(x_0) at x_0 = psi_t^{-1}(x), psi_t(x_0) = sigma_t x_0 + mu_t (FM paper Thm 3, Eq. 15)."""
     mu, sigma, t, x = _expr("mu", mu), _expr("sigma", sigma), _symbol("t", t), _symbol("x", x)
     if sigma.is_zero:
@@ -31,9 +48,9 @@ def path_schedule(name: str) -> tuple[sp.Expr, sp.Expr]:
         return t, 1 - (1 - sigma_min) * t
     if name == "ve":  # sigma_s = sigma_min (sigma_max / sigma_min)^s at s = 1 - t
         return sp.Integer(1), sigma_min * (sigma_max / sigma_min) ** (1 - t)
-    big_t = beta_min * s + (beta_max - beta_min) * s ** 2 / 2  # T(s) = int_0^s beta, beta linear
+    big_t = beta_min * s + (beta_max - beta_min) * s**2 / 2  # T(s) = int_0^s beta, beta linear
     a = sp.exp(-big_t / 2).subs(s, 1 - t)
-    return a, sp.sqrt(1 - a ** 2)
+    return a, sp.sqrt(1 - a**2)
 
 
 def ot_velocity() -> tuple[sp.Expr, sp.Expr]:
@@ -62,12 +79,12 @@ def vp_velocity(schedule: str = "linear") -> tuple[sp.Expr, sp.Expr]:
     (VPPath); "generic": an arbitrary T.
     """
     check_choice("VP schedule", schedule, ("generic", "linear"))
-    linear = beta_min * s + (beta_max - beta_min) * s ** 2 / 2
+    linear = beta_min * s + (beta_max - beta_min) * s**2 / 2
     big_t = sp.Function("T", real=True)(s) if schedule == "generic" else linear
     tm, dtm = big_t.subs(s, 1 - t), sp.diff(big_t, s).subs(s, 1 - t)
     a = sp.exp(-tm / 2)
     paper = -dtm / 2 * (sp.exp(-tm) * x - sp.exp(-tm / 2) * x1) / (1 - sp.exp(-tm))
-    return gaussian_conditional_velocity(a * x1, sp.sqrt(1 - a ** 2)), paper
+    return gaussian_conditional_velocity(a * x1, sp.sqrt(1 - a**2)), paper
 
 
 def cross_check_paths(paths: Sequence | None = None, n: int = 64, seed: int = 0) -> dict[str, float]:
@@ -90,8 +107,13 @@ def cross_check_paths(paths: Sequence | None = None, n: int = 64, seed: int = 0)
         values = [float(getattr(path, str(p))) for p in params]
         alpha, sigma = path_schedule(name)
         paper = {"ot": ot_velocity, "ve": lambda: ve_velocity("geometric"), "vp": vp_velocity}[name]()[1]
-        forms = {"alpha": alpha, "sigma": sigma, "d_alpha": sp.diff(alpha, t), "d_sigma": sp.diff(sigma, t),
-                 "conditional_velocity": paper}
+        forms = {
+            "alpha": alpha,
+            "sigma": sigma,
+            "d_alpha": sp.diff(alpha, t),
+            "d_sigma": sp.diff(sigma, t),
+            "conditional_velocity": paper,
+        }
         lo, hi = max(path.t_min, 0.02), min(path.t_max, 0.98)  # keep sigma_t away from 0
         tt = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
         xx = torch.randn(n, 2, generator=g, dtype=torch.float64)
@@ -120,8 +142,9 @@ class RotatedGaussian2D(NamedTuple):
     x0: tuple
 
 
-def rotated_gaussian_2d(mu: Sequence | None = None, sigma: sp.Expr | None = None,
-                        theta: sp.Expr | None = None) -> RotatedGaussian2D:
+def rotated_gaussian_2d(
+    mu: Sequence | None = None, sigma: sp.Expr | None = None, theta: sp.Expr | None = None
+) -> RotatedGaussian2D:
     """p_t, u_t (FM Thm 3), w_t = theta'_t J (x - mu_t) and the flow mu_t + sigma_t R(theta_t) x_0 of u + w (Ch. 4).
 
     Defaults: mu = (mu_1(t), mu_2(t)), sigma(t), theta(t) undefined functions; J = [[0, -1], [1, 0]]."""
@@ -159,7 +182,8 @@ def standard_normal_expectation(expr: sp.Expr, zs: Sequence[sp.Symbol]) -> sp.Ex
 
 # --- Book chapter 5: diffusion is flow matching -- velocity, x- and eps-prediction losses ------------------------
 class PredictionWeights(NamedTuple):
-    """x_hat(z, v_hat), eps_hat(z, v_hat) and the weights with |v_hat - v|^2 = w_x |x_hat - x|^2 = w_eps |eps_hat - eps|^2."""
+    """x_hat(z, v_hat), eps_hat(z, v_hat) and the weights with
+    |v_hat - v|^2 = w_x |x_hat - x|^2 = w_eps |eps_hat - eps|^2."""
 
     x_hat: sp.Expr
     eps_hat: sp.Expr
@@ -167,11 +191,12 @@ class PredictionWeights(NamedTuple):
     eps_weight: sp.Expr
 
 
-def prediction_loss_weights(alpha: sp.Expr | None = None, sigma: sp.Expr | None = None,
-                            t: sp.Symbol = t) -> PredictionWeights:
-    """For z_t = alpha_t x + sigma_t eps, v = alpha'_t x + sigma'_t eps (Ch. 5): solve z_t = alpha x_hat + sigma eps_hat,
-    v_hat = alpha' x_hat + sigma' eps_hat for (x_hat, eps_hat) and return the squared-error weights
-    w_x = ((alpha' sigma - alpha sigma') / sigma)^2 and w_eps = ((alpha' sigma - alpha sigma') / alpha)^2.
+def prediction_loss_weights(
+    alpha: sp.Expr | None = None, sigma: sp.Expr | None = None, t: sp.Symbol = t
+) -> PredictionWeights:
+    """For z_t = alpha_t x + sigma_t eps, v = alpha'_t x + sigma'_t eps (Ch. 5): solve
+    z_t = alpha x_hat + sigma eps_hat, v_hat = alpha' x_hat + sigma' eps_hat for (x_hat, eps_hat) and return the
+    squared-error weights w_x = ((alpha' sigma - alpha sigma') / sigma)^2 and w_eps = ((alpha' sigma - alpha sigma') / alpha)^2.
 
     Defaults: alpha, sigma undefined functions of t. Book convention (t = 0 noise): OT is alpha = t, sigma = 1 - t.
     """
@@ -195,4 +220,4 @@ def prediction_loss_weights(alpha: sp.Expr | None = None, sigma: sp.Expr | None 
         r = (v_hat - v_true) - c * (pred.subs(at_truth) - truth)
         if not (sp.simplify(r) == 0 or is_zero(r, method="points")):
             raise ValueError("the prediction errors are not proportional to the velocity error (internal check failed)")
-    return PredictionWeights(x_hat, eps_hat, sp.simplify(cx ** 2), sp.simplify(ce ** 2))
+    return PredictionWeights(x_hat, eps_hat, sp.simplify(cx**2), sp.simplify(ce**2))

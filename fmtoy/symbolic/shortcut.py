@@ -5,6 +5,7 @@ level; the small-d expansion (half the acceleration); and the MeanFlow identity 
 A shortcut is a Python callable s(x, t, d) -> sympy.Expr; a flow is phi(x, t, r) -> Expr, the solution at time r
 of dx/dt = u(x, t) started from x at time t.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -17,7 +18,7 @@ from .core import _expr
 t, x, r, m = sp.symbols("t x r m", real=True)
 d, h, D, eps = sp.symbols("d h D epsilon", positive=True)
 lam = sp.Symbol("lambda", real=True)
-s_data = sp.Symbol("s", positive=True)      # std of the 1D Gaussian target N(m, s^2)
+s_data = sp.Symbol("s", positive=True)  # std of the 1D Gaussian target N(m, s^2)
 
 ShortcutFn = Callable[[sp.Expr, sp.Expr, sp.Expr], sp.Expr]
 FlowFn = Callable[[sp.Expr, sp.Expr, sp.Expr], sp.Expr]
@@ -26,8 +27,8 @@ FlowFn = Callable[[sp.Expr, sp.Expr, sp.Expr], sp.Expr]
 class KnownFlow(NamedTuple):
     """A velocity field u(x, t) with its flow phi(x, t, r) in closed form."""
 
-    u: sp.Expr                                              # in the symbols x, t
-    phi: Callable[[sp.Expr, sp.Expr, sp.Expr], sp.Expr]     # phi(x, t, r)
+    u: sp.Expr  # in the symbols x, t
+    phi: Callable[[sp.Expr, sp.Expr, sp.Expr], sp.Expr]  # phi(x, t, r)
 
 
 def _callable(name: str, f) -> None:
@@ -47,7 +48,7 @@ def gaussian_marginal_flow(mean: sp.Expr = m, std: sp.Expr = s_data) -> KnownFlo
     mean, std = _expr("mean", mean), _expr("std", std)
 
     def sigma(tt: sp.Expr) -> sp.Expr:
-        return sp.sqrt((1 - tt) ** 2 + tt ** 2 * std ** 2)
+        return sp.sqrt((1 - tt) ** 2 + tt**2 * std**2)
 
     u = mean + sp.diff(sigma(t), t) / sigma(t) * (x - t * mean)
     return KnownFlow(u, lambda xx, tt, rr: rr * mean + sigma(rr) / sigma(tt) * (xx - tt * mean))
@@ -82,9 +83,9 @@ def euler_level_shortcut(u: sp.Expr, level: int, base: sp.Expr = h) -> sp.Expr:
     steps of size h)."""
     u, base = _expr("u", u), _expr("base", base)
     level = check_positive_int("level + 1", level + 1) - 1
-    s_expr = u                                                  # s_0(x, t)
+    s_expr = u  # s_0(x, t)
     for j in range(level):
-        step = 2 ** j * base
+        step = 2**j * base
         moved = s_expr.subs({x: x + step * s_expr, t: t + step}, simultaneous=True)
         s_expr = sp.expand((s_expr + moved) / 2)
     return s_expr
@@ -96,11 +97,14 @@ def small_d_coefficient() -> tuple[sp.Expr, sp.Expr]:
 
     def s(xx, tt, dd):
         rep = {x: xx, t: tt}
-        return u.subs(rep, simultaneous=True) + dd * a.subs(rep, simultaneous=True) \
-            + dd ** 2 * b.subs(rep, simultaneous=True)
+        return (
+            u.subs(rep, simultaneous=True)
+            + dd * a.subs(rep, simultaneous=True)
+            + dd**2 * b.subs(rep, simultaneous=True)
+        )
 
     res = self_consistency_residual(s)
-    first = sp.diff(res, d).subs(d, 0).doit()                    # O(d) coefficient of the residual
+    first = sp.diff(res, d).subs(d, 0).doit()  # O(d) coefficient of the residual
     solved = sp.solve(sp.Eq(first, 0), a)[0]
     return sp.simplify(solved), (sp.diff(u, t) + u * sp.diff(u, x)) / 2
 
@@ -116,8 +120,8 @@ def split_step_residual(s: ShortcutFn, first: sp.Expr = eps, total: sp.Expr = D)
 class MeanFlowLimit(NamedTuple):
     """The first-order term in e of split_step_residual for a generic s with s(x, t, 0) = u, and MeanFlow's identity."""
 
-    derived: sp.Expr               # d/de of the residual at e = 0
-    meanflow: sp.Expr              # s - u - D (u s_x + s_t - s_d): zero is u = v - (t - r) du/dt with r = t + D
+    derived: sp.Expr  # d/de of the residual at e = 0
+    meanflow: sp.Expr  # s - u - D (u s_x + s_t - s_d): zero is u = v - (t - r) du/dt with r = t + D
 
 
 def meanflow_limit() -> MeanFlowLimit:
@@ -126,7 +130,7 @@ def meanflow_limit() -> MeanFlowLimit:
     res = split_step_residual(lambda xx, tt, dd: s(xx, tt, dd))
     first = sp.diff(res, eps).subs(eps, 0).doit().subs(s(x, t, 0), u)
     S = s(x, t, D)
-    total = sp.diff(S, x) * u + sp.diff(S, t) - sp.diff(S, D)      # d/dt s(x_t, t, r - t) at fixed r = t + D
+    total = sp.diff(S, x) * u + sp.diff(S, t) - sp.diff(S, D)  # d/dt s(x_t, t, r - t) at fixed r = t + D
     return MeanFlowLimit(sp.expand(first), sp.expand(S - u - D * total))
 
 
@@ -137,7 +141,28 @@ def meanflow_residual(s: ShortcutFn, u: sp.Expr) -> sp.Expr:
     return S - _expr("u", u) - d * (u * sp.diff(S, x) + sp.diff(S, t) - sp.diff(S, d))
 
 
-__all__ = ["t", "x", "r", "m", "d", "h", "D", "eps", "lam", "s_data", "KnownFlow", "linear_flow",
-           "gaussian_marginal_flow", "flow_residual", "exact_shortcut", "velocity_shortcut",
-           "self_consistency_residual", "euler_level_shortcut", "small_d_coefficient", "split_step_residual",
-           "MeanFlowLimit", "meanflow_limit", "meanflow_residual"]
+__all__ = [
+    "t",
+    "x",
+    "r",
+    "m",
+    "d",
+    "h",
+    "D",
+    "eps",
+    "lam",
+    "s_data",
+    "KnownFlow",
+    "linear_flow",
+    "gaussian_marginal_flow",
+    "flow_residual",
+    "exact_shortcut",
+    "velocity_shortcut",
+    "self_consistency_residual",
+    "euler_level_shortcut",
+    "small_d_coefficient",
+    "split_step_residual",
+    "MeanFlowLimit",
+    "meanflow_limit",
+    "meanflow_residual",
+]

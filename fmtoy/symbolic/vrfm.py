@@ -3,6 +3,7 @@ Gaussian NLL, the Gaussian KL, the ELBO identity on a linear-Gaussian model, the
 the joint density of (x_t, v), and the straight-line ODE that one fixed latent can follow exactly (Euler included).
 All in one coordinate: the d-dimensional statements are sums of d copies.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,8 +14,8 @@ from .continuity import continuity_residual
 from .core import gaussian_density
 
 t, x, v, z = sp.symbols("t x v z", real=True)
-x0, x1, xi0, theta = sp.symbols("x_0 x_1 xi_0 theta", real=True)   # source/target means, start point, velocity
-mu, s = sp.Symbol("mu", real=True), sp.Symbol("s", positive=True)   # q = N(mu, s^2)
+x0, x1, xi0, theta = sp.symbols("x_0 x_1 xi_0 theta", real=True)  # source/target means, start point, velocity
+mu, s = sp.Symbol("mu", real=True), sp.Symbol("s", positive=True)  # q = N(mu, s^2)
 lam, sigma = sp.Symbol("lambda", positive=True), sp.Symbol("sigma", positive=True)
 
 
@@ -39,7 +40,7 @@ def constant_velocity_analysis() -> ConstantVelocity:
     and p_1 = N(x_1, 1) then force 0 = (x_1 - x_0 - theta)(2 xi_0 - x_0 - x_1 + theta) / 2 for all xi_0."""
     residual = sp.expand(_log_gauss(xi0 + theta, x1, 1) - _log_gauss(xi0, x0, 1))
     factored = sp.factor(residual)
-    coeffs = sp.Poly(residual, xi0).all_coeffs()                    # every power of xi_0 must vanish
+    coeffs = sp.Poly(residual, xi0).all_coeffs()  # every power of xi_0 must vanish
     solutions = sp.solve(coeffs, theta, dict=True)
     cont = continuity_residual(gaussian_density(x, x0 + t * theta, 1), theta)
     return ConstantVelocity(residual, factored, solutions, cont)
@@ -79,11 +80,11 @@ def gaussian_kl_1d() -> tuple[sp.Expr, sp.Expr]:
 class LinearGaussianELBO(NamedTuple):
     """Model p(z) = N(0, 1), p(v|z) = N(a z + b, sigma^2); q(z) = N(mu, s^2). All closed forms."""
 
-    log_marginal: sp.Expr      # log p(v) = log N(v; b, a^2 + sigma^2)
-    elbo: sp.Expr              # E_q log p(v|z) - KL(q || p(z))
-    posterior_mean: sp.Expr    # p(z|v) = N(m*, s*^2)
+    log_marginal: sp.Expr  # log p(v) = log N(v; b, a^2 + sigma^2)
+    elbo: sp.Expr  # E_q log p(v|z) - KL(q || p(z))
+    posterior_mean: sp.Expr  # p(z|v) = N(m*, s*^2)
     posterior_var: sp.Expr
-    kl_to_posterior: sp.Expr   # KL(q || p(z|v))
+    kl_to_posterior: sp.Expr  # KL(q || p(z|v))
 
 
 def linear_gaussian_elbo() -> LinearGaussianELBO:
@@ -105,8 +106,9 @@ def kl_weight_identity() -> sp.Expr:
     MSE + lambda KL is lambda times the negative ELBO of N(v; m, lambda/2) plus a constant (per coordinate)."""
     m, kl = sp.symbols("m KL", real=True)
     neg_elbo = -_log_gauss(v, m, sp.sqrt(lam / 2)) + kl
-    return sp.simplify(sp.expand_log(lam * neg_elbo - ((v - m) ** 2 + lam * kl) - lam / 2 * sp.log(sp.pi * lam),
-                                     force=True))
+    return sp.simplify(
+        sp.expand_log(lam * neg_elbo - ((v - m) ** 2 + lam * kl) - lam / 2 * sp.log(sp.pi * lam), force=True)
+    )
 
 
 # --- one fixed latent, one straight line ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ variables log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (book chapter 1,
 Derivatives are central finite differences in float64 with step h: the truncation error is O(h^2) and the
 round-off error O(eps / h), so h ~ 1e-3 resolves a residual down to ~1e-6 of the size of its terms.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from torch import Tensor
 from .._checks import check_points, check_positive, check_positive_int
 from ..solvers import integrate, log_likelihood
 
-LogProb = Callable[[Tensor, float], Tensor]     # log p_t(x): x (n, d), t float -> (n,)
-Velocity = Callable[[Tensor, Tensor], Tensor]   # u_t(x): x (n, d), t (n,) -> (n, d)
+LogProb = Callable[[Tensor, float], Tensor]  # log p_t(x): x (n, d), t float -> (n,)
+Velocity = Callable[[Tensor, Tensor], Tensor]  # u_t(x): x (n, d), t (n,) -> (n, d)
 
 
 def _check_callable(name: str, fn) -> None:
@@ -54,8 +55,9 @@ def _flux(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float) -> Tens
 
 
 @torch.no_grad()
-def continuity_terms(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float,
-                     h: float = 1e-3) -> tuple[Tensor, Tensor]:
+def continuity_terms(
+    log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
+) -> tuple[Tensor, Tensor]:
     """(d/dt p_t(x), div(p_t u_t)(x)) by central differences, each of shape (n,), float64 (Eq. (CE))."""
     _check_callable("log_prob_fn", log_prob_fn)
     _check_callable("velocity", velocity)
@@ -70,8 +72,9 @@ def continuity_terms(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: flo
     return dp_dt, div
 
 
-def continuity_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float,
-                        h: float = 1e-3) -> tuple[Tensor, Tensor]:
+def continuity_residual(
+    log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
+) -> tuple[Tensor, Tensor]:
     """(r, scale): r = d/dt p_t + div(p_t u_t) at x (Eq. (CE)) and scale = |d/dt p_t| + |div(p_t u_t)|, shape (n,)."""
     dp_dt, div = continuity_terms(log_prob_fn, velocity, x, t, h)
     return dp_dt + div, dp_dt.abs() + div.abs()
@@ -86,8 +89,9 @@ def relative_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: fl
     return float(r.abs().max()) / top
 
 
-def log_likelihood_terms(velocity: Velocity, x1: Tensor, source, steps: int = 50,
-                         method: str = "rk4") -> tuple[Tensor, Tensor]:
+def log_likelihood_terms(
+    velocity: Velocity, x1: Tensor, source, steps: int = 50, method: str = "rk4"
+) -> tuple[Tensor, Tensor]:
     """(log p_0(x_0), int_0^1 div v_t(x_t) dt) along the flow through x_1, so log p_1(x_1) = first - second (ICoV)."""
     steps = check_positive_int("steps", steps)
     log_p1 = log_likelihood(velocity, x1, source, steps=steps, method=method)

@@ -5,6 +5,7 @@ A *divergence* is a callable D(y, v) -> (n,) comparing a regression target y (n,
 "l2" is ||y - v||^2 (the CFM loss), "l1" is sum_k |y_k - v_k|. Bregman divergences
 D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> are affine in y: that is why FM and CFM share gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def l1_error(y: Tensor, v: Tensor) -> Tensor:
 def bregman_divergence(phi: Potential) -> Divergence:
     """D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> (ch. 3 Eq. (Bregman)); grad phi by autograd."""
     if not callable(phi):
-        raise TypeError(f"phi must be a callable x (n, d) -> (n,) (a strictly convex potential), got {type(phi).__name__}")
+        raise TypeError(
+            f"phi must be a callable x (n, d) -> (n,) (a strictly convex potential), got {type(phi).__name__}"
+        )
 
     def divergence(y: Tensor, v: Tensor) -> Tensor:
         track = v.requires_grad
@@ -46,8 +49,10 @@ def bregman_divergence(phi: Potential) -> Divergence:
             vv = v if track else v.detach().requires_grad_(True)
             phi_v = phi(vv)
             if not isinstance(phi_v, Tensor) or phi_v.shape != v.shape[:1]:
-                raise ValueError(f"phi must return one value per row, shape ({v.shape[0]},), got "
-                                 f"{tuple(phi_v.shape) if isinstance(phi_v, Tensor) else type(phi_v).__name__}")
+                raise ValueError(
+                    f"phi must return one value per row, shape ({v.shape[0]},), got "
+                    f"{tuple(phi_v.shape) if isinstance(phi_v, Tensor) else type(phi_v).__name__}"
+                )
             (grad,) = torch.autograd.grad(phi_v.sum(), vv, create_graph=track)
         out = phi(y) - phi_v - ((y - vv) * grad).sum(dim=1)
         return out if track else out.detach()
@@ -64,8 +69,10 @@ def exp_potential(scale: float = 1.0) -> Potential:
 def quadratic_potential(a: Tensor) -> Potential:
     """phi(x) = x^T A x for a symmetric positive-definite A: D_phi(y, v) = (y - v)^T A (y - v)."""
     if not isinstance(a, Tensor) or a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"A must be a square matrix tensor (d, d), got "
-                         f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+        raise ValueError(
+            f"A must be a square matrix tensor (d, d), got "
+            f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
+        )
     if not torch.allclose(a, a.T) or torch.linalg.eigvalsh(a.double()).min() <= 0:
         raise ValueError("A must be symmetric positive-definite (phi(x) = x^T A x strictly convex)")
     return lambda x: ((x @ a.to(x.dtype)) * x).sum(dim=1)
@@ -85,8 +92,10 @@ def get_divergence(divergence: str | Divergence) -> Divergence:
 def _predict(model: Callable[..., Tensor], x: Tensor, t: Tensor) -> Tensor:
     v = model(x, t[:, 0].expand(x.shape[0]))
     if not isinstance(v, Tensor) or v.shape != x.shape:
-        raise ValueError(f"the model must return a tensor of shape {tuple(x.shape)}, "
-                         f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        raise ValueError(
+            f"the model must return a tensor of shape {tuple(x.shape)}, "
+            f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+        )
     return v
 
 
@@ -96,9 +105,15 @@ def _check_path(path) -> GaussianPath:
     return path
 
 
-def fm_loss(model: Callable[..., Tensor], x: Tensor, t: float | Tensor, path: GaussianPath,
-            target: GaussianMixture, source: GaussianMixture | None = None,
-            divergence: str | Divergence = "l2") -> Tensor:
+def fm_loss(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    t: float | Tensor,
+    path: GaussianPath,
+    target: GaussianMixture,
+    source: GaussianMixture | None = None,
+    divergence: str | Divergence = "l2",
+) -> Tensor:
     """L_FM = mean_i D(u_t(x_i), v(x_i, t_i)), u_t the exact marginal field (ch. 3 Eq. (L_FM), FM paper Eq. 5)."""
     x = check_points(x)
     tc = check_time(t, x.shape[0], like=x)
@@ -108,8 +123,14 @@ def fm_loss(model: Callable[..., Tensor], x: Tensor, t: float | Tensor, path: Ga
     return div(u, _predict(model, x, tc)).mean()
 
 
-def conditional_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path: GaussianPath,
-                     divergence: str | Divergence = "l2") -> Tensor:
+def conditional_loss(
+    model: Callable[..., Tensor],
+    x0: Tensor,
+    x1: Tensor,
+    t: float | Tensor,
+    path: GaussianPath,
+    divergence: str | Divergence = "l2",
+) -> Tensor:
     """mean_i D(u_t(x_t|x_1), v(x_t, t)), x_t = alpha x_1 + sigma x_0 (ch. 3 Eq. (L_CFM); "l2": FM paper Eq. 9)."""
     path, div = _check_path(path), get_divergence(divergence)
     xt = path.sample_xt(x0, x1, t)
@@ -117,8 +138,9 @@ def conditional_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: fl
     return div(path.target_velocity(x0, x1, tc), _predict(model, xt, tc)).mean()
 
 
-def bregman_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path: GaussianPath,
-                 phi: Potential) -> Tensor:
+def bregman_loss(
+    model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, path: GaussianPath, phi: Potential
+) -> Tensor:
     """Bregman CFM loss mean_i D_phi(u_t(x_t|x_1), v(x_t, t)) (ch. 3 Eq. (Bregman)); same gradient as its FM form."""
     return conditional_loss(model, x0, x1, t, path, bregman_divergence(phi))
 
@@ -128,8 +150,9 @@ def l1_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Ten
     return conditional_loss(model, x0, x1, t, path, l1_error)
 
 
-def cfm_loss_x0(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor,
-                sigma_min: float = 0.0) -> Tensor:
+def cfm_loss_x0(
+    model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: float | Tensor, sigma_min: float = 0.0
+) -> Tensor:
     """CFM loss in x_0 form, FM paper Eq. (23): mean ||v(psi_t(x_0), t) - (x_1 - (1 - sigma_min) x_0)||^2."""
     s = check_positive("sigma_min", sigma_min, allow_zero=True)
     if s >= 1:
@@ -173,8 +196,9 @@ def compare_gradients(g: Tensor, reference: Tensor) -> dict[str, float]:
     return {"cosine": float(cos), "rel_error": float((g - reference).norm() / reference.norm())}
 
 
-def _draw(path: GaussianPath, target: Distribution, n: int, t: float | None, gen: torch.Generator,
-          dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _draw(
+    path: GaussianPath, target: Distribution, n: int, t: float | None, gen: torch.Generator, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """(x0, x1, t): x0 ~ N(0, I), x1 ~ q, t ~ U[t_min, t_max] (or the fixed t)."""
     x1 = target.sample(n, generator=gen).to(dtype)
     x0 = torch.randn(n, target.dim, generator=gen).to(dtype)
@@ -185,9 +209,17 @@ def _draw(path: GaussianPath, target: Distribution, n: int, t: float | None, gen
     return x0, x1, tt
 
 
-def gradient_agreement(model: nn.Module, path: GaussianPath, target: GaussianMixture, batch_sizes: list[int],
-                       repeats: int = 8, t: float | None = None, divergence: str | Divergence = "l2",
-                       reference_size: int = 1 << 15, seed: int = 0) -> dict[str, list[float] | float]:
+def gradient_agreement(
+    model: nn.Module,
+    path: GaussianPath,
+    target: GaussianMixture,
+    batch_sizes: list[int],
+    repeats: int = 8,
+    t: float | None = None,
+    divergence: str | Divergence = "l2",
+    reference_size: int = 1 << 15,
+    seed: int = 0,
+) -> dict[str, list[float] | float]:
     """Minibatch FM and CFM gradients vs a large-batch FM reference (ch. 3, Thm 2): mean and std over repeats.
 
     Per batch size n: cosine and relative error of `repeats` independent estimates g_CFM(n), g_FM(n) against the
@@ -195,7 +227,10 @@ def gradient_agreement(model: nn.Module, path: GaussianPath, target: GaussianMix
     Also `ref_cosine` / `ref_rel_error`: g_CFM vs g_FM on the same reference batch. t=None draws t ~ U[t_min, t_max].
     """
     path = _check_path(path)
-    repeats, reference_size = check_positive_int("repeats", repeats), check_positive_int("reference_size", reference_size)
+    repeats, reference_size = (
+        check_positive_int("repeats", repeats),
+        check_positive_int("reference_size", reference_size),
+    )
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes!r}")
     if t is not None:
@@ -214,8 +249,10 @@ def gradient_agreement(model: nn.Module, path: GaussianPath, target: GaussianMix
     ref_cfm, ref = grads(reference_size)
     out: dict[str, list[float] | float] = {"batch_sizes": list(batch_sizes), **compare_gradients(ref_cfm, ref)}
     out["ref_cosine"], out["ref_rel_error"] = out.pop("cosine"), out.pop("rel_error")
-    keys = [f"{s}_{k}" for k in ("cfm", "fm") for s in ("cos", "cos_std", "rel", "rel_std")] + ["cos_cfm_mean",
-                                                                                             "rel_cfm_mean"]
+    keys = [f"{s}_{k}" for k in ("cfm", "fm") for s in ("cos", "cos_std", "rel", "rel_std")] + [
+        "cos_cfm_mean",
+        "rel_cfm_mean",
+    ]
     out.update({k: [] for k in keys})
     for n in batch_sizes:
         pairs = [grads(n) for _ in range(repeats)]
@@ -232,13 +269,26 @@ def gradient_agreement(model: nn.Module, path: GaussianPath, target: GaussianMix
 
 
 # ----------------------------------------------------------------------------------------------- training with logs
-def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, *, steps: int, batch_size: int,
-                 lr: float, divergence: str | Divergence = "l2", seed: int = 0, eval_size: int = 0,
-                 eval_every: int = 10, snapshot_every: int = 0, snapshot_noise: Tensor | None = None,
-                 snapshot_steps: int = 16, lr_schedule: str = "constant",
-                 threads: str | int | None = None) -> dict:
-    """fmtoy.train.fit (Adam, constant lr by default) on the conditional loss with `divergence`, logging L_FM and L_CFM on a
-    fixed evaluation batch.
+def train_logged(
+    model: nn.Module,
+    path: GaussianPath,
+    target: GaussianMixture,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    divergence: str | Divergence = "l2",
+    seed: int = 0,
+    eval_size: int = 0,
+    eval_every: int = 10,
+    snapshot_every: int = 0,
+    snapshot_noise: Tensor | None = None,
+    snapshot_steps: int = 16,
+    lr_schedule: str = "constant",
+    threads: str | int | None = None,
+) -> dict:
+    """fmtoy.train.fit (Adam, constant lr by default) on the conditional loss with `divergence`, logging L_FM and
+    L_CFM on a fixed evaluation batch.
 
     Returns {"step", "fm", "cfm"} (logged every eval_every steps, step 0 included, if eval_size > 0), "constant" =
     mean(||u||^2 - ||target||^2) on the evaluation batch (the theta-free part of L_FM - L_CFM for "l2", ch. 3),
@@ -246,8 +296,10 @@ def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, 
     """
     path = _check_path(path)
     steps, batch_size = check_positive_int("steps", steps), check_positive_int("batch_size", batch_size)
-    eval_every, snapshot_steps = check_positive_int("eval_every", eval_every), check_positive_int("snapshot_steps",
-                                                                                                 snapshot_steps)
+    eval_every, snapshot_steps = (
+        check_positive_int("eval_every", eval_every),
+        check_positive_int("snapshot_steps", snapshot_steps),
+    )
     lr = check_positive("lr", lr)
     if isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 0:
         raise ValueError(f"eval_size must be an integer >= 0 (0: no evaluation), got {eval_size!r}")
@@ -286,8 +338,9 @@ def train_logged(model: nn.Module, path: GaussianPath, target: GaussianMixture, 
 
 
 # ----------------------------------------------------------------------------------------------- median field
-def x1_posterior(x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def x1_posterior(
+    x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Posterior of x_1 given x_t = x (x_0 ~ N(0, I), q = sum_j b_j N(m_j, s_j I)), ch. 3: a Gaussian mixture.
 
     Returns (w (n, K), means (n, K, d), variances (T, K, 1), c, r), T = 1 or n, with u_t(x|x_1) = c x_1 + r x
@@ -303,14 +356,14 @@ def x1_posterior(x: Tensor, t: float | Tensor, path: GaussianPath, target: Gauss
     s = target.covs[:, 0, 0]
     if not torch.equal(target.covs, s[:, None, None] * torch.eye(target.dim, dtype=target.covs.dtype)):
         raise ValueError("the posterior median field needs isotropic target components (covs[k] = s_k I)")
-    al, sg, dal, dsg = path.schedule(tc)                                    # (T, 1)
+    al, sg, dal, dsg = path.schedule(tc)  # (T, 1)
     if (sg <= 0).any():
         raise ValueError("sigma_t = 0 at some t: u_t(x|x_1) is singular there")
     c, r = dal - dsg * al / sg, dsg / sg
-    s, m = s[None, :], target.means[None]                                   # (1, K), (1, K, d)
-    var_x = al**2 * s + sg**2                                               # (T, K): x_t | j ~ N(al m_j, var_x I)
-    gain = (al * s / var_x)[..., None]                                      # (T, K, 1)
-    resid = x[:, None, :] - al[..., None] * m                               # (n, K, d)
+    s, m = s[None, :], target.means[None]  # (1, K), (1, K, d)
+    var_x = al**2 * s + sg**2  # (T, K): x_t | j ~ N(al m_j, var_x I)
+    gain = (al * s / var_x)[..., None]  # (T, K, 1)
+    resid = x[:, None, :] - al[..., None] * m  # (n, K, d)
     logw = target.weights.log()[None] - 0.5 * (resid.square().sum(-1) / var_x + target.dim * var_x.log())
     w = torch.softmax(logw, dim=1)
     return w, m + gain * resid, (s * sg**2 / var_x)[..., None], c, r
@@ -342,7 +395,24 @@ def posterior_mean_velocity(x: Tensor, t: float | Tensor, path: GaussianPath, ta
     return (c * (w[..., None] * mu).sum(1) + r * x.double()).to(x.dtype)
 
 
-__all__ = ["squared_error", "l1_error", "bregman_divergence", "exp_potential", "quadratic_potential", "DIVERGENCES",
-           "get_divergence", "fm_loss", "conditional_loss", "bregman_loss", "l1_loss", "cfm_loss_x0", "loss_gradient",
-           "compare_gradients", "gradient_agreement", "train_logged", "posterior_median_velocity",
-           "posterior_mean_velocity", "x1_posterior"]
+__all__ = [
+    "squared_error",
+    "l1_error",
+    "bregman_divergence",
+    "exp_potential",
+    "quadratic_potential",
+    "DIVERGENCES",
+    "get_divergence",
+    "fm_loss",
+    "conditional_loss",
+    "bregman_loss",
+    "l1_loss",
+    "cfm_loss_x0",
+    "loss_gradient",
+    "compare_gradients",
+    "gradient_agreement",
+    "train_logged",
+    "posterior_median_velocity",
+    "posterior_mean_velocity",
+    "x1_posterior",
+]
