@@ -196,7 +196,8 @@ def prediction_loss_weights(
 ) -> PredictionWeights:
     """For z_t = alpha_t x + sigma_t eps, v = alpha'_t x + sigma'_t eps (Ch. 5): solve
     z_t = alpha x_hat + sigma eps_hat, v_hat = alpha' x_hat + sigma' eps_hat for (x_hat, eps_hat) and return the
-    squared-error weights w_x = ((alpha' sigma - alpha sigma') / sigma)^2 and w_eps = ((alpha' sigma - alpha sigma') / alpha)^2.
+    squared-error weights w_x = ((alpha' sigma - alpha sigma') / sigma)^2 and
+    w_eps = ((alpha' sigma - alpha sigma') / alpha)^2.
 
     Defaults: alpha, sigma undefined functions of t. Book convention (t = 0 noise): OT is alpha = t, sigma = 1 - t.
     """
