@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import GaussianMixture, StandardNormal, eight_gaussians, get_dataset, list_datasets
 from .device import make_generator, resolve_device
 from .losses import cfm_loss
@@ -26,7 +27,7 @@ from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
-from .train import FitConfig, FitResult, TrainConfig, fit, fit_cfm, load_checkpoint, save_checkpoint, train_flow
+from .train import FitConfig, FitResult, TrainConfig, fit, fit_cfm, train_flow
 
 _VIZ = (
     "plot_samples",

@@ -42,18 +42,19 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True
     )
 
-    t = sub.add_parser("train", help="train a velocity MLP with conditional flow matching")
-    t.add_argument("--data", default=d.data, help=f"data set (default {d.data})")
-    t.add_argument("--path", default=d.path, help=f"probability path: ot, ve, vp (default {d.path})")
-    t.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
+    t = sub.add_parser("train", help="train a model: conditional flow matching (default), shortcut, meanflow, vrfm")
+    t.add_argument("--method", default="cfm", help="cfm (default), shortcut, meanflow or vrfm (chapters 6-7)")
+    t.add_argument("--data", default=None, help=f"data set (default {d.data}; vrfm: a setting, default hexagon_2d)")
+    t.add_argument("--path", default=None, help=f"cfm only: probability path ot, ve, vp (default {d.path})")
+    t.add_argument("--steps", type=int, default=None, help=f"training steps (default: the method's, cfm {d.steps})")
+    t.add_argument("--batch-size", type=int, default=None, help=f"default: the method's, cfm {d.batch_size}")
+    t.add_argument("--lr", type=float, default=None, help=f"default: the method's, cfm {d.lr}")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--sigma-min", type=float, default=d.sigma_min)
-    t.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999 (default: no EMA)")
-    t.add_argument("--coupling", default=d.coupling, help="independent or ot (minibatch OT)")
-    t.add_argument("--hidden", type=int, default=d.hidden)
-    t.add_argument("--depth", type=int, default=d.depth)
+    t.add_argument("--sigma-min", type=float, default=None, help=f"cfm only (default {d.sigma_min})")
+    t.add_argument("--ema", type=float, default=None, help="cfm only: EMA decay, e.g. 0.999 (default: no EMA)")
+    t.add_argument("--coupling", default=None, help=f"cfm only: independent or ot (default {d.coupling})")
+    t.add_argument("--hidden", type=int, default=None, help=f"default: the method's, cfm {d.hidden}")
+    t.add_argument("--depth", type=int, default=None, help=f"default: the method's, cfm {d.depth}")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--threads", default=None, help=THREADS_HELP)
     t.add_argument("--out", default=None, help="run folder (default runs/<data>_<path>)")
@@ -148,29 +149,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train on args.data along args.path (CFM loss, FM paper Eq. 14); write model.pt, config.json, losses.csv."""
-    from .train import TrainConfig, save_checkpoint, train_flow
+def _train_config(args: argparse.Namespace):
+    """The config of `fmtoy train`: the method's own config class, its defaults where an option is not given."""
+    from ._checks import check_choice
+    from .checkpoints import METHODS
 
-    config = TrainConfig(
-        data=args.data,
-        path=args.path,
-        sigma_min=args.sigma_min,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        hidden=args.hidden,
-        depth=args.depth,
-        seed=args.seed,
-        device=args.device,
-        ema_decay=args.ema,
-        coupling=args.coupling,
-        threads=_threads(args.threads),
-    )
-    out = Path(args.out or f"runs/{config.data}_{config.path}")
+    method = check_choice("method", args.method, METHODS)
+    cfm_only = {"path": args.path, "sigma_min": args.sigma_min, "ema_decay": args.ema, "coupling": args.coupling}
+    given = [k for k, v in cfm_only.items() if v is not None]
+    if method != "cfm" and given:
+        raise UsageError(f"--{given[0].replace('_', '-').replace('ema-decay', 'ema')} applies to --method cfm only")
+    common = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "hidden": args.hidden,
+        "depth": args.depth,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": _threads(args.threads),
+    }
+    fields = {k: v for k, v in {**common, **cfm_only}.items() if v is not None}
+    if args.data is not None:
+        fields["setting" if method == "vrfm" else "data"] = args.data
+    return METHODS[method][0](**fields)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train with args.method (CFM loss, FM paper Eq. 14, by default) on args.data; write model.pt, config.json,
+    losses.csv."""
+    from .checkpoints import method_of, save_checkpoint
+    from .methods.meanflow import train_meanflow
+    from .methods.shortcut import train_shortcut
+    from .methods.vrfm import train_vrfm
+    from .train import train_flow
+
+    config = _train_config(args)
+    method = method_of(config)
+    name = config.setting if method == "vrfm" else config.data
+    out = Path(args.out or f"runs/{name}_{config.path if method == 'cfm' else method}".replace("/", "-"))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    result = train_flow(config, progress=not args.quiet)
+    entry = {"cfm": train_flow, "shortcut": train_shortcut, "meanflow": train_meanflow, "vrfm": train_vrfm}[method]
+    result = entry(config, progress=not args.quiet)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "model.pt", result, config)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
@@ -178,9 +199,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
-    tail = result.losses[-100:]
+    tail, kind = result.losses[-100:], config.path if method == "cfm" else method
     print(
-        f"trained {config.data} / {config.path}: {config.steps} steps in {result.seconds:.1f} s on "
+        f"trained {name} / {kind}: {config.steps} steps in {result.seconds:.1f} s on "
         f"{result.device} ({result.steps_per_second:.0f} steps/s; {_threads_used(result.threads)})"
     )
     print(f"final loss {result.losses[-1]:.4f} (mean of the last {len(tail)} steps: {sum(tail) / len(tail):.4f})")
@@ -190,8 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_run(run: str, device: str):
     """(model, config) of a run folder (or its model.pt), with a clear error when it is missing."""
+    from .checkpoints import load_checkpoint
     from .device import resolve_device
-    from .train import load_checkpoint
 
     dev = resolve_device(device)
     path = Path(run)
@@ -204,20 +225,48 @@ def _load_run(run: str, device: str):
     return model, config, dev
 
 
-def _flow(args: argparse.Namespace, trajectory: bool):
-    """x_0 ~ p_0 of the run's path (seeded) pushed through the learned flow with args.steps solver steps, Eq. (ODE)."""
-    from .data import get_dataset
-    from .device import make_generator
-    from .solvers import integrate, nfe
+def _run_data(config):
+    """(name, target, source) of a run: its data set and the p_0 its sampler starts from (the path's own source)."""
+    from .checkpoints import method_of
+    from .data import StandardNormal, get_dataset
+    from .methods.vrfm import get_setting
     from .train import build_path
+
+    method = method_of(config)
+    if method == "vrfm":
+        setting = get_setting(config.setting)
+        return config.setting, setting.target, setting.source
+    target = get_dataset(config.data)
+    source = build_path(config).source(target) if method == "cfm" else StandardNormal(target.dim)  # VE: not N(0, I)
+    return config.data, target, source
+
+
+def _flow(args: argparse.Namespace, trajectory: bool):
+    """x_0 ~ p_0 of the run (seeded) pushed through the learned flow with args.steps steps: the ODE solver for CFM
+    and VRFM (z drawn once per particle), the N-step sampler for shortcut and MeanFlow models."""
+    from .checkpoints import method_of
+    from .device import make_generator
+    from .methods.meanflow import sample_meanflow
+    from .methods.shortcut import sample_shortcut
+    from .methods.vrfm import sample_vrfm
+    from .solvers import integrate, nfe
 
     n, steps = check_positive_int("--n", args.n), check_positive_int("--steps", args.steps)
     nfe(args.solver, steps)  # validates the solver name before any work
     model, config, dev = _load_run(args.run, args.device)
-    source = build_path(config).source(get_dataset(config.data))  # p_0 of the run's path (VE: not N(0, I))
-    x0 = source.sample(n, generator=make_generator(args.seed, dev), device=dev)
+    _, _, source = _run_data(config)
+    gen = make_generator(args.seed, dev)
+    x0 = source.sample(n, generator=gen, device=dev)
+    threads, method = _threads(args.threads), method_of(config)
     start = time.perf_counter()
-    x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=_threads(args.threads))
+    if method == "shortcut":
+        x = sample_shortcut(model, x0, steps, return_trajectory=trajectory)
+    elif method == "meanflow":
+        x = sample_meanflow(model, x0, steps, return_trajectory=trajectory)
+    elif method == "vrfm":
+        x = sample_vrfm(model, x0, steps, args.solver, generator=gen, return_trajectory=trajectory)
+    else:
+        x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=threads)
     return x.cpu(), config, model, time.perf_counter() - start
 
 
@@ -241,19 +290,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _use_agg()
         import matplotlib.pyplot as plt
 
-        from .data import get_dataset
         from .viz import plot_density, plot_samples
 
+        name, target, _ = _run_data(config)
+        if arr.shape[1] != 2:
+            raise ValueError(f"--out {args.out!r}: a .png shows 2D samples, this run's data are {arr.shape[1]}D")
         fig, ax = plt.subplots(figsize=(5, 5))
         lim = max(5.0, float(np.abs(arr).max()) * 1.05)
-        plot_density(get_dataset(config.data).log_prob, ax, lim=lim, grid=150, cmap="Greys")
+        plot_density(target.log_prob, ax, lim=lim, grid=150, cmap="Greys")
         plot_samples(
             arr,
             ax,
             lim=lim,
             color="C1",
             s=3,
-            title=f"{config.data}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
+            title=f"{name}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
         )
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -274,13 +325,14 @@ def cmd_animate(args: argparse.Namespace) -> int:
     out = _check_animation_path(args.out)
     check_positive_int("--max-frames", args.max_frames)
     traj, config, model, _ = _flow(args, trajectory=True)
-    anim = animate_trajectories(traj, field=model, max_frames=args.max_frames, interval=max(1, round(1000 / args.fps)))
+    field = model if getattr(model, "cond_dim", 0) == 0 and hasattr(model, "time_features") else None  # v(x, t)
+    anim = animate_trajectories(traj, field=field, max_frames=args.max_frames, interval=max(1, round(1000 / args.fps)))
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_animation(anim, out, fps=args.fps)
     plt.close(anim.fig)
     print(
-        f"animated {traj.shape[1]} particles of {config.data} ({len(anim.frame_indices)} frames) "
+        f"animated {traj.shape[1]} particles of {_run_data(config)[0]} ({len(anim.frame_indices)} frames) "
         f"in {time.perf_counter() - start:.1f} s; wrote {out}"
     )
     return 0

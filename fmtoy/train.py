@@ -1,12 +1,9 @@
-"""The one training loop under every method (fit), conditional flow matching on it, a config dataclass, and safe
-checkpoints."""
+"""The one training loop under every method (fit), the configs they share, and conditional flow matching on it."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,7 +22,6 @@ from .threads import check_threads, thread_policy
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw")
-CHECKPOINT_FORMAT = "fmtoy-checkpoint-v1"
 
 
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -397,82 +393,3 @@ def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     )
     result.config = config
     return result
-
-
-def _version() -> str:
-    import fmtoy
-
-    return str(getattr(fmtoy, "__version__", "unknown"))
-
-
-def save_checkpoint(file: str | os.PathLike, result: FitResult | VelocityMLP, config: TrainConfig) -> None:
-    """Save the weights (online and EMA), the config, the fmtoy version and a format tag with torch.save."""
-    model, ema = (result.model, result.ema_model) if isinstance(result, FitResult) else (result, None)
-    if not isinstance(model, VelocityMLP):
-        raise TypeError(f"save_checkpoint needs a FitResult or VelocityMLP, got {type(result).__name__}")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if (model.hidden, model.depth) != (config.hidden, config.depth):
-        raise ValueError(
-            f"the model (hidden={model.hidden}, depth={model.depth}) does not match the config "
-            f"(hidden={config.hidden}, depth={config.depth})"
-        )
-    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "fmtoy_version": _version(),
-            "config": dataclasses.asdict(config),
-            "model_kwargs": {
-                "dim": model.dim,
-                "hidden": model.hidden,
-                "depth": model.depth,
-                "time_features": model.time_features,
-                "cond_dim": model.cond_dim,
-            },
-            "state_dict": cpu(model),
-            "ema_state_dict": cpu(ema) if ema is not None else None,
-        },
-        file,
-    )
-
-
-def load_checkpoint(
-    file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[VelocityMLP, TrainConfig]:
-    """Load (model, config) saved by save_checkpoint; the EMA weights when stored and use_ema, else the online ones.
-
-    The returned config has device set to `device`. A corrupt, truncated or inconsistent file raises ValueError.
-    """
-    dev = resolve_device(device)
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise ValueError(
-            f"{file!s} is not a readable fmtoy checkpoint (corrupt, truncated or not made by "
-            f"save_checkpoint): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{file!s} is not an fmtoy checkpoint: expected format {CHECKPOINT_FORMAT!r}, "
-            f"got {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}"
-        )
-    missing = [k for k in ("config", "model_kwargs", "state_dict", "ema_state_dict") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{file!s}: checkpoint is missing the entries {missing}")
-    try:
-        config = TrainConfig(**{**ckpt["config"], "device": str(dev)})
-        kwargs = ckpt["model_kwargs"]
-        if (kwargs["hidden"], kwargs["depth"]) != (config.hidden, config.depth):
-            raise ValueError(
-                f"model size (hidden={kwargs['hidden']}, depth={kwargs['depth']}) disagrees with the "
-                f"config (hidden={config.hidden}, depth={config.depth})"
-            )
-        model = VelocityMLP(**kwargs)
-        state = ckpt["ema_state_dict"] if use_ema and ckpt["ema_state_dict"] is not None else ckpt["state_dict"]
-        model.load_state_dict(state)
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
-    return model.to(dev).eval(), config

@@ -24,7 +24,8 @@ from fmtoy.data import StandardNormal, list_datasets  # noqa: E402
 from fmtoy.device import make_generator  # noqa: E402
 from fmtoy.paths import list_paths  # noqa: E402
 from fmtoy.solvers import SOLVERS, integrate  # noqa: E402
-from fmtoy.train import build_model, load_checkpoint  # noqa: E402
+from fmtoy.checkpoints import load_checkpoint  # noqa: E402
+from fmtoy.train import build_model  # noqa: E402
 
 TINY = ["--steps", "50", "--hidden", "32", "--depth", "2", "--batch-size", "64", "--device", "cpu", "--quiet"]
 

@@ -15,7 +15,8 @@ from fmtoy.metrics import energy_distance
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
-from fmtoy.train import FitResult, TrainConfig, load_checkpoint, save_checkpoint, train_flow
+from fmtoy.checkpoints import load_checkpoint, save_checkpoint
+from fmtoy.train import FitResult, TrainConfig, train_flow
 from fmtoy.train import fit_cfm as train
 from helpers import small_model
 
@@ -145,8 +146,8 @@ def _edit(ckpt: dict, what: str) -> dict:
         del ckpt["state_dict"]
     elif what == "config_hidden":
         ckpt["config"]["hidden"] = 64
-    elif what == "weights_shape":
-        ckpt["config"]["hidden"] = ckpt["model_kwargs"]["hidden"] = 64
+    elif what == "method":
+        ckpt["method"] = "diffusion"
     elif what == "missing_weight":
         ckpt["state_dict"].pop("net.0.bias")
         ckpt["ema_state_dict"].pop("net.0.bias")
@@ -158,8 +159,8 @@ def _edit(ckpt: dict, what: str) -> dict:
 
 
 @pytest.mark.parametrize("what, match", [
-    ("format", "not an fmtoy checkpoint"), ("missing", "missing the entries"), ("config_hidden", "disagrees"),
-    ("weights_shape", "size mismatch"), ("missing_weight", "Missing key"), ("bad_config", "steps"),
+    ("format", "not an fmtoy checkpoint"), ("missing", "missing the entries"), ("config_hidden", "size mismatch"),
+    ("method", "unknown method 'diffusion'"), ("missing_weight", "Missing key"), ("bad_config", "steps"),
     ("unknown_key", "colour"),
 ])
 def test_inconsistent_checkpoints_raise_value_error(ema_run, tmp_path, what, match):
@@ -184,7 +185,7 @@ def test_damaged_files_raise_value_error(ema_run, tmp_path, damage):
     elif damage == "empty":
         bad.write_bytes(b"")
     else:  # an arbitrary pickled object is refused by weights_only loading
-        torch.save({"format": "fmtoy-checkpoint-v1", "config": config}, bad)
+        torch.save({"format": "fmtoy-checkpoint-v2", "config": config}, bad)
     with pytest.raises(ValueError, match="not a readable fmtoy checkpoint"):
         load_checkpoint(bad)
 
@@ -195,7 +196,7 @@ def test_checkpoint_argument_errors(ema_run, tmp_path):
         load_checkpoint(tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="does not match the config"):
         save_checkpoint(tmp_path / "x.pt", res, dataclasses.replace(config, hidden=64))
-    with pytest.raises(TypeError, match="TrainConfig"):
+    with pytest.raises(TypeError, match="config must be one of TrainConfig, ShortcutConfig"):
         save_checkpoint(tmp_path / "x.pt", res, {"hidden": 32})
 
 

@@ -1,0 +1,133 @@
+"""Checkpoints of every method in one format: save_checkpoint writes a run (config, weights, EMA weights) atomically,
+load_checkpoint rebuilds the sampling network of a CFM, shortcut, MeanFlow or VRFM/RFM run from it (so does the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .device import resolve_device
+from .methods.meanflow import MeanFlowConfig, MeanFlowMLP
+from .methods.shortcut import ShortcutConfig, ShortcutMLP
+from .methods.vrfm import VRFMConfig, build_vrfm
+from .train import FitResult, TrainConfig, build_model
+
+FORMAT = "fmtoy-checkpoint-v2"
+V1 = "fmtoy-checkpoint-v1"  # CFM-only checkpoints written before v2 (still read)
+
+# method -> (config class, builder of the sampling network from (config, dim))
+METHODS: dict[str, tuple[type, Callable[[object, int], nn.Module]]] = {
+    "cfm": (TrainConfig, lambda c, dim: build_model(c, dim)),
+    "shortcut": (ShortcutConfig, lambda c, dim: build_model(c, dim, ShortcutMLP, max_steps=c.max_steps)),
+    "meanflow": (MeanFlowConfig, lambda c, dim: build_model(c, dim, MeanFlowMLP)),
+    "vrfm": (VRFMConfig, lambda c, dim: build_vrfm(c, dim)[0]),
+}
+
+
+def method_of(config: object) -> str:
+    """The method name of a config ("cfm", "shortcut", "meanflow", "vrfm"); TypeError for anything else."""
+    for name, (cls, _) in METHODS.items():
+        if type(config) is cls:
+            return name
+    allowed = ", ".join(cls.__name__ for cls, _ in METHODS.values())
+    raise TypeError(f"config must be one of {allowed}, got {type(config).__name__}")
+
+
+def _version() -> str:
+    import fmtoy
+
+    return str(getattr(fmtoy, "__version__", "unknown"))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, config: object | None = None) -> None:
+    """Save the run's weights (online and EMA), config, fmtoy version and format tag; written to a temporary file in
+    the same folder and renamed, so the file is always the old run or the new one, never half of either."""
+    model, ema = (result.model, result.ema_model) if isinstance(result, FitResult) else (result, None)
+    config = result.config if config is None and isinstance(result, FitResult) else config
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_checkpoint needs a FitResult or a torch.nn.Module, got {type(result).__name__}")
+    method = method_of(config)
+    dim = getattr(model, "dim", None)
+    fresh = METHODS[method][1](config, dim)
+    if type(fresh) is not type(model) or {k: v.shape for k, v in fresh.state_dict().items()} != {
+        k: v.shape for k, v in model.state_dict().items()
+    }:
+        raise ValueError(
+            f"the model ({type(model).__name__}, hidden={getattr(model, 'hidden', '?')}, depth="
+            f"{getattr(model, 'depth', '?')}) does not match the config (hidden={config.hidden}, depth={config.depth})"
+        )
+    payload = {
+        "format": FORMAT,
+        "fmtoy_version": _version(),
+        "method": method,
+        "config": dataclasses.asdict(config),
+        "dim": dim,
+        "state_dict": _cpu_state(model),
+        "ema_state_dict": _cpu_state(ema) if ema is not None else None,
+    }
+    path = Path(file)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(
+    file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[nn.Module, object]:
+    """(model, config) of a run saved by save_checkpoint, for any method; the EMA weights when stored and use_ema.
+
+    The returned config has device set to `device`. A damaged, foreign or inconsistent file raises ValueError.
+    """
+    dev = resolve_device(device)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise ValueError(
+            f"{file!s} is not a readable fmtoy checkpoint: the file is damaged (corrupt or truncated) or was not "
+            "written by fmtoy's save_checkpoint"
+        ) from e
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if fmt not in (FORMAT, V1):
+        raise ValueError(f"{file!s} is not an fmtoy checkpoint: expected format {FORMAT!r}, got {fmt!r}")
+    if fmt == V1:  # CFM only: the network's size was stored beside the config
+        ckpt = {**ckpt, "method": "cfm", "dim": ckpt.get("model_kwargs", {}).get("dim")}
+    missing = [k for k in ("method", "config", "dim", "state_dict", "ema_state_dict") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{file!s}: checkpoint is missing the entries {missing}")
+    if ckpt["method"] not in METHODS:
+        raise ValueError(f"{file!s}: unknown method {ckpt['method']!r}; allowed: {', '.join(METHODS)}")
+    cls, build = METHODS[ckpt["method"]]
+    try:
+        config = cls(**{**ckpt["config"], "device": str(dev)})
+        size = (ckpt["model_kwargs"]["hidden"], ckpt["model_kwargs"]["depth"]) if fmt == V1 else None
+        if size is not None and size != (config.hidden, config.depth):
+            raise ValueError("the model size disagrees with the config")
+        model = build(config, ckpt["dim"])
+        state = ckpt["ema_state_dict"] if use_ema and ckpt["ema_state_dict"] is not None else ckpt["state_dict"]
+        model.load_state_dict(state)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
+    return model.to(dev).eval(), config
+
+
+__all__ = ["FORMAT", "METHODS", "method_of", "save_checkpoint", "load_checkpoint"]

@@ -1,0 +1,90 @@
+"""fmtoy.checkpoints: one format for every method, written atomically, read back by load_checkpoint and the CLI."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fmtoy.checkpoints import FORMAT, load_checkpoint, save_checkpoint
+from fmtoy.cli import main
+from fmtoy.methods.meanflow import MeanFlowConfig, train_meanflow
+from fmtoy.methods.shortcut import ShortcutConfig, train_shortcut
+from fmtoy.methods.vrfm import VRFMConfig, train_vrfm
+from fmtoy.train import TrainConfig, train_flow
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+SMALL = dict(steps=4, hidden=8, depth=1, device="cpu")
+RUNS = {
+    "cfm": lambda: train_flow(TrainConfig(batch_size=16, ema_decay=0.9, **SMALL), progress=False),
+    "shortcut": lambda: train_shortcut(ShortcutConfig(batch_size=32, max_steps=4, teacher="ema", **SMALL)),
+    "meanflow": lambda: train_meanflow(MeanFlowConfig(batch_size=16, **SMALL)),
+    "vrfm": lambda: train_vrfm(VRFMConfig(batch_size=16, **SMALL)),
+}
+
+
+def _outputs(model, dim=2):
+    x, t = torch.linspace(-2, 2, 6 * dim).reshape(6, dim), torch.linspace(0, 1, 6)
+    extra = () if getattr(model, "cond_dim", 0) == 0 else (torch.zeros(6, model.cond_dim),)
+    with torch.no_grad():
+        return model(x, t, *extra)
+
+
+@pytest.mark.parametrize("method", RUNS)
+def test_every_method_round_trips(method, tmp_path):
+    res = RUNS[method]()
+    save_checkpoint(tmp_path / "m.pt", res)                        # the config comes with the FitResult
+    model, config = load_checkpoint(tmp_path / "m.pt")
+    assert config == dataclasses.replace(res.config, device="cpu") and type(model) is type(res.model)
+    want = res.ema_model if res.ema_model is not None else res.model
+    assert torch.equal(_outputs(model), _outputs(want))
+    online, _ = load_checkpoint(tmp_path / "m.pt", use_ema=False)
+    assert torch.equal(_outputs(online), _outputs(res.model))
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["format"] == FORMAT
+
+
+def test_a_failed_save_leaves_the_previous_run_intact(tmp_path, monkeypatch):
+    good, res = tmp_path / "model.pt", RUNS["cfm"]()
+    save_checkpoint(good, res)
+    before = good.read_bytes()
+
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt                                    # Ctrl-C in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(good, res)
+    assert good.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]   # no temp left
+    monkeypatch.undo()
+    load_checkpoint(good)
+
+
+def test_version_1_cfm_checkpoints_still_load(tmp_path):
+    res = RUNS["cfm"]()
+    m = res.model
+    v1 = {"format": "fmtoy-checkpoint-v1", "fmtoy_version": "0.1.0", "config": dataclasses.asdict(res.config),
+          "model_kwargs": {"dim": 2, "hidden": m.hidden, "depth": m.depth, "time_features": m.time_features,
+                           "cond_dim": 0},
+          "state_dict": m.state_dict(), "ema_state_dict": None}
+    torch.save(v1, tmp_path / "old.pt")
+    model, config = load_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(_outputs(model), _outputs(m)) and config.hidden == m.hidden
+
+
+@pytest.mark.parametrize("method, steps", [("shortcut", "2"), ("meanflow", "2"), ("vrfm", "3")])
+def test_the_cli_trains_and_samples_every_method(method, steps, tmp_path, capsys):
+    run = tmp_path / method
+    assert main(["train", "--method", method, "--steps", "4", "--hidden", "8", "--depth", "1", "--device", "cpu",
+                 "--quiet", "--out", str(run)]) == 0
+    assert f"/ {method}: 4 steps" in capsys.readouterr().out
+    assert main(["sample", "--run", str(run), "--n", "50", "--steps", steps, "--device", "cpu",
+                 "--out", str(tmp_path / "x.npy")]) == 0
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (50, 2) and np.isfinite(x).all()
+
+
+def test_cfm_only_options_are_refused_for_other_methods(capsys):
+    assert main(["train", "--method", "shortcut", "--path", "ve"]) == 2
+    assert "--path applies to --method cfm only" in capsys.readouterr().err
+    assert main(["train", "--method", "diffusion"]) == 2
+    assert "unknown method 'diffusion'; allowed: cfm, meanflow, shortcut, vrfm" in capsys.readouterr().err
