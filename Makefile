@@ -13,9 +13,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fmtoy-installed
 BENCH_STAMP := $(VENV)/.fmtoy-bench-installed
-# Kernels that the book build starts talk over Unix sockets, not TCP on localhost (book/_ext/fmbook.py,
-# kernels_over_ipc); `make book FMTOY_KERNEL_TRANSPORT=tcp` goes back to TCP.
-export FMTOY_KERNEL_TRANSPORT ?= ipc
 
 .PHONY: setup book test bench assignments grade book-student lock clean distclean
 

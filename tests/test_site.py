@@ -56,7 +56,7 @@ def site(tmp_path_factory) -> Path:
                            "--keep-going"], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     (out / "build.log").write_text(log)
-    warnings = [line for line in log.splitlines() if "WARNING" in line]   # kernels over ipc: no TCP warning either
+    warnings = [line for line in log.splitlines() if "WARNING" in line]   # ipykernel 6: no TCP warning either
     assert proc.returncode == 0 and not warnings, (
         f"the book build failed (exit {proc.returncode}); warnings/errors:\n" + "\n".join(warnings[:30])
         + "\n" + log[-3000:])

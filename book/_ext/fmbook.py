@@ -183,9 +183,6 @@ def write_execution_times(app, exception) -> None:
 
 
 def setup(app):
-    from fmtoy.kernels import kernels_over_ipc
-
-    kernels_over_ipc()  # the build's kernels talk over Unix sockets (fmtoy.kernels)
     app.connect("autodoc-process-docstring", literal_docstrings)
     app.connect("config-inited", launch_buttons_need_a_repository)
     app.connect("html-page-context", offer_notebook_download, priority=500)

@@ -177,10 +177,6 @@ def _execute(nb, timeout: float, kernel_name: str, cwd: Path) -> dict[int, str]:
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
-    from ..kernels import kernels_over_ipc
-
-    kernels_over_ipc()  # the grader's kernels talk over Unix sockets, as the book build's do
-
     results: dict[int, str] = {}
     start = 0
     while start < len(nb.cells):
