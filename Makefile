@@ -5,6 +5,7 @@
 # make grade NB=student.ipynb  grade a filled-in student notebook (score table + NB.grade.json)
 # make book-student           the student edition of the site (solutions removed) in _build/student
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
+# make lint   ruff: formatting and lint checks (configured in pyproject.toml); `make format` applies the formatting
 # make lock   regenerate constraints.txt (exact versions) in a clean temporary venv; kept only if the fast tests pass
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fmtoy-installed
 BENCH_STAMP := $(VENV)/.fmtoy-bench-installed
 
-.PHONY: setup book test bench assignments grade book-student lock clean distclean
+.PHONY: setup book test lint format bench assignments grade book-student lock clean distclean
 
 setup: $(STAMP)
 
@@ -34,6 +35,14 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # The peers are pinned against the torch already installed, so no CUDA wheels or torchvision are pulled in;
 # torchcfm's own dependencies (torchdyn -> torchvision, lightning) are not needed by the code the bench uses.

@@ -119,6 +119,14 @@ class FitResult:
     threads: dict[int, int] = field(default_factory=dict)
     config: object | None = None
 
+    def final(self, part: str = "loss", last: int = 100) -> float:
+        """Mean of the last `last` steps of the loss (part="loss") or of a loss part (e.g. "kl"): where training ended."""
+        values = self.losses if part == "loss" else self.parts.get(part)
+        if values is None:
+            raise ValueError(f"no loss part {part!r}; this run has: loss{''.join(', ' + k for k in self.parts)}")
+        tail = values[-check_positive_int("last", last) :]
+        return sum(tail) / len(tail)
+
     def __getattr__(self, name: str):
         for store in ("parts", "modules"):
             found = self.__dict__.get(store, {})

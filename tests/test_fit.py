@@ -198,3 +198,11 @@ def test_every_method_has_one_entry_shape_taking_its_config():
         ShortcutConfig(batch_size=16)
     with pytest.raises(ValueError, match="threads must be 'auto' or a positive integer"):
         MeanFlowConfig(threads=0)
+
+
+def test_final_is_the_mean_of_the_last_steps():
+    res = _vrfm(eight_gaussians(), steps=6)
+    assert res.final() == pytest.approx(sum(res.losses[-6:]) / 6)
+    assert res.final("kl", 2) == pytest.approx(sum(res.kl[-2:]) / 2)
+    with pytest.raises(ValueError, match="no loss part 'nll'; this run has: loss, mse, kl"):
+        res.final("nll")
