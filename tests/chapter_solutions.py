@@ -1,4 +1,5 @@
 """The code-exercise solutions of a chapter, extracted from its MyST source (one extractor for every chapter test)."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """Shared test helpers (imported by the test modules): one batch drawer and one small-model factory. Seeded
 generators come from fmtoy.device.make_generator; a chapter's exercise solutions from the `solutions` fixture."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ from fmtoy.device import make_generator
 from fmtoy.models import VelocityMLP
 
 
-def draw_batch(n: int, seed: int = 0, target: Distribution | None = None, path=None,
-               dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_batch(
+    n: int, seed: int = 0, target: Distribution | None = None, path=None, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x0, x1, t): x1 ~ target (eight Gaussians), x0 ~ N(0, I), t ~ U[path.t_min, path.t_max) (U[0, 1) without a
     path), drawn in that order (x1, x0, t) from one generator seeded with `seed`."""
     target = eight_gaussians() if target is None else target
@@ -22,8 +24,9 @@ def draw_batch(n: int, seed: int = 0, target: Distribution | None = None, path=N
     return x0, x1, lo + (hi - lo) * torch.rand(n, generator=g, dtype=dtype)
 
 
-def small_model(seed: int = 0, cls: type[nn.Module] = VelocityMLP, hidden: int = 32, depth: int = 2,
-                **kwargs) -> nn.Module:
+def small_model(
+    seed: int = 0, cls: type[nn.Module] = VelocityMLP, hidden: int = 32, depth: int = 2, **kwargs
+) -> nn.Module:
     """cls(hidden=32, depth=2, **kwargs) initialised after torch.manual_seed(seed): a network that trains in ms."""
     torch.manual_seed(seed)
     return cls(hidden=hidden, depth=depth, **kwargs)

@@ -1,6 +1,7 @@
 """Course assignments: markup checks, student/instructor notebooks, the student edition's sources, and (marked
 `grading`) the autograder on every chapter: solutions pass, stubs fail with NotImplementedError, wrong answers
 get exactly the points of the checks they pass, timeouts and crashed kernels cost only their exercise."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import nbformat
 import pytest
 import yaml
 
-from fmtoy.course import assignments as A
 from fmtoy.cli import main
+from fmtoy.course import assignments as A
 from fmtoy.course.grade import grade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,26 +23,42 @@ GRADED = A.chapters_with_exercises(BOOK)
 
 # A plausible wrong answer per exercise: passes the first (shape) check, fails the value checks.
 WRONG = {
-    "ex-ch1-divergence": "import torch\ndef divergence_2d(velocity, x, t):\n    return torch.zeros(x.shape[0], dtype=x.dtype)",
-    "ex-ch1-euler-likelihood": ("def log_likelihood_euler(velocity, x1, source, steps):\n"
-                                "    return source.log_prob(x1)   # forgot to flow back and the divergence"),
+    "ex-ch1-divergence": (
+        "import torch\ndef divergence_2d(velocity, x, t):\n    return torch.zeros(x.shape[0], dtype=x.dtype)"
+    ),
+    "ex-ch1-euler-likelihood": (
+        "def log_likelihood_euler(velocity, x1, source, steps):\n"
+        "    return source.log_prob(x1)   # forgot to flow back and the divergence"
+    ),
     "ex-ch2-mc-field": "def mc_marginal_velocity(x, t, x1):\n    return (x1.mean(0) - x) / (1 - t)   # prior weights",
-    "ex-ch2-empirical": ("def empirical_marginal_velocity(x, t, y):\n"
-                         "    return (y.mean(0) - x) / (1 - t)   # prior instead of posterior"),
-    "ex-ch3-x0-loss": ("def cfm_loss_x0(model, x0, x1, t, sigma_min=0.0):\n"
-                       "    xt = t[:, None] * x1 + (1 - t[:, None]) * x0\n"
-                       "    return (model(xt, t) - (x1 - x0)).square().mean()   # mean over coordinates too"),
-    "ex-ch3-exp-bregman": "def exp_bregman(y, v, scale=1.0):\n    return 0.5 * (y - v).square().sum(1)   # the s -> oo limit",
-    "ex-ch4-vp-field": ("def vp_conditional_velocity(x, t, x1, beta_min=0.1, beta_max=20.0):\n"
-                        "    return x1 - x   # the OT field"),
-    "ex-ch4-cosine": ("import math\ndef cosine_rotated_velocity(x, t, x1, omega):\n"
-                      "    s, c = math.sin(math.pi * t / 2), math.cos(math.pi * t / 2)\n"
-                      "    return math.pi / 2 * (x1 - s * x) / c   # no rotation"),
+    "ex-ch2-empirical": (
+        "def empirical_marginal_velocity(x, t, y):\n    return (y.mean(0) - x) / (1 - t)   # prior instead of posterior"
+    ),
+    "ex-ch3-x0-loss": (
+        "def cfm_loss_x0(model, x0, x1, t, sigma_min=0.0):\n"
+        "    xt = t[:, None] * x1 + (1 - t[:, None]) * x0\n"
+        "    return (model(xt, t) - (x1 - x0)).square().mean()   # mean over coordinates too"
+    ),
+    "ex-ch3-exp-bregman": (
+        "def exp_bregman(y, v, scale=1.0):\n    return 0.5 * (y - v).square().sum(1)   # the s -> oo limit"
+    ),
+    "ex-ch4-vp-field": (
+        "def vp_conditional_velocity(x, t, x1, beta_min=0.1, beta_max=20.0):\n    return x1 - x   # the OT field"
+    ),
+    "ex-ch4-cosine": (
+        "import math\ndef cosine_rotated_velocity(x, t, x1, omega):\n"
+        "    s, c = math.sin(math.pi * t / 2), math.cos(math.pi * t / 2)\n"
+        "    return math.pi / 2 * (x1 - s * x) / c   # no rotation"
+    ),
     "ex-ch5-eps-velocity": "def velocity_from_eps(z, t, eps_hat):\n    return z - eps_hat   # forgot the 1/t",
-    "ex-ch6-shortcut-target": ("import torch\ndef shortcut_target(s, x, t, d):\n    with torch.no_grad():\n"
-                               "        return s(x, t, d)   # one step at d instead of two half steps"),
-    "ex-ch7-gaussian-kl": ("def gaussian_kl(mu, logvar):\n"
-                           "    return 0.5 * (logvar.exp() + mu.square() - 1.0).sum(dim=1)   # forgot -logvar"),
+    "ex-ch6-shortcut-target": (
+        "import torch\ndef shortcut_target(s, x, t, d):\n    with torch.no_grad():\n"
+        "        return s(x, t, d)   # one step at d instead of two half steps"
+    ),
+    "ex-ch7-gaussian-kl": (
+        "def gaussian_kl(mu, logvar):\n"
+        "    return 0.5 * (logvar.exp() + mu.square() - 1.0).sum(dim=1)   # forgot -logvar"
+    ),
     "ex-ch7-reparam": "def sample_z(mu, logvar, eps):\n    return mu + logvar.exp() * eps   # variance, not std",
 }
 
@@ -53,7 +70,8 @@ def chapter_nb(path: Path):
 # ----------------------------------------------------------------------------------------------- markup (no kernel)
 def test_every_chapter_has_a_graded_exercise():
     assert CHAPTERS and [p.name for p in GRADED] == [p.name for p in CHAPTERS], (
-        "every chapter needs at least one graded code exercise (an {exercise} with code cells marked exercise: ...)")
+        "every chapter needs at least one graded code exercise (an {exercise} with code cells marked exercise: ...)"
+    )
 
 
 def test_every_graded_exercise_has_a_wrong_answer_in_this_file():
@@ -64,7 +82,7 @@ def test_every_graded_exercise_has_a_wrong_answer_in_this_file():
 @pytest.mark.parametrize("path", GRADED, ids=lambda p: p.stem)
 def test_markup_is_consistent(path):
     nb = chapter_nb(path)
-    for ex in A.graded_exercises(nb):                          # raises AssignmentError on bad markup
+    for ex in A.graded_exercises(nb):  # raises AssignmentError on bad markup
         assert ex.points == sum(ex.test_points) > 0
         assert len(ex.test_cells) >= 2, f"{ex.label}: use >= 2 test cells so that partial credit is possible"
         for i in ex.solution_cells + ex.test_cells:
@@ -83,7 +101,7 @@ def test_student_notebook_hides_everything_secret(path):
     assert stubs and all("raise NotImplementedError()" in c.source for c in stubs)
     for c in student.cells:
         if "nbgrader" in c.metadata:
-            compile(c.source, path.name, "exec")                              # stubs are valid Python
+            compile(c.source, path.name, "exec")  # stubs are valid Python
         if c.cell_type == "code":
             assert c.outputs == [] and c.execution_count is None
     nbformat.validate(student)
@@ -92,8 +110,7 @@ def test_student_notebook_hides_everything_secret(path):
 
 def test_replace_solutions_keeps_indentation_and_code_around():
     src = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\n"
-    assert A.replace_solutions(src) == ("def f(x):\n    y = 1\n    # YOUR CODE HERE\n"
-                                        "    raise NotImplementedError()")
+    assert A.replace_solutions(src) == ("def f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()")
 
 
 def test_remove_hidden_tests_and_solution_directives():
@@ -118,17 +135,23 @@ EX = ("md", "```{exercise} T (code, 3 points)\n:label: ex-a\n\ntext\n```", {})
 SOL = ("code", "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION", {"exercise": "ex-a"})
 
 
-@pytest.mark.parametrize("cells, match", [
-    ([EX, SOL, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 2})], "states 3 points"),
-    ([SOL, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 3})], "no {exercise} directive"),
-    ([EX, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 3}), SOL], "after the exercise's solution"),
-    ([EX, SOL, ("code", "assert f()", {"exercise": "ex-a", "points": 0})], "positive integer"),
-    ([EX, ("code", "def f():\n    ### BEGIN SOLUTION\n    return 1", {"exercise": "ex-a"})], "without a matching"),
-    ([EX, ("code", "x = 1  ### BEGIN SOLUTION", {"exercise": "ex-a"})], "stand alone"),
-    ([EX, SOL], "no test cell"),
-    ([("md", "```{exercise} T (code)\n:label: ex-a\n```", {}), SOL], "must state"),
-    ([EX, SOL, ("code", "### BEGIN HIDDEN TESTS\nassert 1", {"exercise": "ex-a", "points": 3})], "without a matching"),
-])
+@pytest.mark.parametrize(
+    "cells, match",
+    [
+        ([EX, SOL, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 2})], "states 3 points"),
+        ([SOL, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 3})], "no {exercise} directive"),
+        ([EX, ("code", "assert f() == 1", {"exercise": "ex-a", "points": 3}), SOL], "after the exercise's solution"),
+        ([EX, SOL, ("code", "assert f()", {"exercise": "ex-a", "points": 0})], "positive integer"),
+        ([EX, ("code", "def f():\n    ### BEGIN SOLUTION\n    return 1", {"exercise": "ex-a"})], "without a matching"),
+        ([EX, ("code", "x = 1  ### BEGIN SOLUTION", {"exercise": "ex-a"})], "stand alone"),
+        ([EX, SOL], "no test cell"),
+        ([("md", "```{exercise} T (code)\n:label: ex-a\n```", {}), SOL], "must state"),
+        (
+            [EX, SOL, ("code", "### BEGIN HIDDEN TESTS\nassert 1", {"exercise": "ex-a", "points": 3})],
+            "without a matching",
+        ),
+    ],
+)
 def test_bad_markup_is_refused_with_a_clear_message(cells, match):
     with pytest.raises(A.AssignmentError, match=re.escape(match)):
         A.graded_exercises(_nb(*cells))
@@ -157,6 +180,7 @@ def test_student_book_sources(tmp_path):
         for marker in (A.BEGIN_SOLUTION, A.BEGIN_HIDDEN, "{solution}"):
             assert marker not in text, f"{marker!r} survived in the student edition's {page.name}"
     import jupytext
+
     for path in GRADED:
         nb = jupytext.read(out / "book" / path.name)
         graded = [c for c in nb.cells if c.metadata.get("exercise")]
@@ -202,10 +226,15 @@ def test_solution_passes_stub_fails_wrong_answer_gets_partial_credit(path, tmp_p
 def test_timeout_and_dead_kernel_cost_only_their_exercise(tmp_path):
     path = BOOK / "ch2_marginal.md"
     nb = A.instructor_notebook(chapter_nb(path))
-    right = {c.metadata["nbgrader"]["grade_id"].rsplit("-solution", 1)[0]: c.source for c in nb.cells
-             if c.metadata.get("nbgrader", {}).get("solution")}
-    for bad, why in (("import time\ndef mc_marginal_velocity(x, t, x1):\n    time.sleep(60)", "timed out"),
-                     ("import os\ndef mc_marginal_velocity(x, t, x1):\n    os._exit(1)", "kernel died")):
+    right = {
+        c.metadata["nbgrader"]["grade_id"].rsplit("-solution", 1)[0]: c.source
+        for c in nb.cells
+        if c.metadata.get("nbgrader", {}).get("solution")
+    }
+    for bad, why in (
+        ("import time\ndef mc_marginal_velocity(x, t, x1):\n    time.sleep(60)", "timed out"),
+        ("import os\ndef mc_marginal_velocity(x, t, x1):\n    os._exit(1)", "kernel died"),
+    ):
         student = _student_with(path, tmp_path, {**right, "ex-ch2-mc-field": bad})
         report = grade(student, path, timeout=3)
         first, second = report.exercises
@@ -217,7 +246,7 @@ def test_timeout_and_dead_kernel_cost_only_their_exercise(tmp_path):
 def test_cli_grade_writes_json_and_ignores_edited_tests(tmp_path, capsys):
     path = BOOK / "ch5_paths.md"
     student = A.student_notebook(chapter_nb(path))
-    for cell in student.cells:                                     # a student "fixes" the test instead
+    for cell in student.cells:  # a student "fixes" the test instead
         if cell.metadata.get("nbgrader", {}).get("grade"):
             cell.source = "pass"
     nb_path = tmp_path / "ch5_paths.ipynb"

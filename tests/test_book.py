@@ -1,4 +1,5 @@
 """The Jupyter Book's structure (toc, config, bibliography, jupytext headers) and, marked `notebooks`, its execution."""
+
 from __future__ import annotations
 
 import re
@@ -70,6 +71,7 @@ kernelspec:
 
 # --- (1) toc and jupytext headers -------------------------------------------------------------
 
+
 def test_toc_is_a_book_rooted_at_the_intro():
     assert TOC["format"] == "jb-book"
     assert TOC["root"] == "book/intro"
@@ -100,12 +102,16 @@ def test_executable_chapter_has_jupytext_header(chapter):
     assert not problems, f"{chapter.name} has code cells but would not be executed by JB1: {problems}"
 
 
-@pytest.mark.parametrize("text", [
-    "# No front matter\n```{code-cell} ipython3\n1\n```\n",
-    GOOD_HEADER.replace("format_name: myst", "format_name: markdown"),
-    GOOD_HEADER.replace("kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n", ""),
-    GOOD_HEADER.replace("  name: python3\n", ""),
-], ids=["no-header", "wrong-format", "no-kernelspec", "kernelspec-without-name"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# No front matter\n```{code-cell} ipython3\n1\n```\n",
+        GOOD_HEADER.replace("format_name: myst", "format_name: markdown"),
+        GOOD_HEADER.replace("kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n", ""),
+        GOOD_HEADER.replace("  name: python3\n", ""),
+    ],
+    ids=["no-header", "wrong-format", "no-kernelspec", "kernelspec-without-name"],
+)
 def test_header_check_rejects_a_bad_header(text):
     assert jupytext_header_problems(text)
 
@@ -121,11 +127,13 @@ def test_plain_pages_are_not_executed_by_accident():
 
 # --- (2) configuration and bibliography ---------------------------------------------------------
 
+
 def test_config_extensions_execution_and_exclusions():
     assert CONFIG["title"] == "Flow Matching by Derivation"
     assert {"sphinx_proof", "sphinx_exercise"} <= set(CONFIG["sphinx"]["extra_extensions"])
     assert {"dollarmath", "amsmath", "colon_fence", "deflist", "html_image", "substitution"} <= set(
-        CONFIG["parse"]["myst_enable_extensions"])
+        CONFIG["parse"]["myst_enable_extensions"]
+    )
     execute = CONFIG["execute"]
     assert execute["execute_notebooks"] == "cache" and execute["allow_errors"] is False
     assert execute["timeout"] >= 60
@@ -149,8 +157,17 @@ def test_bibfile_is_configured_and_has_unique_keys():
     assert CONFIG["bibtex_bibfiles"] == ["book/references.bib"]
     keys = bib_keys()
     assert len(keys) == len(set(keys)), "duplicate BibTeX keys"
-    assert {"lipman2023flow", "liu2023flow", "albergo2023building", "lipman2024flow", "frans2025one",
-            "guo2025variational", "tong2024improving", "chen2018neural", "geng2025mean"} <= set(keys)
+    assert {
+        "lipman2023flow",
+        "liu2023flow",
+        "albergo2023building",
+        "lipman2024flow",
+        "frans2025one",
+        "guo2025variational",
+        "tong2024improving",
+        "chen2018neural",
+        "geng2025mean",
+    } <= set(keys)
 
 
 def test_bibliography_page_has_the_directive():
@@ -160,8 +177,7 @@ def test_bibliography_page_has_the_directive():
 
 def test_every_citation_is_in_the_bibfile():
     keys = set(bib_keys())
-    cited = {(p.name, k.strip()) for p in BOOK.glob("*.md") for m in CITE.findall(p.read_text())
-             for k in m.split(",")}
+    cited = {(p.name, k.strip()) for p in BOOK.glob("*.md") for m in CITE.findall(p.read_text()) for k in m.split(",")}
     unknown = sorted(f"{name}: {k}" for name, k in cited if k not in keys)
     assert cited and not unknown, f"citations missing from references.bib: {unknown}"
 
@@ -169,25 +185,31 @@ def test_every_citation_is_in_the_bibfile():
 # --- (3) widgets have kernel-free counterparts ----------------------------------------------------
 # (Execution is tested by tests/test_site.py, whose fixture builds the whole book with every notebook executed.)
 
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
 def test_every_widget_has_a_static_sweep_and_no_dead_output(chapter):
     import jupytext
+
     cells = [c for c in jupytext.read(chapter).cells if c.cell_type == "code"]
     widget_cells = [c for c in cells if re.search(r"(^|\n)\s*interactive_figure\(", c.source)]
     for c in widget_cells:
         assert "remove-output" in c.metadata.get("tags", []), (
-            f"{chapter.name}: a widget cell must be tagged remove-output (a dead control in the static page)")
+            f"{chapter.name}: a widget cell must be tagged remove-output (a dead control in the static page)"
+        )
     if widget_cells:
         assert any("static_sweep(" in c.source for c in cells), (
-            f"{chapter.name} has a widget but no static_sweep player for readers without a kernel")
+            f"{chapter.name} has a widget but no static_sweep player for readers without a kernel"
+        )
 
 
 # --- (4) the execution-time report (book/_ext/fmbook.py writes _build/execution-times.md and .json) -------------
+
 
 @pytest.fixture(scope="module")
 def fmbook():
     """The book's local Sphinx extension, imported from its file."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("fmbook", BOOK / "_ext" / "fmbook.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -195,14 +217,22 @@ def fmbook():
 
 
 def record(docname: str, seconds: float | None, executed: bool = True, method: str = "cache") -> dict:
-    return {"docname": docname, "title": docname.split("/")[-1].title(), "seconds": seconds, "executed": executed,
-            "method": method}
+    return {
+        "docname": docname,
+        "title": docname.split("/")[-1].title(),
+        "seconds": seconds,
+        "executed": executed,
+        "method": method,
+    }
 
 
 def table_rows(markdown: str) -> list[list[str]]:
     """The cells of the per-document rows (the ones numbered 1, 2, ...)."""
-    return [[c.strip() for c in line.strip("|").split(" | ")] for line in markdown.splitlines()
-            if re.match(r"\| \d+ \|", line)]
+    return [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in markdown.splitlines()
+        if re.match(r"\| \d+ \|", line)
+    ]
 
 
 def budget_line(markdown: str, name: str) -> str:
@@ -211,15 +241,21 @@ def budget_line(markdown: str, name: str) -> str:
 
 
 def test_execution_table_sums_each_budget(fmbook):
-    records = [record("book/playground", 30.5), record("book/ch1_continuity", 100.0),
-               record("book/ch7_vrfm", 100.0), record("book/instructors", 20.0), record("book/ch3_cfm", None)]
+    records = [
+        record("book/playground", 30.5),
+        record("book/ch1_continuity", 100.0),
+        record("book/ch7_vrfm", 100.0),
+        record("book/instructors", 20.0),
+        record("book/ch3_cfm", None),
+    ]
     markdown, data = fmbook.execution_table(records)
     assert data["budgets"] == [
         {"budget": "playground + chapters 1-7", "seconds": 230.5, "limit": 240.0, "over": False},
-        {"budget": "whole book", "seconds": 250.5, "limit": 480.0, "over": False}]
+        {"budget": "whole book", "seconds": 250.5, "limit": 480.0, "over": False},
+    ]
     assert "OVER BUDGET" not in markdown
     assert "| 230.50 | 240 | within budget |" in budget_line(markdown, "playground + chapters 1-7")
-    assert [r for r in table_rows(markdown) if r[1] == "book/ch3_cfm"][0][3] == "-"   # no recorded time
+    assert [r for r in table_rows(markdown) if r[1] == "book/ch3_cfm"][0][3] == "-"  # no recorded time
 
 
 @pytest.mark.parametrize("seconds, over", [(240.0, False), (240.01, True), (500.0, True)])
@@ -241,19 +277,34 @@ def test_only_the_playground_and_chapters_1_to_7_count_against_the_240_s_budget(
 
 def test_execution_table_follows_the_toc_order(fmbook):
     order = ["book/intro", "book/playground", "book/ch1_continuity", "book/ch2_marginal", "book/instructors"]
-    records = [record("book/instructors", 1), record("book/zz_not_in_toc", 1), record("book/ch2_marginal", 1),
-               record("book/playground", 1), record("book/aa_not_in_toc", 1), record("book/ch1_continuity", 1)]
+    records = [
+        record("book/instructors", 1),
+        record("book/zz_not_in_toc", 1),
+        record("book/ch2_marginal", 1),
+        record("book/playground", 1),
+        record("book/aa_not_in_toc", 1),
+        record("book/ch1_continuity", 1),
+    ]
     markdown, data = fmbook.execution_table(records, order=order)
-    expected = ["book/playground", "book/ch1_continuity", "book/ch2_marginal", "book/instructors",
-                "book/zz_not_in_toc", "book/aa_not_in_toc"]     # pages outside the toc last, in the order given
+    expected = [
+        "book/playground",
+        "book/ch1_continuity",
+        "book/ch2_marginal",
+        "book/instructors",
+        "book/zz_not_in_toc",
+        "book/aa_not_in_toc",
+    ]  # pages outside the toc last, in the order given
     assert [r[1] for r in table_rows(markdown)] == expected
     assert [r[0] for r in table_rows(markdown)] == ["1", "2", "3", "4", "5", "6"]
     assert [d["docname"] for d in data["documents"]] == expected
 
 
 def test_execution_table_says_which_times_come_from_the_cache(fmbook):
-    records = [record("book/playground", 12.345, executed=True), record("book/ch1_continuity", 50.0, executed=False),
-               record("book/ch2_marginal", 3.0, executed=True, method="force")]
+    records = [
+        record("book/playground", 12.345, executed=True),
+        record("book/ch1_continuity", 50.0, executed=False),
+        record("book/ch2_marginal", 3.0, executed=True, method="force"),
+    ]
     markdown, data = fmbook.execution_table(records)
     rows = {r[1]: r for r in table_rows(markdown)}
     assert rows["book/playground"][3:] == ["12.35", "in this build", "cache"]
@@ -266,6 +317,7 @@ def test_execution_table_says_which_times_come_from_the_cache(fmbook):
 def test_toc_order_walks_the_toctrees_depth_first(fmbook):
     class Env:
         toctree_includes = {"intro": ["a", "b"], "a": ["a1"], "b": ["a"]}
+
     assert fmbook.toc_order(Env(), "intro") == ["intro", "a", "a1", "b"]
 
 

@@ -1,4 +1,5 @@
 """Chapter 2 (Theorem 1, the marginalization trick): the checks the chapter shows, and its exercise solutions."""
+
 from __future__ import annotations
 
 import math
@@ -7,14 +8,14 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-
 from chapter_solutions import solution_namespace
+
 import fmtoy.symbolic as S
-from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.marginal import ExactField, marginal_distribution, marginal_velocity
-from fmtoy.teaching.checks import marginal_velocity_mc, relative_field_error
 from fmtoy.paths import CondOTPath, VPPath
+from fmtoy.teaching.checks import marginal_velocity_mc, relative_field_error
 from fmtoy.train import TrainConfig, build_model, train_flow
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch2_marginal.md"
@@ -38,8 +39,13 @@ def test_posterior_average_satisfies_continuity_and_prior_average_does_not():
 
 
 def test_condot_two_gaussians_satisfy_continuity():
-    p, u = S.two_component_marginal_1d(x1s=(-2, 3), weights=(sp.Rational(1, 3), sp.Rational(2, 3)),
-                                       alpha=S.t, sigma=1 - S.t, target_std=sp.Rational(1, 2))
+    p, u = S.two_component_marginal_1d(
+        x1s=(-2, 3),
+        weights=(sp.Rational(1, 3), sp.Rational(2, 3)),
+        alpha=S.t,
+        sigma=1 - S.t,
+        target_std=sp.Rational(1, 2),
+    )
     assert S.is_zero(S.continuity_residual(p, u, simplify=False), method="points")
     assert not S.is_zero(S.continuity_residual(p, 1.1 * u, simplify=False), method="points")
 
@@ -57,11 +63,12 @@ def test_mc_converges_at_rate_one_over_sqrt_n():
     t = 0.5
     x = points(t, 200)
     u = marginal_velocity(x, t, PATH, TARGET)
-    sizes = [2 ** k for k in range(6, 13)]
+    sizes = [2**k for k in range(6, 13)]
     rmse = []
     for n in sizes:
-        sq = [((marginal_velocity_mc(x, t, PATH, TARGET, n, gen(100 * n + r)) - u) ** 2).sum(1).mean()
-              for r in range(4)]
+        sq = [
+            ((marginal_velocity_mc(x, t, PATH, TARGET, n, gen(100 * n + r)) - u) ** 2).sum(1).mean() for r in range(4)
+        ]
         rmse.append(float(torch.stack(sq).mean().sqrt()))
     log_n, log_e = torch.tensor(sizes).double().log(), torch.tensor(rmse, dtype=torch.float64).log()
     a = torch.stack([log_n, torch.ones_like(log_n)], 1)
@@ -85,16 +92,19 @@ def test_mc_dtype_time_vector_and_determinism():
     torch.testing.assert_close(c[1::2], d)
 
 
-@pytest.mark.parametrize("kwargs, err", [
-    (dict(n_samples=0), ValueError),
-    (dict(n_samples=2.5), ValueError),
-    (dict(t=1.0), ValueError),              # sigma_1 = 0 for CondOT(sigma_min=0)
-    (dict(t=1.5), ValueError),
-    (dict(x=torch.zeros(3, 3)), ValueError),
-    (dict(x=[[0.0, 0.0]]), TypeError),
-    (dict(path="ot"), TypeError),
-    (dict(target="eight_gaussians"), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(n_samples=0), ValueError),
+        (dict(n_samples=2.5), ValueError),
+        (dict(t=1.0), ValueError),  # sigma_1 = 0 for CondOT(sigma_min=0)
+        (dict(t=1.5), ValueError),
+        (dict(x=torch.zeros(3, 3)), ValueError),
+        (dict(x=[[0.0, 0.0]]), TypeError),
+        (dict(path="ot"), TypeError),
+        (dict(target="eight_gaussians"), TypeError),
+    ],
+)
 def test_mc_bad_inputs(kwargs, err):
     args = dict(x=torch.zeros(3, 2), t=0.5, path=PATH, target=TARGET, n_samples=8)
     args.update(kwargs)
@@ -112,10 +122,16 @@ def test_relative_field_error_of_known_fields():
     assert zero == pytest.approx(1.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, err", [
-    (dict(velocity="model"), TypeError), (dict(n=0), ValueError), (dict(t=torch.tensor(0.5)), TypeError),
-    (dict(t=2.0), ValueError), (dict(target=StandardNormal(3)), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(velocity="model"), TypeError),
+        (dict(n=0), ValueError),
+        (dict(t=torch.tensor(0.5)), TypeError),
+        (dict(t=2.0), ValueError),
+        (dict(target=StandardNormal(3)), ValueError),
+    ],
+)
 def test_relative_field_error_bad_inputs(kwargs, err):
     args = dict(velocity=ExactField(PATH, TARGET), t=0.5, path=PATH, target=TARGET, n=16)
     args.update(kwargs)

@@ -1,5 +1,6 @@
 """Chapter 3 (FM paper Thm 2): L_FM - L_CFM is theta-free, equal gradients (also for Bregman losses, not for L1),
 the x_0 form of the CFM loss, the posterior median field, the SymPy identities and the exercise solutions."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,23 +8,21 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-
 from chapter_solutions import solution_namespace
-from fmtoy.teaching import objectives as obj
+from helpers import draw_batch, small_model
+
 from fmtoy.data import GaussianMixture, eight_gaussians
+from fmtoy.device import make_generator
 from fmtoy.losses import cfm_loss
 from fmtoy.marginal import marginal_velocity
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath, get_path
-from fmtoy.device import make_generator
-from helpers import draw_batch, small_model
+from fmtoy.teaching import objectives as obj
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch3_cfm.md"
 TARGET = eight_gaussians()
 PATH = CondOTPath()
 Q1D = GaussianMixture(torch.tensor([0.75, 0.25]), torch.tensor([[-1.0], [2.5]]), torch.tensor([[[0.04]], [[0.04]]]))
-
-
 
 
 def batch(n: int, seed: int = 0, target=TARGET, path=PATH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,19 +63,21 @@ def test_fm_cfm_gap_does_not_depend_on_the_model():
     x0, x1, t = batch(20000, seed=3)
     xt, y = PATH.sample_xt(x0, x1, t), PATH.target_velocity(x0, x1, t)
     u = marginal_velocity(xt, t, PATH, TARGET)
-    model_a = lambda x, s: torch.zeros_like(x)                                        # noqa: E731
+    model_a = lambda x, s: torch.zeros_like(x)  # noqa: E731
     model_b = lambda x, s: 0.8 * marginal_velocity(x, s, PATH, TARGET) + torch.sin(x)  # noqa: E731
     gaps = [obj.fm_loss(m, xt, t, PATH, TARGET) - obj.conditional_loss(m, x0, x1, t, PATH) for m in (model_a, model_b)]
     z = 2 * ((model_a(xt, t) - model_b(xt, t)) * (y - u)).sum(1)
     se = z.std() / len(z) ** 0.5
     assert abs(gaps[0] - gaps[1]) < 5 * se
-    assert abs(gaps[0] - gaps[1] - z.mean()) < 1e-8          # the identity itself, exactly on the batch
+    assert abs(gaps[0] - gaps[1] - z.mean()) < 1e-8  # the identity itself, exactly on the batch
     # the theta-free part equals minus the posterior variance on average (Thm statement), to MC accuracy
-    const = (u.square().sum(1) - y.square().sum(1))
-    assert abs(gaps[0] - const.mean()) < 1e-8                 # v = 0: gap is exactly the theta-free part
+    const = u.square().sum(1) - y.square().sum(1)
+    assert abs(gaps[0] - const.mean()) < 1e-8  # v = 0: gap is exactly the theta-free part
     # regressing on a wrong field (0.8 u) instead, the "gap" depends on the model by many standard errors
-    wrong = [(m(xt, t) - 0.8 * u).square().sum(1).mean() - obj.conditional_loss(m, x0, x1, t, PATH)
-             for m in (model_a, model_b)]
+    wrong = [
+        (m(xt, t) - 0.8 * u).square().sum(1).mean() - obj.conditional_loss(m, x0, x1, t, PATH)
+        for m in (model_a, model_b)
+    ]
     assert abs(wrong[0] - wrong[1]) > 10 * se
 
 
@@ -85,14 +86,24 @@ def test_training_log_gap_is_flat_while_losses_fall():
     torch.manual_seed(0)
     net = VelocityMLP(hidden=32, depth=2, time_features=8)
     noise = torch.randn(50, 2)
-    log = obj.train_logged(net, PATH, TARGET, steps=60, batch_size=128, lr=5e-3, eval_size=4000, eval_every=10,
-                           snapshot_every=30, snapshot_noise=noise)
+    log = obj.train_logged(
+        net,
+        PATH,
+        TARGET,
+        steps=60,
+        batch_size=128,
+        lr=5e-3,
+        eval_size=4000,
+        eval_every=10,
+        snapshot_every=30,
+        snapshot_noise=noise,
+    )
     fm, cfm = torch.tensor(log["fm"]), torch.tensor(log["cfm"])
     gap = fm - cfm
     assert log["step"] == [0, 10, 20, 30, 40, 50, 60]
-    assert fm[-1] < 0.5 * fm[0]                                # it trained
+    assert fm[-1] < 0.5 * fm[0]  # it trained
     assert gap.std() < 0.05 * fm.std()
-    assert abs(gap.mean() - log["constant"]) < 0.5            # cross-term MC error ~ 2 |v| sd(y) / sqrt(4000) ~ 0.2
+    assert abs(gap.mean() - log["constant"]) < 0.5  # cross-term MC error ~ 2 |v| sd(y) / sqrt(4000) ~ 0.2
     assert [s for s, _ in log["snapshots"]] == [0, 30, 60] and log["snapshots"][0][1].shape == (50, 2)
 
 
@@ -113,8 +124,11 @@ def _bias_ratio(divergence, n_batches: int = 8, n: int = 4096) -> float:
 @pytest.mark.parametrize("name", ["l2", "exp", "quadratic"])
 def test_bregman_gradients_are_unbiased(name):
     """E[g_CFM - g_FM] = 0 (Thm 2 and its Bregman form): the ratio statistic is ~1 (0.4 ... 1.8 over 15 seeds)."""
-    div = {"l2": "l2", "exp": obj.bregman_divergence(obj.exp_potential(2.0)),
-           "quadratic": obj.bregman_divergence(obj.quadratic_potential(torch.tensor([[2.0, 0.5], [0.5, 1.0]])))}[name]
+    div = {
+        "l2": "l2",
+        "exp": obj.bregman_divergence(obj.exp_potential(2.0)),
+        "quadratic": obj.bregman_divergence(obj.quadratic_potential(torch.tensor([[2.0, 0.5], [0.5, 1.0]]))),
+    }[name]
     assert _bias_ratio(div) < 3.0
 
 
@@ -167,8 +181,9 @@ def test_bregman_divergence_is_differentiable_in_the_prediction():
 def test_posterior_mean_is_the_marginal_field(target, t):
     """c E[x_1 | x] + r x from x1_posterior equals fmtoy.marginal's u_t(x) (Theorem 1 two ways)."""
     x = 3 * torch.randn(200, target.dim, generator=make_generator(1), dtype=torch.float64)
-    assert torch.allclose(obj.posterior_mean_velocity(x, t, PATH, target), marginal_velocity(x, t, PATH, target),
-                          rtol=1e-9, atol=1e-9)
+    assert torch.allclose(
+        obj.posterior_mean_velocity(x, t, PATH, target), marginal_velocity(x, t, PATH, target), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_posterior_median_splits_the_posterior_in_half():
@@ -178,12 +193,12 @@ def test_posterior_median_splits_the_posterior_in_half():
     g = make_generator(2)
     k = torch.multinomial(w[0], m, replacement=True, generator=g)
     x1 = mu[0, k] + var[0, k].sqrt() * torch.randn(m, 1, generator=g, dtype=torch.float64)
-    u = c * x1 + r * x                                      # u_t(x | x_1)
+    u = c * x1 + r * x  # u_t(x | x_1)
     assert torch.allclose(u, PATH.conditional_velocity(x.expand(m, 1), t, x1), rtol=1e-10)
     med = obj.posterior_median_velocity(x, t, PATH, Q1D)
-    assert abs((u <= med).double().mean() - 0.5) < 4 * 0.5 / m ** 0.5
-    assert abs(u.mean() - marginal_velocity(x, t, PATH, Q1D)) < 4 * u.std() / m ** 0.5
-    assert abs(med - u.mean()) > 0.5                         # the toy is lopsided: median and mean differ
+    assert abs((u <= med).double().mean() - 0.5) < 4 * 0.5 / m**0.5
+    assert abs(u.mean() - marginal_velocity(x, t, PATH, Q1D)) < 4 * u.std() / m**0.5
+    assert abs(med - u.mean()) > 0.5  # the toy is lopsided: median and mean differ
 
 
 def test_l1_minimiser_at_a_point_is_the_median():
@@ -194,7 +209,7 @@ def test_l1_minimiser_at_a_point_is_the_median():
     k = torch.multinomial(w[0], 20000, replacement=True, generator=g)
     u = c * (mu[0, k] + var[0, k].sqrt() * torch.randn(20000, 1, generator=g, dtype=torch.float64)) + r * x
     lo, hi = u.min(), u.max()
-    for _ in range(60):                                       # bisection on the subgradient of mean |u - v|
+    for _ in range(60):  # bisection on the subgradient of mean |u - v|
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if (u < mid).double().mean() < 0.5 else (lo, mid)
     assert abs(mid - obj.posterior_median_velocity(x, t, PATH, Q1D)) < 0.05
@@ -204,14 +219,20 @@ def test_l1_minimiser_at_a_point_is_the_median():
 def test_sympy_two_point_gap_is_independent_of_v():
     x, v, a, b, t = sp.symbols("x v a b t", real=True)
     pi_a = sp.Symbol("pi_a", positive=True)
-    dens = lambda x1: sp.exp(-(x - t * x1) ** 2 / (2 * (1 - t) ** 2))   # noqa: E731
+    dens = lambda x1: sp.exp(-((x - t * x1) ** 2) / (2 * (1 - t) ** 2))  # noqa: E731
     w = pi_a * dens(a) / (pi_a * dens(a) + (1 - pi_a) * dens(b))
     u_a, u_b = (a - x) / (1 - t), (b - x) / (1 - t)
     u = w * u_a + (1 - w) * u_b
     gap = w * (v - u_a) ** 2 + (1 - w) * (v - u_b) ** 2 - (v - u) ** 2
     assert sp.simplify(sp.diff(gap, v)) == 0
-    point = {x: sp.Rational(1, 10), v: sp.Rational(-7, 5), a: -1, b: sp.Rational(5, 2), t: sp.Rational(2, 5),
-             pi_a: sp.Rational(3, 4)}                        # the chapter simplifies this symbolically (slow)
+    point = {
+        x: sp.Rational(1, 10),
+        v: sp.Rational(-7, 5),
+        a: -1,
+        b: sp.Rational(5, 2),
+        t: sp.Rational(2, 5),
+        pi_a: sp.Rational(3, 4),
+    }  # the chapter simplifies this symbolically (slow)
     assert abs((gap - w * (1 - w) * (u_a - u_b) ** 2).subs(point).evalf(40)) < 1e-30
     # a wrong "marginal" (the prior average) leaves a v-dependence: the check can fail
     wrong = pi_a * (v - u_a) ** 2 + (1 - pi_a) * (v - u_b) ** 2 - (v - u) ** 2
@@ -221,7 +242,7 @@ def test_sympy_two_point_gap_is_independent_of_v():
 def test_sympy_bregman_identity_and_l1_counterexample():
     phi, v = sp.Function("phi"), sp.Symbol("v", real=True)
     w, ya, yb = sp.symbols("w y_a y_b", real=True)
-    D = lambda y, vv: phi(y) - phi(vv) - sp.diff(phi(vv), vv) * (y - vv)   # noqa: E731
+    D = lambda y, vv: phi(y) - phi(vv) - sp.diff(phi(vv), vv) * (y - vv)  # noqa: E731
     m = w * ya + (1 - w) * yb
     gap = w * D(ya, v) + (1 - w) * D(yb, v) - D(m, v)
     assert sp.simplify(gap - (w * phi(ya) + (1 - w) * phi(yb) - phi(m))) == 0
@@ -268,35 +289,51 @@ NET = VelocityMLP(hidden=8, depth=1, time_features=2)
 X = torch.zeros(4, 2)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: obj.cfm_loss_x0(NET, X, X, 0.5, sigma_min=1.0), ValueError, "sigma_min"),
-    (lambda: obj.cfm_loss_x0(NET, X, X, 0.5, sigma_min=-0.1), ValueError, "sigma_min"),
-    (lambda: obj.cfm_loss_x0(NET, X, torch.zeros(3, 2), 0.5), ValueError, "same shape"),
-    (lambda: obj.cfm_loss_x0(NET, X, X, 1.5), ValueError, r"\[0, 1\]"),
-    (lambda: obj.fm_loss(NET, X, 0.5, "ot", TARGET), TypeError, "GaussianPath"),
-    (lambda: obj.conditional_loss(NET, X, X, 0.5, PATH, divergence="l3"), ValueError, "l1, l2"),
-    (lambda: obj.conditional_loss(lambda x, t: x[:, :1], X, X, 0.5, PATH), ValueError, "shape"),
-    (lambda: obj.exp_potential(0.0), ValueError, "scale"),
-    (lambda: obj.quadratic_potential(torch.tensor([[1.0, 2.0], [2.0, 1.0]])), ValueError, "positive-definite"),
-    (lambda: obj.quadratic_potential(torch.ones(2, 3)), ValueError, "square"),
-    (lambda: obj.bregman_divergence(3.0), TypeError, "callable"),
-    (lambda: obj.bregman_divergence(lambda x: x)(X, X), ValueError, "one value per row"),
-    (lambda: obj.loss_gradient(lambda x, t: x, obj.conditional_loss, X, X, 0.5, PATH), TypeError, "nn.Module"),
-    (lambda: obj.compare_gradients(torch.ones(3), torch.ones(4)), ValueError, "differ in size"),
-    (lambda: obj.compare_gradients(torch.ones(3), torch.zeros(3)), ValueError, "zero"),
-    (lambda: obj.compare_gradients(torch.ones(3, 1), torch.ones(3)), ValueError, "flat"),
-    (lambda: obj.gradient_agreement(NET, PATH, TARGET, []), ValueError, "batch_sizes"),
-    (lambda: obj.gradient_agreement(NET, PATH, TARGET, [8], t=1.0), ValueError, "t must lie"),
-    (lambda: obj.train_logged(NET, PATH, TARGET, steps=1, batch_size=4, lr=1e-3, eval_size=-1), ValueError,
-     "eval_size"),
-    (lambda: obj.train_logged(NET, PATH, TARGET, steps=1, batch_size=4, lr=1e-3, snapshot_every=1), ValueError,
-     "snapshot_noise"),
-    (lambda: obj.train_logged(NET, PATH, TARGET, steps=0, batch_size=4, lr=1e-3), ValueError, "steps"),
-    (lambda: obj.posterior_median_velocity(X, 0.5, PATH, GaussianMixture(torch.ones(1), torch.zeros(1, 2),
-                                                                         torch.diag(torch.tensor([1.0, 2.0]))[None])),
-     ValueError, "isotropic"),
-    (lambda: obj.posterior_median_velocity(X, 1.0, PATH, TARGET), ValueError, "t must lie"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: obj.cfm_loss_x0(NET, X, X, 0.5, sigma_min=1.0), ValueError, "sigma_min"),
+        (lambda: obj.cfm_loss_x0(NET, X, X, 0.5, sigma_min=-0.1), ValueError, "sigma_min"),
+        (lambda: obj.cfm_loss_x0(NET, X, torch.zeros(3, 2), 0.5), ValueError, "same shape"),
+        (lambda: obj.cfm_loss_x0(NET, X, X, 1.5), ValueError, r"\[0, 1\]"),
+        (lambda: obj.fm_loss(NET, X, 0.5, "ot", TARGET), TypeError, "GaussianPath"),
+        (lambda: obj.conditional_loss(NET, X, X, 0.5, PATH, divergence="l3"), ValueError, "l1, l2"),
+        (lambda: obj.conditional_loss(lambda x, t: x[:, :1], X, X, 0.5, PATH), ValueError, "shape"),
+        (lambda: obj.exp_potential(0.0), ValueError, "scale"),
+        (lambda: obj.quadratic_potential(torch.tensor([[1.0, 2.0], [2.0, 1.0]])), ValueError, "positive-definite"),
+        (lambda: obj.quadratic_potential(torch.ones(2, 3)), ValueError, "square"),
+        (lambda: obj.bregman_divergence(3.0), TypeError, "callable"),
+        (lambda: obj.bregman_divergence(lambda x: x)(X, X), ValueError, "one value per row"),
+        (lambda: obj.loss_gradient(lambda x, t: x, obj.conditional_loss, X, X, 0.5, PATH), TypeError, "nn.Module"),
+        (lambda: obj.compare_gradients(torch.ones(3), torch.ones(4)), ValueError, "differ in size"),
+        (lambda: obj.compare_gradients(torch.ones(3), torch.zeros(3)), ValueError, "zero"),
+        (lambda: obj.compare_gradients(torch.ones(3, 1), torch.ones(3)), ValueError, "flat"),
+        (lambda: obj.gradient_agreement(NET, PATH, TARGET, []), ValueError, "batch_sizes"),
+        (lambda: obj.gradient_agreement(NET, PATH, TARGET, [8], t=1.0), ValueError, "t must lie"),
+        (
+            lambda: obj.train_logged(NET, PATH, TARGET, steps=1, batch_size=4, lr=1e-3, eval_size=-1),
+            ValueError,
+            "eval_size",
+        ),
+        (
+            lambda: obj.train_logged(NET, PATH, TARGET, steps=1, batch_size=4, lr=1e-3, snapshot_every=1),
+            ValueError,
+            "snapshot_noise",
+        ),
+        (lambda: obj.train_logged(NET, PATH, TARGET, steps=0, batch_size=4, lr=1e-3), ValueError, "steps"),
+        (
+            lambda: obj.posterior_median_velocity(
+                X,
+                0.5,
+                PATH,
+                GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.diag(torch.tensor([1.0, 2.0]))[None]),
+            ),
+            ValueError,
+            "isotropic",
+        ),
+        (lambda: obj.posterior_median_velocity(X, 1.0, PATH, TARGET), ValueError, "t must lie"),
+    ],
+)
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()

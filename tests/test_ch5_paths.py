@@ -1,5 +1,6 @@
 """Chapter 5 (OT vs diffusion paths): loss-weight identities, OT straightness, the kinetic-energy bound,
 minibatch-OT pairing, and the exercise solution extracted from the page."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,16 +8,16 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-
 from chapter_solutions import solution_namespace
-from fmtoy.device import make_generator as _gen  # a seeded CPU generator
+
 from fmtoy import symbolic as S
 from fmtoy.data import eight_gaussians
+from fmtoy.device import make_generator as _gen  # a seeded CPU generator
 from fmtoy.losses import independent_coupling, minibatch_ot_coupling
-from fmtoy.teaching.checks import kinetic_energy_bound
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath, VEPath, VPPath
 from fmtoy.symbolic import sigma_min, t, x, x1
+from fmtoy.teaching.checks import kinetic_energy_bound
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch5_paths.md"
 D64 = torch.float64
@@ -27,30 +28,30 @@ def test_generic_weights():
     w = S.prediction_loss_weights()
     a, s = sp.Function("alpha", real=True)(t), sp.Function("sigma", positive=True)(t)
     gamma = sp.diff(a, t) * s - a * sp.diff(s, t)
-    assert S.is_zero(w.x_weight - gamma ** 2 / s ** 2)
-    assert S.is_zero(w.eps_weight - gamma ** 2 / a ** 2)
+    assert S.is_zero(w.x_weight - gamma**2 / s**2)
+    assert S.is_zero(w.eps_weight - gamma**2 / a**2)
 
 
 def test_ot_weights_and_convention_flip():
     ot, flip = S.prediction_loss_weights(t, 1 - t), S.prediction_loss_weights(1 - t, t)
-    assert sp.simplify(ot.x_weight - 1 / (1 - t) ** 2) == 0 and sp.simplify(ot.eps_weight - 1 / t ** 2) == 0
-    assert sp.simplify(flip.x_weight - 1 / t ** 2) == 0 and sp.simplify(flip.eps_weight - 1 / (1 - t) ** 2) == 0
-    assert sp.simplify(ot.x_weight / ot.eps_weight - (t / (1 - t)) ** 2) == 0           # SNR
-    assert sp.simplify(ot.eps_weight - (t / (1 - t)) ** 2) != 0                          # the note's claim fails
-    a, s = S.path_schedule("ot")                                                          # with sigma_min
+    assert sp.simplify(ot.x_weight - 1 / (1 - t) ** 2) == 0 and sp.simplify(ot.eps_weight - 1 / t**2) == 0
+    assert sp.simplify(flip.x_weight - 1 / t**2) == 0 and sp.simplify(flip.eps_weight - 1 / (1 - t) ** 2) == 0
+    assert sp.simplify(ot.x_weight / ot.eps_weight - (t / (1 - t)) ** 2) == 0  # SNR
+    assert sp.simplify(ot.eps_weight - (t / (1 - t)) ** 2) != 0  # the note's claim fails
+    a, s = S.path_schedule("ot")  # with sigma_min
     w = S.prediction_loss_weights(a, s)
-    assert sp.simplify(w.x_weight - 1 / s ** 2) == 0 and sp.simplify(w.eps_weight - 1 / t ** 2) == 0
+    assert sp.simplify(w.x_weight - 1 / s**2) == 0 and sp.simplify(w.eps_weight - 1 / t**2) == 0
 
 
 def test_vp_weight_exercise_identity():
     a = sp.Function("a", positive=True)(t)
-    w = S.prediction_loss_weights(a, sp.sqrt(1 - a ** 2))
-    assert S.is_zero(w.eps_weight - (sp.diff(a, t) / (a * sp.sqrt(1 - a ** 2))) ** 2, method="points")
+    w = S.prediction_loss_weights(a, sp.sqrt(1 - a**2))
+    assert S.is_zero(w.eps_weight - (sp.diff(a, t) / (a * sp.sqrt(1 - a**2))) ** 2, method="points")
 
 
 def test_degenerate_schedule_rejected():
     with pytest.raises(ValueError, match="non-zero"):
-        S.prediction_loss_weights(t, 2 * t)                  # gamma = 2t - 2t = 0
+        S.prediction_loss_weights(t, 2 * t)  # gamma = 2t - 2t = 0
     with pytest.raises(TypeError):
         S.prediction_loss_weights("a b c", 1 - t)
     with pytest.raises(ValueError):
@@ -91,8 +92,8 @@ def test_three_losses_agree_for_a_fixed_network():
 def test_kinetic_energy_bound(path):
     b = kinetic_energy_bound(path, eight_gaussians(), n=400, steps=40, generator=_gen(2))
     assert 0 < b["marginal"] < b["conditional"]
-    assert b["gap"] > 0.1 * b["conditional"]                # not tight: crossing conditional paths average out
-    if isinstance(path, CondOTPath):                        # exact: E|x1 - x0|^2 = 16.5 + 2; MC sd ~ 0.6 at n = 400
+    assert b["gap"] > 0.1 * b["conditional"]  # not tight: crossing conditional paths average out
+    if isinstance(path, CondOTPath):  # exact: E|x1 - x0|^2 = 16.5 + 2; MC sd ~ 0.6 at n = 400
         assert abs(b["conditional"] - 18.5) < 2.5
 
 
@@ -109,17 +110,18 @@ def test_minibatch_ot_pairs_move_less():
     y = eight_gaussians().sample(256, g).double()
     ind = (torch.sub(*independent_coupling(x0, y))).square().sum(1).mean()
     ot = (torch.sub(*minibatch_ot_coupling(x0, y))).square().sum(1).mean()
-    assert ot < 0.8 * ind        # independent: E|x0 - x1|^2 = 18.5 (MC sd ~ 0.6); OT pairing roughly halves it
+    assert ot < 0.8 * ind  # independent: E|x0 - x1|^2 = 18.5 (MC sd ~ 0.6); OT pairing roughly halves it
 
 
 def test_minibatch_ot_pairs_between_eight_gaussians_and_moons_move_less():
     from fmtoy.data import two_moons
+
     g = _gen(5)
     x0, y = eight_gaussians(radius=2.5).sample(256, g).double(), two_moons().sample(256, g).double()
     ind = (torch.sub(*independent_coupling(x0, y))).square().sum(1).mean()
     ot = (torch.sub(*minibatch_ot_coupling(x0, y))).square().sum(1).mean()
-    assert ind > 8.0             # independent: E|x0|^2 + E|x1|^2 - 2 E x0 . E x1 ~ 13 (MC sd ~ 0.6 at n = 256)
-    assert ot < 0.3 * ind        # the batch OT plan between two 2D shapes is ~10x cheaper (seeds 0-4: 0.08-0.12)
+    assert ind > 8.0  # independent: E|x0|^2 + E|x1|^2 - 2 E x0 . E x1 ~ 13 (MC sd ~ 0.6 at n = 256)
+    assert ot < 0.3 * ind  # the batch OT plan between two 2D shapes is ~10x cheaper (seeds 0-4: 0.08-0.12)
 
 
 # ----------------------------------------------------------------------------------------------- exercises
@@ -138,13 +140,13 @@ def test_solution_velocity_from_eps():
     assert torch.allclose(lhs, (e_hat - eps).square().sum(1) / tt[:, 0] ** 2)
 
 
-# ----------------------------------------------------------------------------------------------- OT map, VP curvature, NLL
+# ------------------------------------------------------------------------------------ OT map, VP curvature, NLL
 def test_ot_flow_is_gradient_of_convex_function():
     a, s = S.path_schedule("ot")
-    phi = s * x ** 2 / 2 + a * x1 * x                        # Brenier potential, per coordinate
+    phi = s * x**2 / 2 + a * x1 * x  # Brenier potential, per coordinate
     assert sp.simplify(sp.diff(phi, x) - (a * x1 + s * x)) == 0
     assert S.is_zero(sp.diff(phi, x, 2) - s)
-    assert all(s.subs({t: v, sigma_min: 0.01}) > 0 for v in (0, 0.5, 1))   # Hessian sigma_t I > 0
+    assert all(s.subs({t: v, sigma_min: 0.01}) > 0 for v in (0, 0.5, 1))  # Hessian sigma_t I > 0
 
 
 def test_vp_turns_without_overshoot_ot_ve_straight():
@@ -152,17 +154,19 @@ def test_vp_turns_without_overshoot_ot_ve_straight():
     ts = torch.linspace(0, 1 - 1e-5, 1001, dtype=D64)
     for path, curved in ((VPPath(), True), (CondOTPath(), False), (VEPath(), False)):
         c = torch.cat([path.sample_xt(p0, p1, float(s)) for s in ts])
-        assert ((c - p1).norm(dim=1).diff() <= 1e-12).all()            # no overshoot: distance to x1 decreases
+        assert ((c - p1).norm(dim=1).diff() <= 1e-12).all()  # no overshoot: distance to x1 decreases
         u = torch.nn.functional.normalize(torch.diff(c, dim=0), dim=1)
         turn = torch.rad2deg(torch.acos((u[1:] * u[:-1]).sum(1).clamp(-1, 1)).sum()).item()
-        assert (turn > 45) if curved else (turn < 1)                  # VP ~ 89 deg, OT/VE ~ 0
+        assert (turn > 45) if curved else (turn < 1)  # VP ~ 89 deg, OT/VE ~ 0
 
 
 def test_exact_ot_field_has_zero_nll_gap():
     from fmtoy.marginal import ExactField
     from fmtoy.metrics import nll_gap
+
     target = eight_gaussians()
     f = ExactField(CondOTPath(), target)
-    r = nll_gap(lambda z, s: f(z, s.clamp(max=1 - 1e-5)), target, source=f.distribution(0.0), n=200, steps=16,
-                generator=_gen(6))
-    assert abs(r["gap"]) < 0.01 and r["gap_stderr"] < 0.01     # exact field: KL(q || p_1) = 0 up to RK4 error
+    r = nll_gap(
+        lambda z, s: f(z, s.clamp(max=1 - 1e-5)), target, source=f.distribution(0.0), n=200, steps=16, generator=_gen(6)
+    )
+    assert abs(r["gap"]) < 0.01 and r["gap_stderr"] < 0.01  # exact field: KL(q || p_1) = 0 up to RK4 error

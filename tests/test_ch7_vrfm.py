@@ -2,6 +2,7 @@
 analysis, MSE as a Gaussian NLL, the Gaussian KL, the ELBO gap, the KL weight as a decoder variance, the straight
 line of an endpoint code), the exercise solutions extracted from the page, and small numeric versions of the
 page's claims (exact fixed-latent sampling for an endpoint code, collapse of an x_t-only encoder)."""
+
 from __future__ import annotations
 
 import math
@@ -10,15 +11,22 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
+from chapter_solutions import solution_namespace
 from torch import nn
 
-from chapter_solutions import solution_namespace
-from fmtoy.symbolic import vrfm as SV
 from fmtoy.device import make_generator
+from fmtoy.methods.vrfm import (
+    VRFMConfig,
+    gaussian_kl,
+    get_setting,
+    reparametrise,
+    sample_vrfm,
+    train_vrfm,
+    velocity_posterior,
+)
 from fmtoy.metrics import energy_distance, straightness
 from fmtoy.symbolic import continuity_residual, gaussian_density
-from fmtoy.methods.vrfm import (VRFMConfig, gaussian_kl, get_setting, reparametrise, sample_vrfm, train_vrfm,
-                        velocity_posterior)
+from fmtoy.symbolic import vrfm as SV
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch7_vrfm.md"
 
@@ -67,14 +75,15 @@ def test_unequal_widths_exercise():
     s0, s1 = sp.symbols("s_0 s_1", positive=True)
     xi, x, t, theta = sp.symbols("xi x t theta", real=True)
     x0, x1 = SV.x0, SV.x1
-    res = sp.expand(sp.expand_log(sp.log(gaussian_density(xi + theta, x1, s1)) - sp.log(gaussian_density(xi, x0, s0)),
-                                  force=True))
+    res = sp.expand(
+        sp.expand_log(sp.log(gaussian_density(xi + theta, x1, s1)) - sp.log(gaussian_density(xi, x0, s0)), force=True)
+    )
     assert sp.simplify(sp.Poly(res, xi).coeff_monomial(xi**2) - (1 / (2 * s0**2) - 1 / (2 * s1**2))) == 0
     m, sd = (1 - t) * x0 + t * x1, (1 - t) * s0 + t * s1
     psi = m + sd / s0 * (xi - x0)
     u = x1 - x0 + (s1 - s0) / sd * (x - m)
-    assert sp.simplify(sp.diff(psi, t) - u.subs(x, psi)) == 0          # the field generates the flow
-    assert sp.diff(psi, t, 2) == 0                                     # straight lines at constant speed
+    assert sp.simplify(sp.diff(psi, t) - u.subs(x, psi)) == 0  # the field generates the flow
+    assert sp.diff(psi, t, 2) == 0  # straight lines at constant speed
     assert sp.simplify(continuity_residual(gaussian_density(x, m, sd), u)) == 0
 
 
@@ -92,7 +101,7 @@ def test_exercise_reparametrised_sample(ns):
     logvar = torch.randn(8, 3, generator=make_generator(2), requires_grad=True)
     eps = torch.randn(8, 3, generator=make_generator(3))
     z = ns["sample_z"](mu, logvar, eps)
-    torch.testing.assert_close(z, reparametrise(mu, logvar, make_generator(3)))   # same eps, same z
+    torch.testing.assert_close(z, reparametrise(mu, logvar, make_generator(3)))  # same eps, same z
     z.sum().backward()
     torch.testing.assert_close(logvar.grad, 0.5 * (0.5 * logvar).exp().detach() * eps)
     assert torch.equal(mu.grad, torch.ones(8, 3))
@@ -122,10 +131,11 @@ def test_fixed_latent_sampling_of_an_endpoint_code_is_exact(nfe):
     ref = one_d.target.sample(4000, make_generator(2)).double()
     assert abs(energy_distance(out, ref)) < 0.005
     traj = sample_vrfm(_EndpointCode(), x0, nfe, z=z, return_trajectory=True)
-    assert straightness(traj) < 1e-20                      # every path is the straight line to h(z)
+    assert straightness(traj) < 1e-20  # every path is the straight line to h(z)
     if nfe > 1:  # redrawing z: the last step still jumps to h(z_last) ~ q, but the paths zig-zag between modes
-        redrawn = sample_vrfm(_EndpointCode(), x0, nfe, generator=make_generator(3), resample_z=True,
-                              return_trajectory=True)
+        redrawn = sample_vrfm(
+            _EndpointCode(), x0, nfe, generator=make_generator(3), resample_z=True, return_trajectory=True
+        )
         assert straightness(redrawn) > 0.1
 
 
@@ -141,13 +151,14 @@ def test_an_xt_only_encoder_collapses_and_an_x1_encoder_does_not():
 def test_the_crossing_points_of_the_page():
     one_d, hexa = get_setting("two_modes_1d"), get_setting("hexagon_2d")
     p1 = velocity_posterior(torch.zeros(1, 1, dtype=torch.float64), 0.5, one_d.target, one_d.source)
-    c, b = 0.25 * (1 + 0.01), 0.5 * (0.01 - 1)                          # C = t^2 S1 + (1-t)^2 S0, B = t S1 - (1-t) S0
+    c, b = 0.25 * (1 + 0.01), 0.5 * (0.01 - 1)  # C = t^2 S1 + (1-t)^2 S0, B = t S1 - (1-t) S0
     gain = 1 + 0.5 * (-b) / c
     torch.testing.assert_close(p1.means[0, :, 0], torch.tensor([-gain, gain], dtype=torch.float64))
     torch.testing.assert_close(p1.weights[0], torch.tensor([0.5, 0.5], dtype=torch.float64))
     p2 = velocity_posterior(torch.zeros(1, 2, dtype=torch.float64), 0.25, hexa.target, hexa.source)
     big = p2.weights[0] > 0.01
     assert int(big.sum()) == 6
-    torch.testing.assert_close(p2.means[0, big].norm(dim=1), torch.full((6,), 4 / 3, dtype=torch.float64),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        p2.means[0, big].norm(dim=1), torch.full((6,), 4 / 3, dtype=torch.float64), rtol=1e-3, atol=1e-3
+    )
     torch.testing.assert_close(p2.mean(), torch.zeros(1, 2, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -1,4 +1,5 @@
 """fmtoy.checkpoints: one format for every method, written atomically, read back by load_checkpoint and the CLI."""
+
 import dataclasses
 
 import numpy as np
@@ -32,7 +33,7 @@ def _outputs(model, dim=2):
 @pytest.mark.parametrize("method", RUNS)
 def test_every_method_round_trips(method, tmp_path):
     res = RUNS[method]()
-    save_checkpoint(tmp_path / "m.pt", res)                        # the config comes with the FitResult
+    save_checkpoint(tmp_path / "m.pt", res)  # the config comes with the FitResult
     model, config = load_checkpoint(tmp_path / "m.pt")
     assert config == dataclasses.replace(res.config, device="cpu") and type(model) is type(res.model)
     want = res.ema_model if res.ema_model is not None else res.model
@@ -49,12 +50,12 @@ def test_a_failed_save_leaves_the_previous_run_intact(tmp_path, monkeypatch):
 
     def dies_half_way(obj, f):
         f.write(b"half a checkpoint")
-        raise KeyboardInterrupt                                    # Ctrl-C in the middle of torch.save
+        raise KeyboardInterrupt  # Ctrl-C in the middle of torch.save
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(good, res)
-    assert good.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]   # no temp left
+    assert good.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp left
     monkeypatch.undo()
     load_checkpoint(good)
 
@@ -62,10 +63,20 @@ def test_a_failed_save_leaves_the_previous_run_intact(tmp_path, monkeypatch):
 def test_version_1_cfm_checkpoints_still_load(tmp_path):
     res = RUNS["cfm"]()
     m = res.model
-    v1 = {"format": "fmtoy-checkpoint-v1", "fmtoy_version": "0.1.0", "config": dataclasses.asdict(res.config),
-          "model_kwargs": {"dim": 2, "hidden": m.hidden, "depth": m.depth, "time_features": m.time_features,
-                           "cond_dim": 0},
-          "state_dict": m.state_dict(), "ema_state_dict": None}
+    v1 = {
+        "format": "fmtoy-checkpoint-v1",
+        "fmtoy_version": "0.1.0",
+        "config": dataclasses.asdict(res.config),
+        "model_kwargs": {
+            "dim": 2,
+            "hidden": m.hidden,
+            "depth": m.depth,
+            "time_features": m.time_features,
+            "cond_dim": 0,
+        },
+        "state_dict": m.state_dict(),
+        "ema_state_dict": None,
+    }
     torch.save(v1, tmp_path / "old.pt")
     model, config = load_checkpoint(tmp_path / "old.pt")
     assert torch.equal(_outputs(model), _outputs(m)) and config.hidden == m.hidden
@@ -74,11 +85,46 @@ def test_version_1_cfm_checkpoints_still_load(tmp_path):
 @pytest.mark.parametrize("method, steps", [("shortcut", "2"), ("meanflow", "2"), ("vrfm", "3")])
 def test_the_cli_trains_and_samples_every_method(method, steps, tmp_path, capsys):
     run = tmp_path / method
-    assert main(["train", "--method", method, "--steps", "4", "--hidden", "8", "--depth", "1", "--device", "cpu",
-                 "--quiet", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                method,
+                "--steps",
+                "4",
+                "--hidden",
+                "8",
+                "--depth",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert f"/ {method}: 4 steps" in capsys.readouterr().out
-    assert main(["sample", "--run", str(run), "--n", "50", "--steps", steps, "--device", "cpu",
-                 "--out", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--n",
+                "50",
+                "--steps",
+                steps,
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (50, 2) and np.isfinite(x).all()
 

@@ -1,4 +1,5 @@
 """fmtoy.cli: list, train -> sample -> animate end to end, seeded reproducibility, one-line errors with exit 2."""
+
 from __future__ import annotations
 
 import csv
@@ -19,20 +20,21 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import fmtoy.threads  # noqa: E402
+from fmtoy.checkpoints import load_checkpoint  # noqa: E402
 from fmtoy.cli import main  # noqa: E402
 from fmtoy.data import StandardNormal, list_datasets  # noqa: E402
 from fmtoy.device import make_generator  # noqa: E402
 from fmtoy.paths import list_paths  # noqa: E402
 from fmtoy.solvers import SOLVERS, integrate  # noqa: E402
-from fmtoy.checkpoints import load_checkpoint  # noqa: E402
 from fmtoy.train import build_model  # noqa: E402
 
 TINY = ["--steps", "50", "--hidden", "32", "--depth", "2", "--batch-size", "64", "--device", "cpu", "--quiet"]
 
 
 def train_run(out, seed: int = 3) -> None:
-    assert main(["train", "--data", "eight_gaussians", "--path", "ot", "--seed", str(seed), "--out", str(out)]
-                + TINY) == 0
+    assert (
+        main(["train", "--data", "eight_gaussians", "--path", "ot", "--seed", str(seed), "--out", str(out)] + TINY) == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,10 @@ def run(tmp_path_factory):
 
 
 def parse_list(text: str) -> dict[str, list[str]]:
-    return {k.strip(): [v.strip() for v in vals.split(",")] for k, vals in
-            (line.split(":", 1) for line in text.strip().splitlines())}
+    return {
+        k.strip(): [v.strip() for v in vals.split(",")]
+        for k, vals in (line.split(":", 1) for line in text.strip().splitlines())
+    }
 
 
 def test_list_names_every_dataset_path_and_solver(capsys):
@@ -64,8 +68,14 @@ def test_python_dash_m_fmtoy(capsys):
 
 def test_train_writes_checkpoint_config_and_losses(run, capsys):
     model, config = load_checkpoint(run / "model.pt")
-    assert (config.data, config.path, config.steps, config.hidden, config.depth, config.seed) == \
-        ("eight_gaussians", "ot", 50, 32, 2, 3)
+    assert (config.data, config.path, config.steps, config.hidden, config.depth, config.seed) == (
+        "eight_gaussians",
+        "ot",
+        50,
+        32,
+        2,
+        3,
+    )
     assert json.loads((run / "config.json").read_text()) == {**dataclasses.asdict(config), "device": "cpu"}
     with open(run / "losses.csv") as f:
         rows = list(csv.DictReader(f))
@@ -92,18 +102,74 @@ def test_train_prints_time_and_final_loss(tmp_path, capsys):
 
 
 def test_sample_is_the_seeded_flow_of_the_run(run, tmp_path):
-    assert main(["sample", "--run", str(run), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7",
-                 "--device", "cpu", "--out", str(tmp_path / "s.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--n",
+                "300",
+                "--steps",
+                "4",
+                "--solver",
+                "midpoint",
+                "--seed",
+                "7",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "s.npy"),
+            ]
+        )
+        == 0
+    )
     got = np.load(tmp_path / "s.npy")
     model, _ = load_checkpoint(run / "model.pt")
     x0 = StandardNormal(2).sample(300, generator=make_generator(7, "cpu"))
     expected = integrate(model, x0, 4, "midpoint").double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    assert main(["sample", "--run", str(run), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7",
-                 "--device", "cpu", "--out", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--n",
+                "300",
+                "--steps",
+                "4",
+                "--solver",
+                "midpoint",
+                "--seed",
+                "7",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1), got)
-    assert main(["sample", "--run", str(run), "--n", "300", "--seed", "8", "--device", "cpu",
-                 "--out", str(tmp_path / "plots" / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--n",
+                "300",
+                "--seed",
+                "8",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "plots" / "s.png"),
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "plots" / "s.png") as im:
         pixels = np.asarray(im.convert("L"), dtype=float)
     assert min(pixels.shape) > 200 and pixels.std() > 5  # a real picture, not a blank canvas
@@ -112,8 +178,26 @@ def test_sample_is_the_seeded_flow_of_the_run(run, tmp_path):
 @pytest.mark.parametrize("steps, max_frames, frames", [(10, 30, 11), (60, 8, 8)])
 def test_animate_gif_has_the_subsampled_frames(run, tmp_path, steps, max_frames, frames):
     out = tmp_path / "a.gif"
-    assert main(["animate", "--run", str(run), "--n", "100", "--steps", str(steps), "--max-frames", str(max_frames),
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "animate",
+                "--run",
+                str(run),
+                "--n",
+                "100",
+                "--steps",
+                str(steps),
+                "--max-frames",
+                str(max_frames),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as gif:
         assert gif.n_frames == frames
 
@@ -169,33 +253,54 @@ def _cli(args, env_threads=None, tmp_path=None):
     env = {k: v for k, v in os.environ.items() if k not in ("FMTOY_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if env_threads is not None:
         env["FMTOY_THREADS"] = env_threads
-    return subprocess.run([sys.executable, "-m", "fmtoy", *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "fmtoy", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
 
 
 def test_cli_training_applies_the_thread_policy_and_an_explicit_setting_wins(tmp_path):
     args = ["train", "--out", str(tmp_path / "r"), *TINY]
-    fixed = _cli(args + ["--threads", "1"], env_threads="2", tmp_path=tmp_path)   # the option beats the variable
+    fixed = _cli(args + ["--threads", "1"], env_threads="2", tmp_path=tmp_path)  # the option beats the variable
     assert fixed.returncode == 0, fixed.stderr
     assert "steps/s; 1 thread)" in fixed.stdout
     env = _cli(args, env_threads="2", tmp_path=tmp_path)
     assert env.returncode == 0 and "steps/s; 2 threads)" in env.stdout, env.stdout + env.stderr
     auto = _cli(args, tmp_path=tmp_path)
     assert auto.returncode == 0, auto.stderr
-    if fmtoy.threads._IMPORT_THREADS > 1:                                         # torch's default here
+    if fmtoy.threads._IMPORT_THREADS > 1:  # torch's default here
         assert re.search(r"1 thread for \d+ steps, \d+ threads for \d+ steps\)", auto.stdout), auto.stdout
     bad = _cli(args + ["--threads", "lots"], tmp_path=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == ("fmtoy: error: threads must be 'auto' or a positive "
-                                                          "integer number of CPU threads, got 'lots'")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "fmtoy: error: threads must be 'auto' or a positive integer number of CPU threads, got 'lots'"
+    )
 
 
 def test_sampling_starts_from_the_paths_own_source(tmp_path):
     """A VE run starts from the data blurred by N(0, sigma_max^2 I), not N(0, I): one Euler step of a barely trained
     model moves points little, so the samples keep the source's spread (std ~ 10, not ~ 1)."""
     out = tmp_path / "ve"
-    assert main(["train", "--data", "eight_gaussians", "--path", "ve", "--out", str(out), *TINY[:1], "5",
-                 *TINY[2:]]) == 0
-    assert main(["sample", "--run", str(out), "--n", "4000", "--steps", "1", "--solver", "euler", "--device", "cpu",
-                 "--out", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(["train", "--data", "eight_gaussians", "--path", "ve", "--out", str(out), *TINY[:1], "5", *TINY[2:]]) == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(out),
+                "--n",
+                "4000",
+                "--steps",
+                "1",
+                "--solver",
+                "euler",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     x = np.load(tmp_path / "x.npy")
     assert 8.0 < x.std(0).min() < 13.0, x.std(0)

@@ -1,4 +1,5 @@
 """Tests for fmtoy.data: exact densities integrate to 1, samplers agree with them, validation is clear."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,17 @@ import torch
 from scipy.special import logsumexp
 
 from fmtoy import data
-from fmtoy.data import (CurveNoise, GaussianMixture, StandardNormal, eight_gaussians, get_dataset,
-                        list_datasets, rings, spirals, two_moons)
+from fmtoy.data import (
+    CurveNoise,
+    GaussianMixture,
+    StandardNormal,
+    eight_gaussians,
+    get_dataset,
+    list_datasets,
+    rings,
+    spirals,
+    two_moons,
+)
 from fmtoy.device import make_generator
 
 NAMES = ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal"]
@@ -49,6 +59,7 @@ def grid_density():
             logp = make(name).log_prob(GRID)
             cache[name] = (logp, logp.exp())
         return cache[name]
+
     return get
 
 
@@ -94,8 +105,10 @@ def test_gmm_log_prob_matches_scipy(d):
     x = torch.randn(200, d, dtype=torch.float64, generator=make_generator(d)) * 3
     with np.errstate(divide="ignore"):  # one weight is 0: log 0 = -inf, as in fmtoy
         logw = np.log(gmm.weights.numpy())
-    comps = [lw + scipy.stats.multivariate_normal(m, c).logpdf(x.numpy()).reshape(-1)
-             for lw, m, c in zip(logw, gmm.means.numpy(), gmm.covs.numpy())]
+    comps = [
+        lw + scipy.stats.multivariate_normal(m, c).logpdf(x.numpy()).reshape(-1)
+        for lw, m, c in zip(logw, gmm.means.numpy(), gmm.covs.numpy())
+    ]
     ref = logsumexp(np.stack(comps), axis=0)
     np.testing.assert_allclose(gmm.log_prob(x).numpy(), ref, rtol=1e-10, atol=1e-10)
     lp32 = gmm.log_prob(x.float())
@@ -150,6 +163,7 @@ def test_rings_closed_form_matches_quadrature_over_the_circles():
 
     def circle(r):
         return lambda u: r * torch.stack([torch.cos(2 * math.pi * u), torch.sin(2 * math.pi * u)], -1)
+
     quad = CurveNoise([circle(1.0), circle(2.5)], [1.0, 2.5], std=0.3, panels=200)
     a, b = dist.log_prob(GRID), quad.log_prob(GRID)
     mask = b > b.max() - math.log(1e8)
@@ -174,6 +188,7 @@ def test_log_prob_of_10k_points_is_fast():
     """Typically < 0.05 s wall (spirals, the slowest). CPU time (robust to other jobs on the machine), best of 5,
     against 0.2 s per thread."""
     import time
+
     for name in NAMES:
         dist, x = get_dataset(name), torch.randn(10_000, 2) * 3
         times = []
@@ -244,26 +259,34 @@ def test_bad_gaussian_mixture(kwargs, match):
         GaussianMixture(**kwargs)
 
 
-@pytest.mark.parametrize("call,err,match", [
-    (lambda: eight_gaussians(std=0.0), ValueError, "std must be a finite number > 0"),
-    (lambda: spirals(turns=-1.0), ValueError, "turns"),
-    (lambda: rings(radii=()), ValueError, "radii"),
-    (lambda: get_dataset("checkerboard", squares=0), ValueError, "squares must be a positive integer"),
-    (lambda: get_dataset("rings", foo=1), TypeError, "rings"),
-    (lambda: get_dataset("gaussian_mixture"), TypeError, "gaussian_mixture"),
-    (lambda: StandardNormal(dim=0), ValueError, "dim"),
-    (lambda: random_gmm().component(4), ValueError, "component index"),
-    (lambda: StandardNormal().sample(5, generator="seed"), TypeError, "generator"),
-    (lambda: StandardNormal().sample(5, device="tpu"), ValueError, "device"),
-    (lambda: GaussianMixture([1.0, 1.0], [[0, 0], [1, 1]], [EYE, 0 * EYE]).log_prob(torch.zeros(1, 2)),
-     ValueError, "singular"),
-])
+@pytest.mark.parametrize(
+    "call,err,match",
+    [
+        (lambda: eight_gaussians(std=0.0), ValueError, "std must be a finite number > 0"),
+        (lambda: spirals(turns=-1.0), ValueError, "turns"),
+        (lambda: rings(radii=()), ValueError, "radii"),
+        (lambda: get_dataset("checkerboard", squares=0), ValueError, "squares must be a positive integer"),
+        (lambda: get_dataset("rings", foo=1), TypeError, "rings"),
+        (lambda: get_dataset("gaussian_mixture"), TypeError, "gaussian_mixture"),
+        (lambda: StandardNormal(dim=0), ValueError, "dim"),
+        (lambda: random_gmm().component(4), ValueError, "component index"),
+        (lambda: StandardNormal().sample(5, generator="seed"), TypeError, "generator"),
+        (lambda: StandardNormal().sample(5, device="tpu"), ValueError, "device"),
+        (
+            lambda: GaussianMixture([1.0, 1.0], [[0, 0], [1, 1]], [EYE, 0 * EYE]).log_prob(torch.zeros(1, 2)),
+            ValueError,
+            "singular",
+        ),
+    ],
+)
 def test_bad_arguments(call, err, match):
     with pytest.raises(err, match=match):
         call()
 
 
-@pytest.mark.parametrize("name", ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal"])
+@pytest.mark.parametrize(
+    "name", ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal"]
+)
 def test_samples_are_float32_even_with_a_float64_default_dtype(name):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

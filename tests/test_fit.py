@@ -1,5 +1,6 @@
 """fmtoy.train.fit is the one loop under every training entry point: the same NaN error, thread policy, lr schedule
 and result type for CFM, shortcut, MeanFlow, VRFM/RFM and chapter 3's logged training."""
+
 import math
 
 import pytest
@@ -9,12 +10,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fmtoy import threads as TH
 from fmtoy.data import Distribution, StandardNormal, eight_gaussians
 from fmtoy.methods.meanflow import MeanFlowMLP, fit_meanflow
-from fmtoy.models import VelocityMLP
-from fmtoy.teaching.objectives import train_logged
-from fmtoy.paths import CondOTPath
 from fmtoy.methods.shortcut import ShortcutMLP, fit_shortcut
-from fmtoy.train import FitConfig, FitResult, fit, fit_cfm
 from fmtoy.methods.vrfm import PosteriorEncoder, fit_vrfm
+from fmtoy.models import VelocityMLP
+from fmtoy.paths import CondOTPath
+from fmtoy.teaching.objectives import train_logged
+from fmtoy.train import FitConfig, FitResult, fit, fit_cfm
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -29,13 +30,28 @@ class InfTarget(Distribution):
 
 
 def _cfm(target, **kw):
-    return fit_cfm(VelocityMLP(hidden=16, depth=1), CondOTPath(), target, batch_size=32, lr=1e-2, device="cpu",
-                     progress=False, **kw)
+    return fit_cfm(
+        VelocityMLP(hidden=16, depth=1),
+        CondOTPath(),
+        target,
+        batch_size=32,
+        lr=1e-2,
+        device="cpu",
+        progress=False,
+        **kw,
+    )
 
 
 def _shortcut(target, **kw):
-    return fit_shortcut(ShortcutMLP(hidden=16, depth=1, max_steps=4), target, batch_size=32, lr=1e-2,
-                          device="cpu", teacher="online", **kw)
+    return fit_shortcut(
+        ShortcutMLP(hidden=16, depth=1, max_steps=4),
+        target,
+        batch_size=32,
+        lr=1e-2,
+        device="cpu",
+        teacher="online",
+        **kw,
+    )
 
 
 def _meanflow(target, **kw):
@@ -56,8 +72,11 @@ METHODS = {"cfm": _cfm, "shortcut": _shortcut, "meanflow": _meanflow, "vrfm": _v
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_nan_loss_raises_the_same_clear_error_in_every_method(method):
-    with pytest.raises(FloatingPointError, match=r"the training loss became (inf|nan) at step 1 of 5 \(lr=0\.01\); "
-                                                 r"try a lower learning rate \(e\.g\. lr=0\.001\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"the training loss became (inf|nan) at step 1 of 5 \(lr=0\.01\); "
+        r"try a lower learning rate \(e\.g\. lr=0\.001\)",
+    ):
         METHODS[method](InfTarget(), steps=5)
 
 
@@ -79,21 +98,24 @@ def observed(monkeypatch):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_honours_the_lr_schedule(method, schedule, observed):
     METHODS[method](eight_gaussians(), steps=6, lr_schedule=schedule)
-    factor = {"constant": lambda k: 1.0, "cosine": lambda k: 0.5 * (1 + math.cos(math.pi * k / 6)),
-              "linear": lambda k: 1 - k / 6}[schedule]
+    factor = {
+        "constant": lambda k: 1.0,
+        "cosine": lambda k: 0.5 * (1 + math.cos(math.pi * k / 6)),
+        "linear": lambda k: 1 - k / 6,
+    }[schedule]
     assert observed["lr"] == pytest.approx([1e-2 * factor(k) for k in range(6)])
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_honours_the_thread_policy(method, observed, monkeypatch):
-    assert torch.get_num_threads() == 1                     # the session fixture: an explicit user setting ...
+    assert torch.get_num_threads() == 1  # the session fixture: an explicit user setting ...
     METHODS[method](eight_gaussians(), steps=3)
-    assert set(observed["threads"]) == {1}                  # ... which fmtoy keeps
+    assert set(observed["threads"]) == {1}  # ... which fmtoy keeps
     observed["threads"].clear()
     METHODS[method](eight_gaussians(), steps=3, threads=3)  # the argument wins over the user's torch setting
-    assert set(observed["threads"]) == {3} and torch.get_num_threads() == 1   # and the user's count is restored
+    assert set(observed["threads"]) == {3} and torch.get_num_threads() == 1  # and the user's count is restored
     observed["threads"].clear()
-    monkeypatch.setenv(TH.ENV, "2")                         # so does FMTOY_THREADS
+    monkeypatch.setenv(TH.ENV, "2")  # so does FMTOY_THREADS
     METHODS[method](eight_gaussians(), steps=3)
     assert set(observed["threads"]) == {2} and torch.get_num_threads() == 1
 
@@ -101,13 +123,13 @@ def test_every_method_honours_the_thread_policy(method, observed, monkeypatch):
 def test_auto_measures_both_counts_and_keeps_the_faster(observed, monkeypatch):
     monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0})
     most = max(TH._IMPORT_THREADS, 2)
-    monkeypatch.setattr(TH, "_IMPORT_THREADS", most)        # as on a machine with >= 2 cores
+    monkeypatch.setattr(TH, "_IMPORT_THREADS", most)  # as on a machine with >= 2 cores
     res = _cfm(eight_gaussians(), steps=40, threads="auto")
     assert set(res.threads) == {1, most} and sum(res.threads.values()) == 40
     assert TH._VERDICT["threads"] in (1, most) and TH._VERDICT["until"] > 0
-    probe = TH.PROBE + 1                                    # warm-up step + timed steps per candidate
-    assert observed["threads"][:2 * probe] == [1] * probe + [most] * probe
-    assert set(observed["threads"][2 * probe:]) == {TH._VERDICT["threads"]}   # then the winner until RECHECK
+    probe = TH.PROBE + 1  # warm-up step + timed steps per candidate
+    assert observed["threads"][: 2 * probe] == [1] * probe + [most] * probe
+    assert set(observed["threads"][2 * probe :]) == {TH._VERDICT["threads"]}  # then the winner until RECHECK
     assert torch.get_num_threads() == 1
 
 
@@ -117,12 +139,12 @@ def test_the_tuner_picks_the_candidate_with_the_shorter_steps(monkeypatch):
     monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0})
     monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
     tuner = TH.ThreadTuner("auto", (1, 2))
-    step_time = {1: 0.010, 2: 0.004}                        # idle machine: 2 threads faster
+    step_time = {1: 0.010, 2: 0.004}  # idle machine: 2 threads faster
     for _ in range(12):
         tuner.tick()
         clock["now"] += step_time[tuner.current]
     assert TH._VERDICT["threads"] == 2 and tuner.current == 2
-    clock["now"] += TH.RECHECK                              # later, another program holds a core
+    clock["now"] += TH.RECHECK  # later, another program holds a core
     step_time = {1: 0.010, 2: 0.080}
     for _ in range(12):
         tuner.tick()
@@ -135,8 +157,8 @@ def test_resolution_order_and_bad_values(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     assert TH.resolve_threads(4) == ("fixed", (4,))
-    assert TH.resolve_threads(None) == ("keep", (1,))       # the session fixture's torch.set_num_threads(1)
-    monkeypatch.setattr(TH, "_IMPORT_THREADS", 1)           # now 1 is torch's own default: nothing to measure
+    assert TH.resolve_threads(None) == ("keep", (1,))  # the session fixture's torch.set_num_threads(1)
+    monkeypatch.setattr(TH, "_IMPORT_THREADS", 1)  # now 1 is torch's own default: nothing to measure
     assert TH.resolve_threads(None) == ("keep", (1,))
     monkeypatch.setattr(TH, "_IMPORT_THREADS", 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -159,7 +181,7 @@ def test_fit_result_is_common_and_names_parts_and_modules():
     sc = _shortcut(eight_gaussians(), steps=4)
     assert isinstance(sc, FitResult) and len(sc.parts["fm"]) == len(sc.parts["sc"]) == 4
     with pytest.raises(AttributeError, match="no attribute, loss part or module 'nope'"):
-        sc.nope
+        _ = sc.nope
     with pytest.raises(TypeError, match="modules must be a torch.nn.Module"):
         fit([1, 2], lambda ctx: torch.zeros(()), FitConfig(steps=1, batch_size=1, lr=1.0))
     with pytest.raises(ValueError, match="must return a scalar tensor"):
@@ -171,8 +193,11 @@ def test_no_chapter_or_test_module_pins_threads_by_hand():
 
     root = Path(__file__).resolve().parents[1]
     allowed = {root / "tests" / "conftest.py", Path(__file__).resolve()}
-    pinned = [str(p.relative_to(root)) for p in [*root.glob("book/*.md"), *root.glob("tests/*.py")]
-              if p.resolve() not in allowed and "set_num_threads(" in p.read_text()]
+    pinned = [
+        str(p.relative_to(root))
+        for p in [*root.glob("book/*.md"), *root.glob("tests/*.py")]
+        if p.resolve() not in allowed and "set_num_threads(" in p.read_text()
+    ]
     assert not pinned, f"thread counts are fmtoy's policy (fmtoy.threads), not pinned by hand: {pinned}"
 
 
@@ -183,10 +208,12 @@ def test_every_method_has_one_entry_shape_taking_its_config():
     from fmtoy.train import TrainConfig, train_flow
 
     small = dict(steps=3, hidden=8, depth=1, device="cpu")
-    runs = [(train_flow, TrainConfig(batch_size=16, **small)),
-            (train_shortcut, ShortcutConfig(batch_size=32, max_steps=4, **small)),
-            (train_meanflow, MeanFlowConfig(batch_size=16, **small)),
-            (train_vrfm, VRFMConfig(setting="two_modes_1d", batch_size=16, **small))]
+    runs = [
+        (train_flow, TrainConfig(batch_size=16, **small)),
+        (train_shortcut, ShortcutConfig(batch_size=32, max_steps=4, **small)),
+        (train_meanflow, MeanFlowConfig(batch_size=16, **small)),
+        (train_vrfm, VRFMConfig(setting="two_modes_1d", batch_size=16, **small)),
+    ]
     for entry, config in runs:
         res = entry(config, progress=False)
         assert isinstance(res, FitResult) and len(res.losses) == 3 and res.config == config, entry.__name__

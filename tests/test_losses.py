@@ -1,17 +1,18 @@
 """Tests for fmtoy.losses: the CFM regression target, the exact field minimises the loss, couplings."""
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+from helpers import draw_batch
 
 from fmtoy.data import eight_gaussians
+from fmtoy.device import make_generator
 from fmtoy.losses import COUPLINGS, cfm_loss, get_coupling, independent_coupling, minibatch_ot_coupling
 from fmtoy.marginal import ExactField
 from fmtoy.paths import CondOTPath, get_path
-from fmtoy.device import make_generator
-from helpers import draw_batch
 
 
 @pytest.mark.parametrize("sigma_min", [0.0, 0.1])
@@ -36,6 +37,7 @@ def test_model_sees_xt_and_t_and_zero_loss_at_the_target(name):
         assert s.shape == (32,) and torch.equal(s, t)
         assert torch.allclose(x, path.sample_xt(x0, x1, t), rtol=1e-12, atol=1e-12)
         return path.target_velocity(x0, x1, t)
+
     assert cfm_loss(oracle, x0, x1, t, path).item() < 1e-20
 
 
@@ -52,7 +54,7 @@ def test_exact_marginal_field_minimises_the_loss(sigma_min, kind):
     t = t * path.t_max
     u = ExactField(path, eight_gaussians())
     # (a constant shift would be a weak probe: E u = E target = 0 by the symmetry of eight_gaussians)
-    delta = ((lambda x, s: 0.2 * u(x, s)) if kind == "scale" else (lambda x, s: 0.5 * torch.sin(x) * s[:, None]))
+    delta = (lambda x, s: 0.2 * u(x, s)) if kind == "scale" else (lambda x, s: 0.5 * torch.sin(x) * s[:, None])
     exact = cfm_loss(u, x0, x1, t, path)
     perturbed = cfm_loss(lambda x, s: u(x, s) + delta(x, s), x0, x1, t, path)
     xt = path.sample_xt(x0, x1, t)
@@ -71,17 +73,21 @@ def test_cond_is_passed_to_the_model():
     def model(x, s, c):
         seen["c"] = c
         return torch.zeros_like(x)
+
     cond = torch.rand(8, 1, dtype=torch.float64)
     cfm_loss(model, x0, x1, t, CondOTPath(), cond=cond)
     assert seen["c"] is cond
 
 
-@pytest.mark.parametrize("args, err, match", [
-    ((torch.randn(4, 2), torch.randn(5, 2), torch.rand(4)), ValueError, "same shape"),
-    ((torch.randn(4, 2), torch.randn(4, 2), torch.rand(3)), ValueError, "3 entries but x has 4 rows"),
-    ((torch.randn(4), torch.randn(4), torch.rand(4)), ValueError, "x0 must have shape"),
-    (([[0.0, 0.0]], torch.randn(1, 2), torch.rand(1)), TypeError, "x0 must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "args, err, match",
+    [
+        ((torch.randn(4, 2), torch.randn(5, 2), torch.rand(4)), ValueError, "same shape"),
+        ((torch.randn(4, 2), torch.randn(4, 2), torch.rand(3)), ValueError, "3 entries but x has 4 rows"),
+        ((torch.randn(4), torch.randn(4), torch.rand(4)), ValueError, "x0 must have shape"),
+        (([[0.0, 0.0]], torch.randn(1, 2), torch.rand(1)), TypeError, "x0 must be a torch.Tensor"),
+    ],
+)
 def test_cfm_loss_bad_inputs(args, err, match):
     with pytest.raises(err, match=match):
         cfm_loss(lambda x, s: x, *args, CondOTPath())

@@ -1,5 +1,6 @@
 """fmtoy.marginal: closed-form p_t and u_t against Theorem 1 (Monte Carlo), hand-made Gaussian conditioning, the
 continuity equation (finite differences), boundary values, normalisation and the ODE log-likelihood."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,9 @@ import time
 import pytest
 import torch
 
-from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy import marginal as M
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, VEPath, VPPath
 
 F64 = torch.float64
@@ -26,33 +27,50 @@ def rotated(angle: float, sx: float, sy: float) -> torch.Tensor:
     return r @ torch.diag(torch.tensor([sx**2, sy**2], dtype=F64)) @ r.T
 
 
-ANISO = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[2.0, 1.0], [-2.5, 0.5], [0.0, -3.0]]),
-                        torch.stack([rotated(0.3, 0.8, 0.2), rotated(1.2, 0.5, 0.4), rotated(-0.7, 1.0, 0.3)]),
-                        name="aniso")
-SOURCE2 = GaussianMixture(torch.tensor([0.6, 0.4]), torch.tensor([[-1.0, 0.5], [1.5, -0.5]]),
-                          torch.stack([rotated(0.4, 0.9, 0.5), rotated(-1.0, 0.6, 0.8)]), name="source2")
-ISO_SOURCE = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[1.0, -1.0], [-0.5, 2.0]]),
-                             torch.stack([0.5 * torch.eye(2), 1.5 * torch.eye(2)]), name="iso_source")
+ANISO = GaussianMixture(
+    torch.tensor([0.5, 0.3, 0.2]),
+    torch.tensor([[2.0, 1.0], [-2.5, 0.5], [0.0, -3.0]]),
+    torch.stack([rotated(0.3, 0.8, 0.2), rotated(1.2, 0.5, 0.4), rotated(-0.7, 1.0, 0.3)]),
+    name="aniso",
+)
+SOURCE2 = GaussianMixture(
+    torch.tensor([0.6, 0.4]),
+    torch.tensor([[-1.0, 0.5], [1.5, -0.5]]),
+    torch.stack([rotated(0.4, 0.9, 0.5), rotated(-1.0, 0.6, 0.8)]),
+    name="source2",
+)
+ISO_SOURCE = GaussianMixture(
+    torch.tensor([0.3, 0.7]),
+    torch.tensor([[1.0, -1.0], [-0.5, 2.0]]),
+    torch.stack([0.5 * torch.eye(2), 1.5 * torch.eye(2)]),
+    name="iso_source",
+)
 POINTS = GaussianMixture.from_points(EIGHT.sample(20, generator=gen(0)))
 
 
 def sample_pt(path, target, source, ts, n_each, seed) -> tuple[torch.Tensor, torch.Tensor]:
     """x ~ p_t for each t in ts (float64) and the matching per-row t vector."""
-    xs = [M.marginal_distribution(t, path, target, source).sample(n_each, generator=gen(seed + i)).double()
-          for i, t in enumerate(ts)]
+    xs = [
+        M.marginal_distribution(t, path, target, source).sample(n_each, generator=gen(seed + i)).double()
+        for i, t in enumerate(ts)
+    ]
     return torch.cat(xs), torch.tensor(ts, dtype=F64).repeat_interleave(n_each)
 
 
 # --- Theorem 1 by Monte Carlo over x_1 ~ q (source N(0, I)) ---------------------------------------------------------
 
-@pytest.mark.parametrize("path,t", [(CondOTPath(), 0.5), (CondOTPath(0.05), 0.8), (VEPath(), 0.5), (VPPath(), 0.6),
-                                    (COSINE, 0.4)], ids=["ot", "ot_smin", "ve", "vp", "cosine"])
+
+@pytest.mark.parametrize(
+    "path,t",
+    [(CondOTPath(), 0.5), (CondOTPath(0.05), 0.8), (VEPath(), 0.5), (VPPath(), 0.6), (COSINE, 0.4)],
+    ids=["ot", "ot_smin", "ve", "vp", "cosine"],
+)
 def test_theorem1_monte_carlo(path, t):
     """u_t(x) = E_q[u_t(x|x_1) p_t(x|x_1)] / E_q[p_t(x|x_1)] and p_t(x) = E_q[p_t(x|x_1)] within 5 MC std errors."""
     n_mc, n_x = 100_000, 6
     x1 = EIGHT.sample(n_mc, generator=gen(1)).double().repeat(n_x, 1)
     xs = M.marginal_distribution(t, path, EIGHT).sample(n_x, generator=gen(2)).double()
-    xx = xs.repeat_interleave(n_mc, 0)                                       # all (x, x_1) pairs at once
+    xx = xs.repeat_interleave(n_mc, 0)  # all (x, x_1) pairs at once
     log_pc = path.conditional_log_prob(xx, t, x1).view(n_x, n_mc)
     uc = path.conditional_velocity(xx, t, x1).view(n_x, n_mc, 2)
     shift = log_pc.amax(1, keepdim=True)
@@ -71,8 +89,12 @@ def test_theorem1_exact_for_point_masses(path):
     """from_points target: u_t(x) = sum_j softmax_j(log p_t(x|x_1j)) u_t(x|x_1j) exactly (FM Eq. 8), per-row t."""
     pts = POINTS.means
     n, k = 50, pts.shape[0]
-    t = torch.cat([torch.rand(n - 2, generator=gen(3), dtype=F64) * min(path.t_max, 0.99),
-                   torch.tensor([0.0, path.t_max], dtype=F64)])
+    t = torch.cat(
+        [
+            torch.rand(n - 2, generator=gen(3), dtype=F64) * min(path.t_max, 0.99),
+            torch.tensor([0.0, path.t_max], dtype=F64),
+        ]
+    )
     x = 3 * torch.randn(n, 2, generator=gen(4), dtype=F64)
     xx, tt, xx1 = x.repeat_interleave(k, 0), t.repeat_interleave(k), pts.repeat(n, 1)
     w = torch.softmax(path.conditional_log_prob(xx, tt, xx1).view(n, k), dim=1)
@@ -84,18 +106,21 @@ def test_theorem1_exact_for_point_masses(path):
 
 # --- hand-made Gaussian conditioning for one source and one target component -------------------------------------
 
+
 def joint_by_hand(path: GaussianPath, t: float, m0, s0, m1, s1):
     """(mean, cov) of (x_t, xdot) = A (x_0, x_1), A = [[sigma I, alpha I], [sigma' I, alpha' I]]."""
-    al, sg, dal, dsg = (f(torch.tensor(t, dtype=F64)).item() for f in (path.alpha, path.sigma, path.d_alpha,
-                                                                      path.d_sigma))
+    al, sg, dal, dsg = (
+        f(torch.tensor(t, dtype=F64)).item() for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma)
+    )
     eye = torch.eye(2, dtype=F64)
     a = torch.cat([torch.cat([sg * eye, al * eye], 1), torch.cat([dsg * eye, dal * eye], 1)])
     cov = torch.block_diag(s0, s1)
     return a @ torch.cat([m0, m1]), a @ cov @ a.T
 
 
-@pytest.mark.parametrize("path", [CondOTPath(), CondOTPath(0.1), VEPath(), VPPath(), COSINE],
-                         ids=["ot", "ot_smin", "ve", "vp", "cosine"])
+@pytest.mark.parametrize(
+    "path", [CondOTPath(), CondOTPath(0.1), VEPath(), VPPath(), COSINE], ids=["ot", "ot_smin", "ve", "vp", "cosine"]
+)
 def test_single_pair_matches_bivariate_gaussian_conditioning(path):
     m0, s0 = torch.tensor([0.5, -1.0], dtype=F64), rotated(0.7, 1.3, 0.6)
     m1, s1 = torch.tensor([3.0, 2.0], dtype=F64), rotated(-0.4, 0.2, 0.9)
@@ -141,11 +166,12 @@ def test_mixture_source_projection_property(path):
         return g.mean(0) / (g.std(0) / math.sqrt(n))
 
     assert z_scores(u).abs().max() < 5
-    assert z_scores(u + 0.05 * torch.tensor([1.0, -1.0], dtype=F64)).abs().max() > 10   # a biased field fails
+    assert z_scores(u + 0.05 * torch.tensor([1.0, -1.0], dtype=F64)).abs().max() > 10  # a biased field fails
     assert z_scores(1.05 * u).abs().max() > 10
 
 
 # --- the continuity equation d/dt p_t + div(p_t u_t) = 0 by central finite differences -------------------------
+
 
 def continuity_residual(logp, field, x: torch.Tensor, t: torch.Tensor, h: float = 1e-4):
     """(d_t log p + div u + u . grad log p, and the sum of the terms' sizes), both (n,): residual / p_t."""
@@ -184,7 +210,7 @@ def test_continuity_equation(path, target, source):
 
     res, scale = continuity_residual(logp, field, x, t)
     assert (res.abs() / scale).max() < 1e-5
-    assert scale.min() > 1e-3   # the terms are not trivially small
+    assert scale.min() > 1e-3  # the terms are not trivially small
 
     def perturbed(x, t):
         return 1.1 * field(x, t) + torch.tensor([0.2, 0.0], dtype=F64)
@@ -195,11 +221,12 @@ def test_continuity_equation(path, target, source):
 
 # --- boundary values and normalisation ------------------------------------------------------------------------
 
+
 def test_endpoints_are_source_and_target():
     x = 3 * torch.randn(64, 2, generator=gen(11), dtype=F64)
     ot, ot_s = CondOTPath(), CondOTPath(sigma_min=0.05)
     assert torch.allclose(M.marginal_log_prob(x, 1.0, ot, EIGHT), EIGHT.log_prob(x), atol=1e-12)
-    blurred = eight_gaussians(std=math.sqrt(0.25 + 0.05**2))          # p_1 = q * N(0, sigma_min^2 I)
+    blurred = eight_gaussians(std=math.sqrt(0.25 + 0.05**2))  # p_1 = q * N(0, sigma_min^2 I)
     assert torch.allclose(M.marginal_log_prob(x, 1.0, ot_s, EIGHT), blurred.log_prob(x), atol=1e-12)
     for path in (ot, ot_s, COSINE):
         assert torch.allclose(M.marginal_log_prob(x, 0.0, path, EIGHT), StandardNormal().log_prob(x), atol=1e-12)
@@ -209,9 +236,16 @@ def test_endpoints_are_source_and_target():
     assert (M.marginal_log_prob(x, vp.t_max, vp, EIGHT) - EIGHT.log_prob(x)).abs().max() > 0
 
 
-@pytest.mark.parametrize("path,target,source,t", [(CondOTPath(), EIGHT, None, 0.5), (VEPath(), EIGHT, None, 0.5),
-                                                  (VPPath(), ANISO, SOURCE2, 0.7), (COSINE, POINTS, None, 0.6)],
-                         ids=["ot", "ve", "vp-mixture_source", "cosine-points"])
+@pytest.mark.parametrize(
+    "path,target,source,t",
+    [
+        (CondOTPath(), EIGHT, None, 0.5),
+        (VEPath(), EIGHT, None, 0.5),
+        (VPPath(), ANISO, SOURCE2, 0.7),
+        (COSINE, POINTS, None, 0.6),
+    ],
+    ids=["ot", "ve", "vp-mixture_source", "cosine-points"],
+)
 def test_density_integrates_to_one(path, target, source, t):
     h = 0.04
     g = torch.arange(-10, 10 + h / 2, h, dtype=F64)
@@ -227,7 +261,7 @@ def test_posterior_weights_order_and_normalisation():
     x = 2 * torch.randn(30, 2, generator=gen(12), dtype=F64)
     w = M.posterior_weights(x, t, path, ANISO, SOURCE2)
     assert w.shape == (30, 6) and torch.allclose(w.sum(1), torch.ones(30, dtype=F64))
-    dist = M.marginal_distribution(t, path, ANISO, SOURCE2)   # component i * K_tgt + j
+    dist = M.marginal_distribution(t, path, ANISO, SOURCE2)  # component i * K_tgt + j
     logs = torch.stack([dist.component(k).log_prob(x) for k in range(6)], 1) + dist.weights.log()
     assert torch.allclose(w, torch.softmax(logs, 1), atol=1e-12)
 
@@ -267,13 +301,14 @@ def test_fast_for_large_empirical_targets():
 
 # --- the exact field integrated backwards reproduces log p_1 ------------------------------------------------------
 
+
 def test_ode_log_likelihood_matches_closed_form():
     solvers = pytest.importorskip("fmtoy.solvers")
     path = CondOTPath(sigma_min=0.05)
     field = M.ExactField(path, EIGHT)
     x1 = field.distribution(1.0).sample(32, generator=gen(19)).double()
     ll = solvers.log_likelihood(field, x1, StandardNormal(), steps=32, method="rk4")
-    assert (ll - field.log_prob(x1, 1.0)).abs().max() < 1e-4      # rk4 error ~1e-5 nats at 32 steps
+    assert (ll - field.log_prob(x1, 1.0)).abs().max() < 1e-4  # rk4 error ~1e-5 nats at 32 steps
     wrong = solvers.log_likelihood(lambda x, t: 1.1 * field(x, t), x1, StandardNormal(), steps=32, method="rk4")
     assert (wrong - field.log_prob(x1, 1.0)).abs().max() > 0.1
 

@@ -1,5 +1,6 @@
 """Metrics: W2 against brute force and closed forms, unbiasedness of the energy distance and MMD, NLL gap = KL for
 Gaussian flows, straightness and kinetic energy of analytic trajectories."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,8 @@ import math
 import pytest
 import torch
 
-from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.data import GaussianMixture, StandardNormal
+from fmtoy.device import make_generator as gen  # a seeded CPU generator
 from fmtoy.metrics import energy_distance, kinetic_energy, mmd, nll, nll_gap, straightness, w2
 
 F64 = torch.float64
@@ -49,8 +50,9 @@ def test_w2_in_one_dimension_is_sorted_matching():
 
 # ----------------------------------------------------------------------------------------------- energy / mmd
 def repeated(stat, n, reps, shift=0.0, d=2, **kw):
-    vals = torch.tensor([stat(normal(n, d, seed=2 * r), normal(n, d, seed=2 * r + 1, shift=shift), **kw)
-                         for r in range(reps)])
+    vals = torch.tensor(
+        [stat(normal(n, d, seed=2 * r), normal(n, d, seed=2 * r + 1, shift=shift), **kw) for r in range(reps)]
+    )
     return vals.mean().item(), vals.std().item() / math.sqrt(reps)
 
 
@@ -64,7 +66,7 @@ def test_energy_distance_is_unbiased_for_equal_distributions():
 def test_energy_distance_matches_closed_form_for_shifted_gaussians():
     # 1D, X ~ N(0,1), Y ~ N(mu,1): E|X-Y| = E|N(mu, 2)|, E|X-X'| = E|Y-Y'| = 2 / sqrt(pi)
     mu = 1.0
-    e_xy = math.sqrt(2) * math.sqrt(2 / math.pi) * math.exp(-mu ** 2 / 4) + mu * math.erf(mu / 2)
+    e_xy = math.sqrt(2) * math.sqrt(2 / math.pi) * math.exp(-(mu**2) / 4) + mu * math.erf(mu / 2)
     expect = 2 * e_xy - 4 / math.sqrt(math.pi)
     mean, stderr = repeated(energy_distance, n=200, reps=20, shift=mu, d=1)
     assert abs(mean - expect) < 4 * stderr
@@ -97,13 +99,15 @@ M, S = torch.tensor([1.5, -0.5]), 0.6
 
 def gaussian_flow(m):
     """CondOT marginal field N(0, I) -> N(m, s^2 I): u_t(x) = m + (t s^2 - (1-t)) / ((1-t)^2 + t^2 s^2) (x - t m)."""
+
     def field(x, t):
         t, mm = t[:, None], m.to(x.dtype)
-        return mm + (t * S ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * S ** 2) * (x - t * mm)
+        return mm + (t * S**2 - (1 - t)) / ((1 - t) ** 2 + t**2 * S**2) * (x - t * mm)
+
     return field
 
 
-TARGET = GaussianMixture([1.0], [M.tolist()], [[[S ** 2, 0.0], [0.0, S ** 2]]])
+TARGET = GaussianMixture([1.0], [M.tolist()], [[[S**2, 0.0], [0.0, S**2]]])
 
 
 def test_nll_of_exact_flow_matches_closed_form():
@@ -112,16 +116,16 @@ def test_nll_of_exact_flow_matches_closed_form():
 
 
 def test_nll_gap_is_zero_for_exact_model_and_kl_for_wrong_one():
-    entropy = 0.5 * 2 * math.log(2 * math.pi * math.e * S ** 2)     # H[N(m, s^2 I_2)]
+    entropy = 0.5 * 2 * math.log(2 * math.pi * math.e * S**2)  # H[N(m, s^2 I_2)]
     exact = nll_gap(gaussian_flow(M), TARGET, n=2000, generator=gen(1), steps=20)
     assert set(exact) == {"nll", "entropy", "gap", "gap_stderr"}
     assert abs(exact["gap"]) < 1e-3
-    assert abs(exact["entropy"] - entropy) < 4 / math.sqrt(2000)      # std of log q is sqrt(d/2) = 1
+    assert abs(exact["entropy"] - entropy) < 4 / math.sqrt(2000)  # std of log q is sqrt(d/2) = 1
     assert exact["nll"] == pytest.approx(exact["entropy"] + exact["gap"], abs=1e-9)
     # model = exact flow to N(m', s^2 I): gap estimates KL(q || p) = |m - m'|^2 / (2 s^2)
     m_wrong = M + torch.tensor([0.3, 0.0])
     wrong = nll_gap(gaussian_flow(m_wrong), TARGET, n=2000, generator=gen(2), steps=20)
-    kl = (M - m_wrong).square().sum().item() / (2 * S ** 2)
+    kl = (M - m_wrong).square().sum().item() / (2 * S**2)
     assert abs(wrong["gap"] - kl) < 4 * wrong["gap_stderr"]
     assert kl > 10 * wrong["gap_stderr"]
 
@@ -141,7 +145,7 @@ def test_straightness_and_energy_of_straight_constant_speed_paths():
     assert straightness(traj) == pytest.approx(0.0, abs=1e-20)
     assert kinetic_energy(traj) == pytest.approx((x1 - x0).square().sum(1).mean().item(), rel=1e-12)
     v = torch.tensor([[0.6, -0.8, 2.0]], dtype=F64)
-    assert kinetic_energy(t * v) == pytest.approx(v.square().sum().item(), rel=1e-12)   # |v|^2
+    assert kinetic_energy(t * v) == pytest.approx(v.square().sum().item(), rel=1e-12)  # |v|^2
     assert straightness(t * v) == pytest.approx(0.0, abs=1e-20)
 
 
@@ -150,8 +154,8 @@ def test_straightness_and_energy_of_rotation():
     omega = math.pi / 2
     traj, x0 = rotation_trajectory(omega)
     r2 = x0.square().sum(1).mean().item()
-    assert kinetic_energy(traj) == pytest.approx(omega ** 2 * r2, rel=1e-5)
-    assert straightness(traj) == pytest.approx((omega ** 2 - 2 + 2 * math.cos(omega)) * r2, rel=1e-4)
+    assert kinetic_energy(traj) == pytest.approx(omega**2 * r2, rel=1e-5)
+    assert straightness(traj) == pytest.approx((omega**2 - 2 + 2 * math.cos(omega)) * r2, rel=1e-4)
     assert straightness(traj) > 0.4 * r2
 
 
@@ -160,21 +164,27 @@ X = torch.zeros(5, 2)
 
 
 @pytest.mark.parametrize("fn", [w2, energy_distance, mmd])
-@pytest.mark.parametrize("x,y,err,match", [
-    (X, torch.zeros(5, 3), ValueError, "same dimension"),
-    (torch.zeros(5), X, ValueError, r"x must have shape \(n, d\)"),
-    (X, [[0.0, 0.0]], TypeError, "y must be a torch.Tensor"),
-    (X, torch.zeros(5, 2, dtype=torch.int64), TypeError, "floating-point"),
-])
+@pytest.mark.parametrize(
+    "x,y,err,match",
+    [
+        (X, torch.zeros(5, 3), ValueError, "same dimension"),
+        (torch.zeros(5), X, ValueError, r"x must have shape \(n, d\)"),
+        (X, [[0.0, 0.0]], TypeError, "y must be a torch.Tensor"),
+        (X, torch.zeros(5, 2, dtype=torch.int64), TypeError, "floating-point"),
+    ],
+)
 def test_set_metrics_reject_bad_inputs(fn, x, y, err, match):
     with pytest.raises(err, match=match):
         fn(x, y)
 
 
-@pytest.mark.parametrize("x,y,match", [
-    (torch.zeros(5, 2), torch.zeros(6, 2), "equal-size"),
-    (torch.zeros(10_001, 2), torch.zeros(10_001, 2), "O\\(n\\^3\\)"),
-])
+@pytest.mark.parametrize(
+    "x,y,match",
+    [
+        (torch.zeros(5, 2), torch.zeros(6, 2), "equal-size"),
+        (torch.zeros(10_001, 2), torch.zeros(10_001, 2), "O\\(n\\^3\\)"),
+    ],
+)
 def test_w2_rejects_unequal_or_huge_sets(x, y, match):
     with pytest.raises(ValueError, match=match):
         w2(x, y)
@@ -193,22 +203,30 @@ def test_mmd_rejects_bad_bandwidth(bandwidth):
 
 
 @pytest.mark.parametrize("fn", [straightness, kinetic_energy])
-@pytest.mark.parametrize("traj,err", [
-    (torch.zeros(5, 2), ValueError), (torch.zeros(1, 5, 2), ValueError),
-    (torch.zeros(3, 5, 2, dtype=torch.int64), TypeError), ([[[0.0]]], TypeError),
-])
+@pytest.mark.parametrize(
+    "traj,err",
+    [
+        (torch.zeros(5, 2), ValueError),
+        (torch.zeros(1, 5, 2), ValueError),
+        (torch.zeros(3, 5, 2, dtype=torch.int64), TypeError),
+        ([[[0.0]]], TypeError),
+    ],
+)
 def test_path_metrics_reject_bad_trajectories(fn, traj, err):
     with pytest.raises(err, match="trajectory"):
         fn(traj)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(n=1), ValueError, "n must be >= 2"),
-    (dict(n=0), ValueError, "n must be a positive integer"),
-    (dict(target="eight_gaussians"), TypeError, "target must be"),
-    (dict(steps=0), ValueError, "steps"),
-    (dict(method="rk45"), ValueError, "allowed: euler, midpoint, rk4"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(n=1), ValueError, "n must be >= 2"),
+        (dict(n=0), ValueError, "n must be a positive integer"),
+        (dict(target="eight_gaussians"), TypeError, "target must be"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(method="rk45"), ValueError, "allowed: euler, midpoint, rk4"),
+    ],
+)
 def test_nll_gap_rejects_bad_inputs(kwargs, err, match):
     args = dict(velocity=gaussian_flow(M), target=TARGET, n=10)
     args.update(kwargs)

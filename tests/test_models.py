@@ -1,4 +1,5 @@
 """Tests for fmtoy.models: time/cond conventions, batch independence, dtype handling, parameter count, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,7 @@ def test_rows_are_independent():
     """Row i of a batched call equals the call on row i alone (up to float32 matmul reassociation)."""
     model, x, t = make(), torch.randn(7, 2), torch.rand(7)
     batched = model(x, t)
-    single = torch.cat([model(x[i:i + 1], t[i:i + 1]) for i in range(7)])
+    single = torch.cat([model(x[i : i + 1], t[i : i + 1]) for i in range(7)])
     assert torch.allclose(batched, single, atol=1e-6)
     assert not torch.allclose(model(x, t), model(x, t.flip(0)), atol=1e-3)  # t really enters
 
@@ -50,7 +51,7 @@ def test_time_embedding_is_sin_cos_pairs():
     half = model.time_features // 2
     assert emb.shape == (10, 1 + model.time_features)
     assert torch.equal(emb[:, :1], t)
-    assert torch.allclose(emb[:, 1:1 + half] ** 2 + emb[:, 1 + half:] ** 2, torch.ones(10, half), atol=1e-6)
+    assert torch.allclose(emb[:, 1 : 1 + half] ** 2 + emb[:, 1 + half :] ** 2, torch.ones(10, half), atol=1e-6)
 
 
 def test_conditioning_enters_and_broadcasts():
@@ -77,33 +78,49 @@ def test_general_dimension():
     assert model(torch.randn(3, 5), 0.5).shape == (3, 5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"dim": 0}, "dim"), ({"hidden": 0}, "hidden"), ({"depth": 0}, "depth"), ({"hidden": 2.5}, "hidden"),
-    ({"time_features": 7}, "even"), ({"time_features": 0}, "time_features"), ({"cond_dim": -1}, "cond_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dim": 0}, "dim"),
+        ({"hidden": 0}, "hidden"),
+        ({"depth": 0}, "depth"),
+        ({"hidden": 2.5}, "hidden"),
+        ({"time_features": 7}, "even"),
+        ({"time_features": 0}, "time_features"),
+        ({"cond_dim": -1}, "cond_dim"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VelocityMLP(**kwargs)
 
 
-@pytest.mark.parametrize("args, err, match", [
-    ((torch.randn(4, 3), 0.5), ValueError, r"shape \(n, 2\)"),
-    ((torch.randn(4), 0.5), ValueError, "shape"),
-    ((torch.randn(4, 2), torch.rand(3)), ValueError, "3 entries but x has 4 rows"),
-    ((torch.randn(4, 2), torch.rand(4, 2)), ValueError, r"t must be a scalar or have shape"),
-    ((torch.randn(4, 2), "0.5"), TypeError, "t must be a float or a tensor"),
-    ((torch.randn(4, 2).tolist(), 0.5), TypeError, "torch.Tensor"),
-    ((torch.randn(4, 2), 0.5, torch.rand(4, 1)), ValueError, "cond_dim=0"),
-])
+@pytest.mark.parametrize(
+    "args, err, match",
+    [
+        ((torch.randn(4, 3), 0.5), ValueError, r"shape \(n, 2\)"),
+        ((torch.randn(4), 0.5), ValueError, "shape"),
+        ((torch.randn(4, 2), torch.rand(3)), ValueError, "3 entries but x has 4 rows"),
+        ((torch.randn(4, 2), torch.rand(4, 2)), ValueError, r"t must be a scalar or have shape"),
+        ((torch.randn(4, 2), "0.5"), TypeError, "t must be a float or a tensor"),
+        ((torch.randn(4, 2).tolist(), 0.5), TypeError, "torch.Tensor"),
+        ((torch.randn(4, 2), 0.5, torch.rand(4, 1)), ValueError, "cond_dim=0"),
+    ],
+)
 def test_bad_forward_arguments(args, err, match):
     with pytest.raises(err, match=match):
         make()(*args)
 
 
-@pytest.mark.parametrize("cond, err, match", [
-    (None, ValueError, "needs cond"), (torch.rand(4, 2), ValueError, r"shape \(n, 1\)"),
-    (torch.rand(3, 1), ValueError, r"shape \(n, 1\)"), ("d", TypeError, "cond must be"),
-])
+@pytest.mark.parametrize(
+    "cond, err, match",
+    [
+        (None, ValueError, "needs cond"),
+        (torch.rand(4, 2), ValueError, r"shape \(n, 1\)"),
+        (torch.rand(3, 1), ValueError, r"shape \(n, 1\)"),
+        ("d", TypeError, "cond must be"),
+    ],
+)
 def test_bad_cond(cond, err, match):
     with pytest.raises(err, match=match):
         make(cond_dim=1)(torch.randn(4, 2), 0.5, cond)

@@ -1,4 +1,5 @@
 """fmtoy.paths: Thm 3 fields against autograd time derivatives, schedules, sampling moments, registry, bad inputs."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from fmtoy.device import make_generator
+from fmtoy.paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 
 F64 = torch.float64
 
@@ -19,8 +20,15 @@ def cosine(derivatives: bool = False) -> AffinePath:
     return AffinePath(lambda t: torch.sin(h * t), lambda t: torch.cos(h * t), name="cosine", t_max=1 - 1e-5, **d)
 
 
-PATHS = {"ot": CondOTPath(), "ot_smin": CondOTPath(sigma_min=0.1), "ve": VEPath(), "vp": VPPath(),
-         "vp_other": VPPath(beta_min=0.5, beta_max=5.0), "cosine": cosine(), "cosine_explicit": cosine(True)}
+PATHS = {
+    "ot": CondOTPath(),
+    "ot_smin": CondOTPath(sigma_min=0.1),
+    "ve": VEPath(),
+    "vp": VPPath(),
+    "vp_other": VPPath(beta_min=0.5, beta_max=5.0),
+    "cosine": cosine(),
+    "cosine_explicit": cosine(True),
+}
 ALL = pytest.mark.parametrize("path", list(PATHS.values()), ids=list(PATHS))
 
 
@@ -175,8 +183,10 @@ BAD = {
     "vp max<min": (lambda: VPPath(beta_min=2.0, beta_max=1.0), ValueError),
     "affine not callable": (lambda: AffinePath(1.0, lambda t: 1 - t), TypeError),
     "affine t_max>1": (lambda: AffinePath(lambda t: t, lambda t: 1 - t, t_max=1.5), ValueError),
-    "affine bad shape": (lambda: AffinePath(lambda t: torch.zeros(3), lambda t: 1 - t).alpha(torch.rand(5)),
-                         ValueError),
+    "affine bad shape": (
+        lambda: AffinePath(lambda t: torch.zeros(3), lambda t: 1 - t).alpha(torch.rand(5)),
+        ValueError,
+    ),
 }
 
 
@@ -204,7 +214,7 @@ def test_schedule_is_the_one_reading_of_alpha_sigma_and_their_derivatives(path):
         torch.testing.assert_close(got, method(t))
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
         path.schedule(torch.tensor([1.5]))
-    unchecked = path.schedule(torch.tensor([0.5]), check=False)      # the training losses' fast path
+    unchecked = path.schedule(torch.tensor([0.5]), check=False)  # the training losses' fast path
     torch.testing.assert_close(unchecked.alpha_t, path.alpha(0.5).reshape(1).to(unchecked.alpha_t.dtype))
 
 
@@ -216,13 +226,13 @@ def test_every_path_names_its_source_p0():
     q = eight_gaussians()
     assert type(CondOTPath().source(q)) is StandardNormal and type(CondOTPath(0.1).source(q)) is StandardNormal
     for path in (VEPath(), VPPath()):
-        p0 = path.source(q)                            # the exact mixture alpha_0 q + sigma_0 N(0, I)
+        p0 = path.source(q)  # the exact mixture alpha_0 q + sigma_0 N(0, I)
         exact = marginal_distribution(0.0, path, q)
         torch.testing.assert_close(p0.covs, exact.covs)
         torch.testing.assert_close(p0.means, exact.means)
     ve = VEPath().source(q)
-    assert ve.covs[0, 0, 0].item() == pytest.approx(10.0**2 + 0.5**2)   # the data blurred by sigma_max = 10
-    board = VEPath().source(Checkerboard())            # no closed form: a sampler of x_1 + sigma_max x_0
+    assert ve.covs[0, 0, 0].item() == pytest.approx(10.0**2 + 0.5**2)  # the data blurred by sigma_max = 10
+    board = VEPath().source(Checkerboard())  # no closed form: a sampler of x_1 + sigma_max x_0
     assert isinstance(board, PathSource)
     x = board.sample(20000, generator=make_generator(0))
     assert 9.5 < x.std(0).min().item() < 11.0

@@ -1,6 +1,7 @@
-"""Tests for fmtoy.methods.shortcut: the d grid, the network, the self-consistency target and loss (no gradient through the
-target), stratified batches, N-step sampling (exactly N calls), the exact shortcut, the error map, and a short
-seeded training that beats flow matching at one step."""
+"""Tests for fmtoy.methods.shortcut: the d grid, the network, the self-consistency target and loss (no gradient
+through the target), stratified batches, N-step sampling (exactly N calls), the exact shortcut, the error map,
+and a short seeded training that beats flow matching at one step."""
+
 from __future__ import annotations
 
 import copy
@@ -8,33 +9,51 @@ import math
 
 import pytest
 import torch
+from helpers import small_model
 
 from fmtoy.data import eight_gaussians
 from fmtoy.device import make_generator
 from fmtoy.marginal import ExactField
+from fmtoy.methods.shortcut import (
+    ExactShortcut,
+    ShortcutMLP,
+    exact_shortcut,
+    fit_shortcut,
+    level_of,
+    n_levels,
+    sample_shortcut,
+    sc_rows,
+    self_consistency_loss,
+    shortcut_batch,
+    shortcut_error_map,
+    shortcut_loss,
+    shortcut_target,
+    step_sizes,
+)
 from fmtoy.metrics import energy_distance
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
-from fmtoy.methods.shortcut import (ExactShortcut, ShortcutMLP, exact_shortcut, level_of, n_levels, sample_shortcut,
-                            sc_rows, self_consistency_loss, shortcut_batch, shortcut_error_map, shortcut_loss,
-                            shortcut_target, step_sizes, fit_shortcut)
 from fmtoy.solvers import integrate
 from fmtoy.train import fit_cfm as train
-from helpers import small_model
 
 D64 = torch.float64
-A = torch.tensor([[-0.3, 1.2], [-0.8, 0.4]], dtype=D64)      # a linear field u(x) = A x (Euler is not exact)
+A = torch.tensor([[-0.3, 1.2], [-0.8, 0.4]], dtype=D64)  # a linear field u(x) = A x (Euler is not exact)
 
 
 def linear_shortcut(a: torch.Tensor = A, perturb: float = 0.0):
     """Exact shortcut of u(x) = A x: s(x, t, d) = (expm(A d) - I) x / d, s(x, t, 0) = A x; optionally perturbed."""
+
     def s(x, t, d):
         d = torch.as_tensor(d, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        mats = torch.where(d[:, None, None] > 0,
-                           (torch.linalg.matrix_exp(a * d[:, None, None]) - torch.eye(2, dtype=x.dtype))
-                           / d.clamp_min(1e-300)[:, None, None], a.expand(len(d), 2, 2))
+        mats = torch.where(
+            d[:, None, None] > 0,
+            (torch.linalg.matrix_exp(a * d[:, None, None]) - torch.eye(2, dtype=x.dtype))
+            / d.clamp_min(1e-300)[:, None, None],
+            a.expand(len(d), 2, 2),
+        )
         out = (mats @ x[:, :, None])[:, :, 0]
-        return out + perturb * d[:, None] ** 2 * x               # a perturbation that vanishes at d = 0
+        return out + perturb * d[:, None] ** 2 * x  # a perturbation that vanishes at d = 0
+
     return s
 
 
@@ -46,7 +65,7 @@ def small_shortcut(seed: int = 0, max_steps: int = 8) -> ShortcutMLP:
 def test_grid_and_levels():
     assert n_levels(128) == 8 and step_sizes(4) == [1.0, 0.5, 0.25]
     d = torch.tensor([1.0, 0.5, 0.25, 1 / 128, 0.0])
-    assert level_of(d, 5, 128).tolist() == [0, 1, 2, 7, 7]      # d = 0 is the flow-matching branch, level log2 M
+    assert level_of(d, 5, 128).tolist() == [0, 1, 2, 7, 7]  # d = 0 is the flow-matching branch, level log2 M
     assert level_of(0.25, 3, 128).tolist() == [2, 2, 2]
 
 
@@ -67,7 +86,7 @@ def test_network_shapes_and_fm_branch():
     out = net(x, torch.rand(5), 0.25)
     assert out.shape == (5, 2)
     assert torch.equal(net(x, 0.3, 0.0), net(x, 0.3, 1 / 8)) and torch.equal(net.velocity(x, 0.3), net(x, 0.3, 0.0))
-    assert not torch.allclose(net(x, 0.3, 1.0), net(x, 0.3, 0.5))   # each level has its own embedding
+    assert not torch.allclose(net(x, 0.3, 1.0), net(x, 0.3, 0.5))  # each level has its own embedding
     with pytest.raises(ValueError, match="d has 3 entries"):
         net(x, 0.3, torch.full((3,), 0.5))
 
@@ -81,8 +100,8 @@ def test_self_consistency_loss_zero_for_exact_linear_shortcut_positive_when_pert
     exact = self_consistency_loss(linear_shortcut(), x, t, d)
     assert exact < 1e-24
     perturbed = self_consistency_loss(linear_shortcut(perturb=0.3), x, t, d)
-    assert perturbed > 1e-4                    # residual ~ (3/2) 0.3 d^2 x: mean square ~ 1e-3 at these d
-    euler = self_consistency_loss(lambda x_, t_, d_: x_ @ A.T, x, t, d)      # the plain velocity: Euler steps
+    assert perturbed > 1e-4  # residual ~ (3/2) 0.3 d^2 x: mean square ~ 1e-3 at these d
+    euler = self_consistency_loss(lambda x_, t_, d_: x_ @ A.T, x, t, d)  # the plain velocity: Euler steps
     assert euler > 1e-4
 
 
@@ -97,7 +116,7 @@ def test_target_has_no_gradient():
     x = torch.randn(16, 2, dtype=D64)
     target = shortcut_target(net, x, torch.zeros(16, dtype=D64), 0.25)
     assert not target.requires_grad and target.grad_fn is None
-    with pytest.raises(RuntimeError):                            # autograd finds no path to the parameters
+    with pytest.raises(RuntimeError):  # autograd finds no path to the parameters
         torch.autograd.grad(target.sum(), list(net.parameters()))
 
 
@@ -115,7 +134,7 @@ def test_shortcut_loss_gradient_ignores_the_target():
     assert all(torch.allclose(a, b, atol=1e-14) for a, b in zip(grads, grads_f))
     # with the gradient through the target (what stop-gradient prevents) the gradient would differ:
     b = shortcut_batch(x0, x1, 0.5, 8, make_generator(3))
-    m, half = b.n_sc, torch.exp2(-(b.level[:b.n_sc] + 1).double())
+    m, half = b.n_sc, torch.exp2(-(b.level[: b.n_sc] + 1).double())
     tc, hc = b.t[:m, None], half[:, None]
     s1 = net(b.xt[:m], b.t[:m], half)
     live = 0.5 * (s1 + net(b.xt[:m] + hc * s1, (tc + hc)[:, 0], half))
@@ -134,7 +153,7 @@ def test_batch_is_stratified_with_t_on_the_grid():
     assert b.n_sc == 64
     sc, fm = b.level[:64], b.level[64:]
     counts = torch.bincount(sc, minlength=7)
-    assert (counts >= 64 // 7).all() and counts[0] == 64 // 7 + 64 % 7      # the remainder goes to d = 1
+    assert (counts >= 64 // 7).all() and counts[0] == 64 // 7 + 64 % 7  # the remainder goes to d = 1
     assert (fm == 7).all()
     d = torch.exp2(-sc.float())
     assert torch.equal(b.t[:64] / d, torch.round(b.t[:64] / d)) and (b.t[:64] + d <= 1).all()
@@ -146,7 +165,7 @@ def test_batch_is_stratified_with_t_on_the_grid():
 def test_too_small_batch_is_refused():
     assert sc_rows(256, 0.125, 128) == 32
     with pytest.raises(ValueError, match="never train"):
-        sc_rows(48, 0.125, 128)                  # 6 rows for 7 levels
+        sc_rows(48, 0.125, 128)  # 6 rows for 7 levels
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         sc_rows(256, 1.5)
     with pytest.raises(ValueError, match="never train"):
@@ -204,9 +223,9 @@ def test_exact_playground_shortcut_is_self_consistent_and_one_step_exact():
     x = torch.randn(200, 2, generator=make_generator(6), dtype=D64)
     s = ExactShortcut(field, steps_per_unit=64)
     resid = self_consistency_loss(s, x, 0.0, 0.25) / s(x, 0.0, 0.5).square().sum(1).mean()
-    assert resid < 1e-8                                          # RK4 error only
+    assert resid < 1e-8  # RK4 error only
     euler = self_consistency_loss(lambda y, t, d: field(y, t), x, 0.0, 0.25)
-    assert euler > 0.1                                          # the velocity is not a shortcut
+    assert euler > 0.1  # the velocity is not a shortcut
     one = sample_shortcut(s, x, 1)
     fine = integrate(field, x, 64, "rk4")
     assert torch.allclose(one, fine, atol=1e-12)
@@ -220,7 +239,7 @@ def test_error_map_is_zero_for_the_exact_shortcut_and_grows_with_d_for_the_veloc
     assert max(e.max().item() for _, e in exact) < 1e-6
     velocity = shortcut_error_map(lambda y, t, d: field(y, t), field, x0, max_steps=8, substeps=4)
     per_level = [e.mean().item() for _, e in velocity]
-    assert per_level[0] > 2.0 and per_level[0] > per_level[1] > per_level[2] > per_level[3]   # Euler: error ~ d
+    assert per_level[0] > 2.0 and per_level[0] > per_level[1] > per_level[2] > per_level[3]  # Euler: error ~ d
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -241,13 +260,27 @@ def test_training_is_reproducible_and_validated():
 def test_short_training_beats_flow_matching_at_one_step():
     target, steps, batch = eight_gaussians(), 400, 128
     torch.manual_seed(0)
-    fm = train(VelocityMLP(hidden=64, depth=3), CondOTPath(), target, steps=steps, batch_size=batch, lr=3e-3,
-               device="cpu", progress=False).model
+    fm = train(
+        VelocityMLP(hidden=64, depth=3),
+        CondOTPath(),
+        target,
+        steps=steps,
+        batch_size=batch,
+        lr=3e-3,
+        device="cpu",
+        progress=False,
+    ).model
     torch.manual_seed(0)
-    sc = fit_shortcut(ShortcutMLP(hidden=64, depth=3, max_steps=16), target, steps=steps, batch_size=batch,
-                        teacher="online", device="cpu").model
+    sc = fit_shortcut(
+        ShortcutMLP(hidden=64, depth=3, max_steps=16),
+        target,
+        steps=steps,
+        batch_size=batch,
+        teacher="online",
+        device="cpu",
+    ).model
     x0, ref = torch.randn(1000, 2, generator=make_generator(8)), target.sample(1000, make_generator(9))
     ed_fm = energy_distance(integrate(fm, x0, 1), ref)
     ed_sc = energy_distance(sample_shortcut(sc, x0, 1), ref)
-    assert ed_fm > 1.0                          # one Euler step of the mean velocity: everything near the origin
+    assert ed_fm > 1.0  # one Euler step of the mean velocity: everything near the origin
     assert ed_sc < ed_fm / 3

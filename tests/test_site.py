@@ -8,6 +8,7 @@ build instead.
   no JavaScript errors, every image loads, every animation player advances when stepped and when played; a
   full-page screenshot per page under _build/screenshots/ and a report (page weight, first paint) beside them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-PAGE_BUDGET_BYTES = 10 * 2**20          # the heaviest page, HTML + everything it loads
+PAGE_BUDGET_BYTES = 10 * 2**20  # the heaviest page, HTML + everything it loads
 pytestmark = pytest.mark.notebooks
 
 
@@ -52,14 +53,20 @@ def site(tmp_path_factory) -> Path:
         return html
     out = tmp_path_factory.mktemp("site")
     exe = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run([str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-n", "-W",
-                           "--keep-going"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-n", "-W", "--keep-going"],
+        capture_output=True,
+        text=True,
+    )
     log = proc.stdout + proc.stderr
     (out / "build.log").write_text(log)
-    warnings = [line for line in log.splitlines() if "WARNING" in line]   # ipykernel 6: no TCP warning either
+    warnings = [line for line in log.splitlines() if "WARNING" in line]  # ipykernel 6: no TCP warning either
     assert proc.returncode == 0 and not warnings, (
-        f"the book build failed (exit {proc.returncode}); warnings/errors:\n" + "\n".join(warnings[:30])
-        + "\n" + log[-3000:])
+        f"the book build failed (exit {proc.returncode}); warnings/errors:\n"
+        + "\n".join(warnings[:30])
+        + "\n"
+        + log[-3000:]
+    )
     return out / "_build" / "html"
 
 
@@ -115,7 +122,8 @@ def test_page_has_no_error_output_and_loads_nothing_external(site, page):
     external = [r for r in parsed.resources if is_external(r)]
     assert not external, f"{page} loads resources from other hosts (breaks offline reading): {external}"
     assert "application/vnd.jupyter.widget-view+json" not in text, (
-        f"{page}: a widget view is embedded; in the static page it would be a dead control")
+        f"{page}: a widget view is embedded; in the static page it would be a dead control"
+    )
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
@@ -165,23 +173,29 @@ def test_page_weight_budget(site):
     (SCREENSHOTS / "page_weight.json").write_text(json.dumps(weights, indent=2) + "\n")
     assert weights[heaviest] < PAGE_BUDGET_BYTES, (
         f"{heaviest} weighs {weights[heaviest] / 2**20:.1f} MiB, over the {PAGE_BUDGET_BYTES / 2**20:.0f} MiB budget: "
-        "use fewer animation frames or a lower dpi")
+        "use fewer animation frames or a lower dpi"
+    )
 
 
 def test_every_chapter_offers_its_notebook(site):
-    missing = [p for p in CHAPTERS if not (site / "_sources" / f"{p}.ipynb").is_file()
-               or f"_sources/{p}.ipynb" not in html_path(site, p).read_text(encoding="utf-8")]
+    missing = [
+        p
+        for p in CHAPTERS
+        if not (site / "_sources" / f"{p}.ipynb").is_file()
+        or f"_sources/{p}.ipynb" not in html_path(site, p).read_text(encoding="utf-8")
+    ]
     assert not missing, f"no .ipynb download for {missing}"
 
 
 def test_the_build_reports_every_notebooks_execution_time(site):
-    build = site.parent                  # _build, next to _build/html (book/_ext/fmbook.py writes it)
+    build = site.parent  # _build, next to _build/html (book/_ext/fmbook.py writes it)
     table, js = build / "execution-times.md", build / "execution-times.json"
     assert table.is_file() and js.is_file(), f"the build wrote no {table.name} / {js.name} in {build}"
     data = json.loads(js.read_text())
     seconds = {d["docname"]: d["seconds"] for d in data["documents"]}
     assert not [p for p in NOTEBOOKS if not (seconds.get(p) or 0) > 0], (
-        f"{js.name} lacks a positive time for some notebooks of _toc.yml: {seconds}")
+        f"{js.name} lacks a positive time for some notebooks of _toc.yml: {seconds}"
+    )
     assert [d for d in seconds if d in NOTEBOOKS] == NOTEBOOKS, f"{js.name} is not in toc order"
     text = table.read_text()
     assert all(f"| {p} |" in text for p in NOTEBOOKS) and "| whole book |" in text
@@ -194,7 +208,7 @@ def test_the_book_kernels_train_under_the_thread_policy(site):
     text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
     line = next((x for x in text.splitlines() if x.startswith("CPU threads: ")), None)
     assert line is not None, "the playground's training cell printed no thread policy"
-    if "FMTOY_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:   # no explicit setting: auto measures
+    if "FMTOY_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:  # no explicit setting: auto measures
         assert line.startswith("CPU threads: auto: measures 1 vs"), line
         counts = ast.literal_eval(line.split("steps per thread count: ")[1])
         assert 1 in counts and sum(counts.values()) == 5000, line
@@ -229,8 +243,11 @@ def browser():
             pytest.fail("no chromium on PATH (Debian: apt-get install chromium)")
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        b = p.chromium.launch(
+            executable_path=exe,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         yield b
         b.close()
 
@@ -289,8 +306,9 @@ def test_pages_in_a_browser(site, server, browser):
         page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
         page.goto(server + rel, wait_until="load")
-        page.evaluate("() => (window.MathJax && MathJax.startup && MathJax.startup.promise) ? "
-                      "MathJax.startup.promise : null")
+        page.evaluate(
+            "() => (window.MathJax && MathJax.startup && MathJax.startup.promise) ? MathJax.startup.promise : null"
+        )
         math = page.evaluate(RAW_MATH_JS)
         source = (ROOT / f"{page_name}.md").read_text()
         if "$" in source or "{math}" in source:
@@ -298,10 +316,14 @@ def test_pages_in_a_browser(site, server, browser):
                 problems.append(f"{page_name}: no typeset math (MathJax did not run)")
         if math["raw"] or math["errors"]:
             problems.append(f"{page_name}: raw TeX {math['raw']} or {math['errors']} MathJax errors in the text")
-        page.evaluate("async () => { for (let y = 0; y < document.body.scrollHeight; y += 800) {"
-                      " window.scrollTo(0, y); await new Promise(r => setTimeout(r, 20)); } window.scrollTo(0, 0); }")
-        broken = page.evaluate("() => [...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
-                               ".map(i => (i.getAttribute('src') || '(no src)').slice(0, 80))")
+        page.evaluate(
+            "async () => { for (let y = 0; y < document.body.scrollHeight; y += 800) {"
+            " window.scrollTo(0, y); await new Promise(r => setTimeout(r, 20)); } window.scrollTo(0, 0); }"
+        )
+        broken = page.evaluate(
+            "() => [...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
+            ".map(i => (i.getAttribute('src') || '(no src)').slice(0, 80))"
+        )
         if broken:
             problems.append(f"{page_name}: images that did not load: {broken}")
         n_players = page.evaluate("() => document.querySelectorAll('div.animation').length")

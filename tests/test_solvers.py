@@ -1,5 +1,6 @@
 """Solvers: convergence orders on ODEs with known solutions, NFE counts, divergence vs analytic traces,
 and the change-of-variables log-likelihood against a closed-form Gaussian flow."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from fmtoy.data import StandardNormal
+from fmtoy.device import make_generator
 from fmtoy.models import VelocityMLP
 from fmtoy.solvers import SOLVERS, divergence, integrate, log_likelihood, nfe, sample
-from fmtoy.device import make_generator
 
 F64 = torch.float64
 # dx/dt = A x with A = a I + b J (J a quarter turn): x(t) = e^{a t} R(b t) x(0)
@@ -52,7 +53,7 @@ def test_convergence_order(ode, method, order):
     errors = [(integrate(field, x0, steps, method) - exact).abs().max().item() for steps in (16, 32, 64)]
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     # halving h divides the global error by 2^order (asymptotically; +-20% on these step sizes)
-    assert all(0.8 * 2 ** order < r < 1.2 * 2 ** order for r in ratios), (errors, ratios)
+    assert all(0.8 * 2**order < r < 1.2 * 2**order for r in ratios), (errors, ratios)
 
 
 @pytest.mark.parametrize("method", SOLVERS)
@@ -116,8 +117,7 @@ def test_no_grad_by_default_and_grad_flag():
 
 def test_sample_pushes_source_through_the_flow():
     shift = torch.tensor([3.0, -1.0])
-    x = sample(lambda x, t: shift.expand_as(x), StandardNormal(), 4000, steps=5,
-               generator=make_generator(0))
+    x = sample(lambda x, t: shift.expand_as(x), StandardNormal(), 4000, steps=5, generator=make_generator(0))
     assert x.shape == (4000, 2)
     # x = x_0 + shift with x_0 ~ N(0, I): the mean is within 5 standard errors of the shift
     assert ((x.mean(0) - shift).abs() < 5 / math.sqrt(4000)).all()
@@ -141,12 +141,12 @@ def test_exact_divergence_of_linear_field_is_trace():
 
 def nonlinear_field(x, t):
     x0, x1 = x[:, 0], x[:, 1]
-    return torch.stack([torch.sin(x0 * x1) * (1 + t), x0 ** 2 * x1 ** 3 + t], dim=1)
+    return torch.stack([torch.sin(x0 * x1) * (1 + t), x0**2 * x1**3 + t], dim=1)
 
 
 def nonlinear_divergence(x, t):  # d/dx0 sin(x0 x1)(1+t) + d/dx1 x0^2 x1^3
     x0, x1 = x[:, 0], x[:, 1]
-    return (1 + t) * x1 * torch.cos(x0 * x1) + 3 * x0 ** 2 * x1 ** 2
+    return (1 + t) * x1 * torch.cos(x0 * x1) + 3 * x0**2 * x1**2
 
 
 def test_exact_divergence_of_nonlinear_field():
@@ -172,11 +172,10 @@ def test_hutchinson_is_unbiased_with_the_rademacher_variance():
     est = divergence(lambda x, t: x @ a.T, x, 0.0, method="hutchinson", generator=make_generator(1))
     stderr = 2.5 / math.sqrt(4000)
     assert abs(est.mean().item() - torch.trace(a).item()) < 5 * stderr
-    assert abs(est.var().item() - 2.5 ** 2) < 0.1 * 2.5 ** 2
+    assert abs(est.var().item() - 2.5**2) < 0.1 * 2.5**2
     # nonlinear field, many probes per point: within Monte-Carlo error of the exact divergence
     x = points(n=8)
-    est = divergence(nonlinear_field, x, 0.2, method="hutchinson", n_probes=4000,
-                     generator=make_generator(2))
+    est = divergence(nonlinear_field, x, 0.2, method="hutchinson", n_probes=4000, generator=make_generator(2))
     exact = divergence(nonlinear_field, x, 0.2)
     with torch.no_grad():
         xg = x.clone().requires_grad_(True)
@@ -204,6 +203,7 @@ def test_divergence_rejects_a_non_differentiable_field():
     def detached(x, t):
         with torch.no_grad():
             return torch.sin(x)
+
     with pytest.raises(ValueError, match="not differentiable"):
         divergence(detached, points(n=3), 0.5)
 
@@ -216,13 +216,13 @@ def gaussian_ot_field(x, t):
     """CondOT marginal field from N(0, I) to N(m, s^2 I): x_t ~ N(t m, ((1-t)^2 + t^2 s^2) I) and
     u_t(x) = m + (t s^2 - (1-t)) / ((1-t)^2 + t^2 s^2) (x - t m)   (Cov(x_1 - x_0, x_t) / Var x_t)."""
     t = t[:, None]
-    var = (1 - t) ** 2 + t ** 2 * S ** 2
-    return M + (t * S ** 2 - (1 - t)) / var * (x - t * M)
+    var = (1 - t) ** 2 + t**2 * S**2
+    return M + (t * S**2 - (1 - t)) / var * (x - t * M)
 
 
 def gaussian_log_prob(x, m=M, s=S):
     d = x.shape[1]
-    return -0.5 * ((x - m) ** 2).sum(1) / s ** 2 - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
+    return -0.5 * ((x - m) ** 2).sum(1) / s**2 - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
 
 
 def test_log_likelihood_of_gaussian_flow_is_exact():
@@ -238,8 +238,9 @@ def test_log_likelihood_of_gaussian_flow_is_exact():
     wrong = source.log_prob(x0) + integral_of_div
     assert (wrong - truth).abs().min() > 0.5
     # Rademacher Hutchinson is exact here (the Jacobian is a multiple of I)
-    hutch = log_likelihood(gaussian_ot_field, x1, source, steps=40, divergence="hutchinson",
-                           generator=make_generator(0))
+    hutch = log_likelihood(
+        gaussian_ot_field, x1, source, steps=40, divergence="hutchinson", generator=make_generator(0)
+    )
     assert (hutch - truth).abs().max() < 1e-4
 
 
@@ -271,22 +272,25 @@ FIELD = lambda x, t: -x  # noqa: E731
 X = torch.zeros(4, 2)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(steps=0), ValueError, "steps"),
-    (dict(steps=-1), ValueError, "steps"),
-    (dict(steps=1.5), ValueError, "steps"),
-    (dict(steps=True), ValueError, "steps"),
-    (dict(method="heun"), ValueError, "allowed: euler, midpoint, rk4"),
-    (dict(t0=-0.1), ValueError, r"t0 must be a number in \[0, 1\]"),
-    (dict(t1=1.5), ValueError, r"t1 must be a number in \[0, 1\]"),
-    (dict(t1=float("nan")), ValueError, "t1"),
-    (dict(x0=torch.zeros(4)), ValueError, r"x0 must have shape \(n, d\)"),
-    (dict(x0=torch.zeros(4, 2, 1)), ValueError, "x0 must have shape"),
-    (dict(x0=[[0.0, 0.0]]), TypeError, "x0 must be a torch.Tensor"),
-    (dict(x0=torch.zeros(4, 2, dtype=torch.long)), TypeError, "floating-point"),
-    (dict(velocity="rk4"), TypeError, "velocity must be a callable"),
-    (dict(velocity=lambda x, t: x[:, :1]), ValueError, "must return a tensor shaped like x"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(steps=1.5), ValueError, "steps"),
+        (dict(steps=True), ValueError, "steps"),
+        (dict(method="heun"), ValueError, "allowed: euler, midpoint, rk4"),
+        (dict(t0=-0.1), ValueError, r"t0 must be a number in \[0, 1\]"),
+        (dict(t1=1.5), ValueError, r"t1 must be a number in \[0, 1\]"),
+        (dict(t1=float("nan")), ValueError, "t1"),
+        (dict(x0=torch.zeros(4)), ValueError, r"x0 must have shape \(n, d\)"),
+        (dict(x0=torch.zeros(4, 2, 1)), ValueError, "x0 must have shape"),
+        (dict(x0=[[0.0, 0.0]]), TypeError, "x0 must be a torch.Tensor"),
+        (dict(x0=torch.zeros(4, 2, dtype=torch.long)), TypeError, "floating-point"),
+        (dict(velocity="rk4"), TypeError, "velocity must be a callable"),
+        (dict(velocity=lambda x, t: x[:, :1]), ValueError, "must return a tensor shaped like x"),
+    ],
+)
 def test_integrate_rejects_bad_inputs(kwargs, err, match):
     args = dict(velocity=FIELD, x0=X, steps=4)
     args.update(kwargs)
@@ -300,30 +304,36 @@ def test_nfe_rejects_bad_inputs(method, steps):
         nfe(method, steps)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(method="jacobian"), ValueError, "allowed: exact, hutchinson"),
-    (dict(n_probes=0), ValueError, "n_probes"),
-    (dict(t=1.2), ValueError, r"\[0, 1\]"),
-    (dict(t=torch.zeros(3)), ValueError, "t has 3 entries"),
-    (dict(x=torch.zeros(4)), ValueError, "shape"),
-    (dict(generator=0, method="hutchinson"), TypeError, "generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(method="jacobian"), ValueError, "allowed: exact, hutchinson"),
+        (dict(n_probes=0), ValueError, "n_probes"),
+        (dict(t=1.2), ValueError, r"\[0, 1\]"),
+        (dict(t=torch.zeros(3)), ValueError, "t has 3 entries"),
+        (dict(x=torch.zeros(4)), ValueError, "shape"),
+        (dict(generator=0, method="hutchinson"), TypeError, "generator"),
+    ],
+)
 def test_divergence_rejects_bad_inputs(kwargs, err, match):
-    args = dict(velocity=lambda x, t: x ** 2, x=X.double(), t=0.5)
+    args = dict(velocity=lambda x, t: x**2, x=X.double(), t=0.5)
     args.update(kwargs)
     with pytest.raises(err, match=match):
         divergence(**args)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(x1=torch.zeros(4, 3)), ValueError, r"x1 must have shape \(n, 2\)"),
-    (dict(source=object()), TypeError, "source must be"),
-    (dict(divergence="trace"), ValueError, "allowed: exact, hutchinson"),
-    (dict(method="dopri5"), ValueError, "allowed: euler, midpoint, rk4"),
-    (dict(steps=0), ValueError, "steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(x1=torch.zeros(4, 3)), ValueError, r"x1 must have shape \(n, 2\)"),
+        (dict(source=object()), TypeError, "source must be"),
+        (dict(divergence="trace"), ValueError, "allowed: exact, hutchinson"),
+        (dict(method="dopri5"), ValueError, "allowed: euler, midpoint, rk4"),
+        (dict(steps=0), ValueError, "steps"),
+    ],
+)
 def test_log_likelihood_rejects_bad_inputs(kwargs, err, match):
-    args = dict(velocity=lambda x, t: x ** 2, x1=X, source=StandardNormal())
+    args = dict(velocity=lambda x, t: x**2, x1=X, source=StandardNormal())
     args.update(kwargs)
     with pytest.raises(err, match=match):
         log_likelihood(**args)
@@ -344,5 +354,5 @@ def test_steps_for_nfe_and_the_quality_sweep():
     g = make_generator(0)
     x0, ref = torch.randn(1500, 2, generator=g), q.sample(1500, generator=g)
     sweep = quality_vs_nfe(ExactField(CondOTPath(), q), x0, ref, (1, 2, 4, 16), "midpoint")
-    assert list(sweep) == [2, 4, 16]                      # NFE 1 cannot be spent by midpoint: left out
-    assert sweep[16] < sweep[2] / 5                        # more evaluations, closer to the target
+    assert list(sweep) == [2, 4, 16]  # NFE 1 cannot be spent by midpoint: left out
+    assert sweep[16] < sweep[2] / 5  # more evaluations, closer to the target

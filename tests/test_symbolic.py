@@ -1,5 +1,6 @@
 """Tests for fmtoy.symbolic: the SymPy derivations equal the paper's closed forms, satisfy the continuity equation
 and the instantaneous change of variables, fail for wrong fields, and agree with the numeric fmtoy.paths."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,9 +24,13 @@ def test_gaussian_conditional_velocity_is_thm3_and_generates_the_flow():
     assert not S.is_zero(sp.diff(psi, t) - (2 * u).subs(x, psi))
 
 
-CASES = {"ot": S.ot_velocity, "ve-generic": lambda: S.ve_velocity("generic"),
-         "ve-geometric": lambda: S.ve_velocity("geometric"), "vp-linear": lambda: S.vp_velocity("linear"),
-         "vp-generic": lambda: S.vp_velocity("generic")}
+CASES = {
+    "ot": S.ot_velocity,
+    "ve-generic": lambda: S.ve_velocity("generic"),
+    "ve-geometric": lambda: S.ve_velocity("geometric"),
+    "vp-linear": lambda: S.vp_velocity("linear"),
+    "vp-generic": lambda: S.vp_velocity("generic"),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -80,8 +85,8 @@ def test_continuity_2d_affine_flow():
 def test_instantaneous_change_of_variables_linear_field():
     lhs, rhs = S.linear_flow_log_density()  # generic a(t), b(t)
     assert sp.simplify(lhs - rhs) == 0 and rhs == -sp.Function("a", real=True)(t)
-    lhs, rhs = S.linear_flow_log_density(t ** 2 - 1, sp.exp(t))
-    assert sp.simplify(lhs - rhs) == 0 and rhs == 1 - t ** 2
+    lhs, rhs = S.linear_flow_log_density(t**2 - 1, sp.exp(t))
+    assert sp.simplify(lhs - rhs) == 0 and rhs == 1 - t**2
 
 
 def test_log_density_rate_is_minus_divergence_along_gaussian_path():
@@ -109,8 +114,9 @@ def test_two_point_marginal_satisfies_continuity():
 @pytest.mark.parametrize("name", ["generic", "ot", "vp"])
 def test_two_gaussian_marginal_satisfies_continuity(name, tau):
     kw = {} if name == "generic" else dict(zip(("alpha", "sigma"), S.path_schedule(name)))
-    p, u = S.two_component_marginal_1d(x1s=(-1, sp.Rational(5, 2)), weights=(sp.Rational(1, 3), sp.Rational(2, 3)),
-                                       target_std=tau, **kw)
+    p, u = S.two_component_marginal_1d(
+        x1s=(-1, sp.Rational(5, 2)), weights=(sp.Rational(1, 3), sp.Rational(2, 3)), target_std=tau, **kw
+    )
     assert S.is_zero(S.continuity_residual(p, u, simplify=False), method="points")
     assert not S.is_zero(S.continuity_residual(p, 1.5 * u, simplify=False), method="points")
 
@@ -118,39 +124,43 @@ def test_two_gaussian_marginal_satisfies_continuity(name, tau):
 def test_is_zero_points_is_exact():
     a, b = sp.symbols("a b")
     assert S.is_zero(sp.exp(a) * sp.exp(b) - sp.exp(a + b), method="points")
-    assert S.is_zero(sp.sqrt(a ** 2 + b ** 2) ** 2 - a ** 2 - b ** 2, method="points")
-    assert not S.is_zero(a * b - b * a + sp.Rational(1, 10 ** 30), method="points")  # relative, not absolute
+    assert S.is_zero(sp.sqrt(a**2 + b**2) ** 2 - a**2 - b**2, method="points")
+    assert not S.is_zero(a * b - b * a + sp.Rational(1, 10**30), method="points")  # relative, not absolute
     assert S.is_zero(sp.log(a / b) - sp.log(a) + sp.log(b), method="points")  # not exact-expandable: 60 digits
     assert not S.is_zero(sp.diff(mu, t) - mu, method="points")  # derivative and value are independent
 
 
-@pytest.mark.parametrize("call, err", [
-    (lambda: S.gaussian_conditional_velocity(x * t, sigma), ValueError),
-    (lambda: S.gaussian_conditional_velocity(mu, 0), ValueError),
-    (lambda: S.gaussian_conditional_velocity(mu, sigma, t="t"), TypeError),
-    (lambda: S.gaussian_conditional_velocity("t", sigma), TypeError),
-    (lambda: S.gaussian_conditional_velocity([mu], sigma), TypeError),
-    (lambda: S.path_schedule("rectified"), ValueError),
-    (lambda: S.ve_velocity("linear"), ValueError),
-    (lambda: S.vp_velocity("cosine"), ValueError),
-    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x]), ValueError),
-    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=x), TypeError),
-    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x, x]), ValueError),
-    (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=[t]), ValueError),
-    (lambda: S.linear_flow_log_density(a=x * t), ValueError),
-    (lambda: S.two_component_marginal_1d(weights=(sp.Rational(1, 2), sp.Rational(1, 3))), ValueError),
-    (lambda: S.two_component_marginal_1d(weights=(2, -1)), ValueError),
-    (lambda: S.two_component_marginal_1d(x1s=(0, 1, 2)), ValueError),
-    (lambda: S.two_component_marginal_1d(target_std=-1), ValueError),
-    (lambda: S.is_zero(x, method="numeric"), ValueError),
-    (lambda: S.values_at_random_points(x, n=0), ValueError),
-])
+@pytest.mark.parametrize(
+    "call, err",
+    [
+        (lambda: S.gaussian_conditional_velocity(x * t, sigma), ValueError),
+        (lambda: S.gaussian_conditional_velocity(mu, 0), ValueError),
+        (lambda: S.gaussian_conditional_velocity(mu, sigma, t="t"), TypeError),
+        (lambda: S.gaussian_conditional_velocity("t", sigma), TypeError),
+        (lambda: S.gaussian_conditional_velocity([mu], sigma), TypeError),
+        (lambda: S.path_schedule("rectified"), ValueError),
+        (lambda: S.ve_velocity("linear"), ValueError),
+        (lambda: S.vp_velocity("cosine"), ValueError),
+        (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x]), ValueError),
+        (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=x), TypeError),
+        (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), [thm3, thm3], xs=[x, x]), ValueError),
+        (lambda: S.continuity_residual(S.gaussian_density(x, mu, sigma), thm3, xs=[t]), ValueError),
+        (lambda: S.linear_flow_log_density(a=x * t), ValueError),
+        (lambda: S.two_component_marginal_1d(weights=(sp.Rational(1, 2), sp.Rational(1, 3))), ValueError),
+        (lambda: S.two_component_marginal_1d(weights=(2, -1)), ValueError),
+        (lambda: S.two_component_marginal_1d(x1s=(0, 1, 2)), ValueError),
+        (lambda: S.two_component_marginal_1d(target_std=-1), ValueError),
+        (lambda: S.is_zero(x, method="numeric"), ValueError),
+        (lambda: S.values_at_random_points(x, n=0), ValueError),
+    ],
+)
 def test_bad_inputs(call, err):
     with pytest.raises(err):
         call()
 
 
 # --- one source of truth: the closed forms against the numeric fmtoy.paths -------------------------------------
+
 
 def test_cross_check_paths_agree():
     pytest.importorskip("fmtoy.paths")

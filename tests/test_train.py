@@ -1,4 +1,5 @@
 """Tests for fmtoy.train: reproducibility, NaN detection, EMA, checkpoints, learning progress, validation."""
+
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import small_model
 
+from fmtoy.checkpoints import load_checkpoint, save_checkpoint
 from fmtoy.data import Distribution, eight_gaussians
 from fmtoy.device import make_generator
 from fmtoy.losses import cfm_loss
@@ -15,10 +18,8 @@ from fmtoy.metrics import energy_distance
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
-from fmtoy.checkpoints import load_checkpoint, save_checkpoint
 from fmtoy.train import FitResult, TrainConfig, train_flow
 from fmtoy.train import fit_cfm as train
-from helpers import small_model
 
 SMALL = dict(steps=30, batch_size=64, hidden=32, depth=2, device="cpu")
 X = torch.randn(16, 2, generator=make_generator(5))
@@ -48,8 +49,17 @@ def test_seeded_runs_are_bit_identical_and_seeds_differ():
 
 
 def test_result_fields():
-    res = train(small_model(), CondOTPath(), eight_gaussians(), steps=7, batch_size=8, lr=1e-3, device="cpu",
-                progress=False, log_every=3)
+    res = train(
+        small_model(),
+        CondOTPath(),
+        eight_gaussians(),
+        steps=7,
+        batch_size=8,
+        lr=1e-3,
+        device="cpu",
+        progress=False,
+        log_every=3,
+    )
     assert len(res.losses) == 7 and all(isinstance(v, float) for v in res.losses)
     assert res.ema_model is None and res.device == "cpu"
     assert res.seconds > 0 and res.steps_per_second == pytest.approx(7 / res.seconds)
@@ -72,8 +82,18 @@ def test_infinite_target_raises_floating_point_error():
 
 def test_huge_learning_rate_raises_floating_point_error():
     with pytest.raises(FloatingPointError, match=r"at step \d+ of 200 \(lr=1e\+12\); try a lower learning rate"):
-        train(small_model(), CondOTPath(), eight_gaussians(), steps=200, batch_size=32, lr=1e12, device="cpu",
-              lr_schedule="constant", progress=False, log_every=50)
+        train(
+            small_model(),
+            CondOTPath(),
+            eight_gaussians(),
+            steps=200,
+            batch_size=32,
+            lr=1e12,
+            device="cpu",
+            lr_schedule="constant",
+            progress=False,
+            log_every=50,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -104,8 +124,9 @@ def test_short_training_learns_eight_gaussians():
     beats the untrained model by far in energy distance (MC noise of the distances here: ~0.005)."""
     target, path = eight_gaussians(), CondOTPath()
     untrained = small_model(0, hidden=64)
-    res = train(copy.deepcopy(untrained), path, target, steps=400, batch_size=256, lr=3e-3, device="cpu",
-                progress=False)
+    res = train(
+        copy.deepcopy(untrained), path, target, steps=400, batch_size=256, lr=3e-3, device="cpu", progress=False
+    )
     g = make_generator(11)
     x0, x1, t = torch.randn(20000, 2, generator=g), target.sample(20000, g), torch.rand(20000, generator=g)
     floor = cfm_loss(ExactField(path, target), x0.double(), x1.double(), t.double() * path.t_max, path).item()
@@ -118,7 +139,8 @@ def test_short_training_learns_eight_gaussians():
 
 
 def test_ot_coupling_lowers_the_loss():
-    """Minibatch-OT pairs cross less, so the CFM loss (its irreducible part) is much lower than with independent pairs."""
+    """Minibatch-OT pairs cross less, so the CFM loss (its irreducible part) is much lower than with independent
+    pairs."""
     kw = dict(steps=150, batch_size=128, lr=3e-3, device="cpu", progress=False)
     ind = train(small_model(), CondOTPath(), eight_gaussians(), **kw)
     ot = train(small_model(), CondOTPath(), eight_gaussians(), coupling="ot", **kw)
@@ -158,11 +180,18 @@ def _edit(ckpt: dict, what: str) -> dict:
     return ckpt
 
 
-@pytest.mark.parametrize("what, match", [
-    ("format", "not an fmtoy checkpoint"), ("missing", "missing the entries"), ("config_hidden", "size mismatch"),
-    ("method", "unknown method 'diffusion'"), ("missing_weight", "Missing key"), ("bad_config", "steps"),
-    ("unknown_key", "colour"),
-])
+@pytest.mark.parametrize(
+    "what, match",
+    [
+        ("format", "not an fmtoy checkpoint"),
+        ("missing", "missing the entries"),
+        ("config_hidden", "size mismatch"),
+        ("method", "unknown method 'diffusion'"),
+        ("missing_weight", "Missing key"),
+        ("bad_config", "steps"),
+        ("unknown_key", "colour"),
+    ],
+)
 def test_inconsistent_checkpoints_raise_value_error(ema_run, tmp_path, what, match):
     res, config = ema_run
     save_checkpoint(tmp_path / "ok.pt", res, config)
@@ -204,16 +233,26 @@ def test_checkpoint_argument_errors(ema_run, tmp_path):
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"steps": 0}, "steps must be a positive integer"), ({"steps": 2.5}, "steps"),
-    ({"batch_size": 0}, "batch_size"), ({"batch_size": -4}, "batch_size"),
-    ({"lr": 0.0}, "lr must be a finite number > 0"), ({"lr": -1e-3}, "lr"), ({"lr": float("nan")}, "lr"),
-    ({"seed": -1}, "seed"), ({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": 0.0}, "ema_decay"),
-    ({"coupling": "sinkhorn"}, "unknown coupling 'sinkhorn'; allowed: independent, ot"),
-    ({"lr_schedule": "step"}, "unknown lr_schedule"), ({"log_every": 0}, "log_every"),
-    pytest.param({"device": "cuda"}, "CUDA is not available", marks=NO_CUDA),
-    ({"device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"steps": 2.5}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -4}, "batch_size"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": -1e-3}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"seed": -1}, "seed"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": 0.0}, "ema_decay"),
+        ({"coupling": "sinkhorn"}, "unknown coupling 'sinkhorn'; allowed: independent, ot"),
+        ({"lr_schedule": "step"}, "unknown lr_schedule"),
+        ({"log_every": 0}, "log_every"),
+        pytest.param({"device": "cuda"}, "CUDA is not available", marks=NO_CUDA),
+        ({"device": "tpu"}, "device"),
+    ],
+)
 def test_train_rejects_bad_arguments(kwargs, match):
     args = {**dict(steps=3, batch_size=8, lr=1e-3, device="cpu", progress=False), **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -232,15 +271,25 @@ def test_train_rejects_bad_objects():
         train(VelocityMLP(dim=3, hidden=8, depth=1), CondOTPath(), eight_gaussians(), **kw)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"data": "mnist"}, "unknown dataset 'mnist'; allowed: .*eight_gaussians"),
-    ({"path": "cosine"}, "unknown path 'cosine'; allowed: ot, ve, vp"),
-    ({"coupling": "greedy"}, "unknown coupling"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
-    ({"lr": 0}, "lr"), ({"hidden": 0}, "hidden"), ({"depth": -1}, "depth"), ({"sigma_min": -0.1}, "sigma_min"),
-    ({"path": "vp", "sigma_min": 0.1}, "sigma_min applies to the 'ot' and 've' paths"),
-    ({"seed": 1.5}, "seed"), ({"ema_decay": 2.0}, "ema_decay"), ({"lr_schedule": "exp"}, "lr_schedule"),
-    pytest.param({"device": "cuda"}, "CUDA is not available", marks=NO_CUDA),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"data": "mnist"}, "unknown dataset 'mnist'; allowed: .*eight_gaussians"),
+        ({"path": "cosine"}, "unknown path 'cosine'; allowed: ot, ve, vp"),
+        ({"coupling": "greedy"}, "unknown coupling"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0}, "lr"),
+        ({"hidden": 0}, "hidden"),
+        ({"depth": -1}, "depth"),
+        ({"sigma_min": -0.1}, "sigma_min"),
+        ({"path": "vp", "sigma_min": 0.1}, "sigma_min applies to the 'ot' and 've' paths"),
+        ({"seed": 1.5}, "seed"),
+        ({"ema_decay": 2.0}, "ema_decay"),
+        ({"lr_schedule": "exp"}, "lr_schedule"),
+        pytest.param({"device": "cuda"}, "CUDA is not available", marks=NO_CUDA),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)

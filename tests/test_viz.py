@@ -1,4 +1,5 @@
 """fmtoy.viz: plots draw exactly the values they are given; animations have the right frames, HTML and GIF."""
+
 from __future__ import annotations
 
 import base64
@@ -84,8 +85,9 @@ def test_plot_field_quiver_shows_the_velocity_at_t():
 
 def test_plot_field_streamlines_are_tangent_to_the_field():
     ax = viz.plot_field(rotation, 0.5, lim=3.0, grid=30, kind="stream")
-    segs = np.concatenate([np.asarray(s) for c in ax.collections if isinstance(c, LineCollection)
-                           for s in c.get_segments()])
+    segs = np.concatenate(
+        [np.asarray(s) for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()]
+    )
     segs = segs.reshape(-1, 2, 2)
     mid, d = segs.mean(1), segs[:, 1] - segs[:, 0]
     keep = (np.linalg.norm(mid, axis=1) > 0.5) & (np.linalg.norm(d, axis=1) > 0)
@@ -119,8 +121,9 @@ def test_frame_indices(n_times, max_frames):
 
 def test_animation_frames_show_the_trajectory_at_the_subsampled_times():
     traj = random_traj(100)
-    anim = viz.animate_trajectories(traj, field=rotation, density=spread_log_prob, max_frames=12,
-                                      grid=10, field_grid=10)
+    anim = viz.animate_trajectories(
+        traj, field=rotation, density=spread_log_prob, max_frames=12, grid=10, field_grid=10
+    )
     idx, times = anim.frame_indices, np.linspace(0, 1, 101)
     assert len(idx) == 12 and len(list(anim.new_frame_seq())) == 12
     ax = anim.fig.axes[0]
@@ -180,25 +183,28 @@ def _anim():
     return viz.animate_trajectories(random_traj(5), max_frames=3)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: viz.plot_samples(torch.zeros(5, 3)), ValueError, r"shape \(n, 2\)"),
-    (lambda: viz.plot_samples([[0.0, 1.0]]), TypeError, "torch.Tensor or numpy array"),
-    (lambda: viz.plot_samples(torch.zeros(5, 2), lim=-1.0), ValueError, "lim must be"),
-    (lambda: viz.plot_trajectories(torch.full((3, 4, 2), float("nan"))), ValueError, "NaN"),
-    (lambda: viz.plot_trajectories(torch.zeros(4, 2)), ValueError, r"\(steps \+ 1, n, 2\)"),
-    (lambda: viz.plot_density("not a function"), TypeError, "callable"),
-    (lambda: viz.plot_density(lambda x: x), ValueError, r"shape \(n,\)"),
-    (lambda: viz.plot_density(spread_log_prob, grid=0), ValueError, "grid must be"),
-    (lambda: viz.plot_field(rotation, 1.5), ValueError, r"\[0, 1\]"),
-    (lambda: viz.plot_field(rotation, 0.5, kind="arrows"), ValueError, "quiver, stream"),
-    (lambda: viz.plot_field(lambda x, t: x[:, :1], 0.5), ValueError, "shaped like x"),
-    (lambda: viz.frame_indices(10, 1), ValueError, "max_frames"),
-    (lambda: viz.animate_trajectories(random_traj(5), times=[0.0, 1.0]), ValueError, "one entry per"),
-    (lambda: viz.animate_trajectories(random_traj(5), field=3), TypeError, "field must be"),
-    (lambda: viz.to_html("anim"), TypeError, "matplotlib Animation"),
-    (lambda: viz.save_animation(_anim(), "a.avi"), ValueError, r"\.gif.*\.mp4"),
-    (lambda: viz.save_animation(_anim(), "noextension"), ValueError, "unsupported extension"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: viz.plot_samples(torch.zeros(5, 3)), ValueError, r"shape \(n, 2\)"),
+        (lambda: viz.plot_samples([[0.0, 1.0]]), TypeError, "torch.Tensor or numpy array"),
+        (lambda: viz.plot_samples(torch.zeros(5, 2), lim=-1.0), ValueError, "lim must be"),
+        (lambda: viz.plot_trajectories(torch.full((3, 4, 2), float("nan"))), ValueError, "NaN"),
+        (lambda: viz.plot_trajectories(torch.zeros(4, 2)), ValueError, r"\(steps \+ 1, n, 2\)"),
+        (lambda: viz.plot_density("not a function"), TypeError, "callable"),
+        (lambda: viz.plot_density(lambda x: x), ValueError, r"shape \(n,\)"),
+        (lambda: viz.plot_density(spread_log_prob, grid=0), ValueError, "grid must be"),
+        (lambda: viz.plot_field(rotation, 1.5), ValueError, r"\[0, 1\]"),
+        (lambda: viz.plot_field(rotation, 0.5, kind="arrows"), ValueError, "quiver, stream"),
+        (lambda: viz.plot_field(lambda x, t: x[:, :1], 0.5), ValueError, "shaped like x"),
+        (lambda: viz.frame_indices(10, 1), ValueError, "max_frames"),
+        (lambda: viz.animate_trajectories(random_traj(5), times=[0.0, 1.0]), ValueError, "one entry per"),
+        (lambda: viz.animate_trajectories(random_traj(5), field=3), TypeError, "field must be"),
+        (lambda: viz.to_html("anim"), TypeError, "matplotlib Animation"),
+        (lambda: viz.save_animation(_anim(), "a.avi"), ValueError, r"\.gif.*\.mp4"),
+        (lambda: viz.save_animation(_anim(), "noextension"), ValueError, "unsupported extension"),
+    ],
+)
 @pytest.mark.filterwarnings("ignore:Animation was deleted without rendering")
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
@@ -211,6 +217,7 @@ def test_player_html_is_offline():
     import re as _re
 
     from fmtoy.viz import PLAYER_ICONS, animate_trajectories, to_html
+
     html = to_html(animate_trajectories(torch.randn(4, 6, 2), max_frames=4))
     assert not _re.search(r"(src|href)=\"https?://", html)
     assert 'class="fa ' not in html
@@ -223,7 +230,7 @@ def test_plot_over_reference_and_square_axes():
     ref, x = np.random.default_rng(0).normal(size=(50, 2)) * 3, np.zeros((10, 2))
     ax = plot_over_reference(x, ref, title="t")
     assert ax.get_xlim() == ax.get_ylim() and ax.get_xlim()[1] == pytest.approx(1.05 * np.abs(ref).max())
-    assert len(ax.collections) == 2 and ax.get_title() == "t"          # reference first, then the samples
+    assert len(ax.collections) == 2 and ax.get_title() == "t"  # reference first, then the samples
     assert square_axes(ax, 2.0).get_xlim() == (-2.0, 2.0) and ax.get_aspect() == 1.0
     with pytest.raises(ValueError, match="lim must be a finite number > 0"):
         square_axes(ax, 0)

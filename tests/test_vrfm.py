@@ -1,6 +1,7 @@
-"""fmtoy.methods.vrfm: the Gaussian KL (SymPy closed form and Monte Carlo), the reparametrised sample, the VRFM loss (and its
-exact reduction to the RFM loss), the ELBO as a lower bound (exact marginal likelihood by quadrature; tight at the
-true posterior), sampling with one latent per trajectory, the exact velocity posterior p(v | x_t, t), training."""
+"""fmtoy.methods.vrfm: the Gaussian KL (SymPy closed form and Monte Carlo), the reparametrised sample, the VRFM loss
+(and its exact reduction to the RFM loss), the ELBO as a lower bound (exact marginal likelihood by quadrature; tight
+at the true posterior), sampling with one latent per trajectory, the exact velocity posterior p(v | x_t, t), training."""
+
 from __future__ import annotations
 
 import math
@@ -10,25 +11,46 @@ import sympy as sp
 import torch
 from torch import nn
 
-from fmtoy.symbolic import vrfm as SV
 from fmtoy.data import GaussianMixture, StandardNormal
 from fmtoy.device import make_generator
 from fmtoy.losses import cfm_loss
 from fmtoy.marginal import marginal_log_prob, marginal_velocity
+from fmtoy.methods.vrfm import (
+    POSTERIOR_INPUTS,
+    SETTINGS,
+    PosteriorEncoder,
+    VRFMConfig,
+    build_vrfm,
+    check_posterior_inputs,
+    fit_vrfm,
+    gaussian_kl,
+    get_setting,
+    hexagon,
+    latent_field,
+    reparametrise,
+    sample_vrfm,
+    train_vrfm,
+    two_modes_1d,
+    velocity_posterior,
+    velocity_spread,
+    vrfm_elbo,
+    vrfm_loss,
+)
 from fmtoy.models import VelocityMLP
 from fmtoy.paths import CondOTPath
 from fmtoy.solvers import integrate
-from fmtoy.methods.vrfm import (POSTERIOR_INPUTS, SETTINGS, PosteriorEncoder, VRFMConfig, build_vrfm, check_posterior_inputs,
-                        fit_vrfm, gaussian_kl, get_setting, hexagon, latent_field, reparametrise, sample_vrfm,
-                        train_vrfm, two_modes_1d, velocity_posterior, velocity_spread, vrfm_elbo, vrfm_loss)
+from fmtoy.symbolic import vrfm as SV
 
 D64 = torch.float64
 
 
 def _batch(n: int = 64, dim: int = 2, seed: int = 0, dtype=torch.float32):
     g = make_generator(seed)
-    return (torch.randn(n, dim, generator=g, dtype=dtype), torch.randn(n, dim, generator=g, dtype=dtype) + 1.0,
-            torch.rand(n, generator=g, dtype=dtype))
+    return (
+        torch.randn(n, dim, generator=g, dtype=dtype),
+        torch.randn(n, dim, generator=g, dtype=dtype) + 1.0,
+        torch.rand(n, generator=g, dtype=dtype),
+    )
 
 
 def _nets(dim: int = 2, k: int = 3, seed: int = 0, inputs=POSTERIOR_INPUTS):
@@ -39,12 +61,14 @@ def _nets(dim: int = 2, k: int = 3, seed: int = 0, inputs=POSTERIOR_INPUTS):
 # ----------------------------------------------------------------------------------------------- Gaussian KL
 def test_gaussian_kl_equals_sympy_closed_form():
     kl_int, closed = SV.gaussian_kl_1d()
-    assert sp.simplify(kl_int - closed) == 0                       # SymPy's integral = the closed form
+    assert sp.simplify(kl_int - closed) == 0  # SymPy's integral = the closed form
     f = sp.lambdify((SV.mu, SV.s), closed)
     g = make_generator(0)
     mu, logvar = torch.randn(50, 4, generator=g, dtype=D64), 2 * torch.randn(50, 4, generator=g, dtype=D64)
-    want = torch.tensor([[f(m, math.exp(lv / 2)) for m, lv in zip(r_m.tolist(), r_l.tolist())]
-                         for r_m, r_l in zip(mu, logvar)], dtype=D64).sum(1)
+    want = torch.tensor(
+        [[f(m, math.exp(lv / 2)) for m, lv in zip(r_m.tolist(), r_l.tolist())] for r_m, r_l in zip(mu, logvar)],
+        dtype=D64,
+    ).sum(1)
     torch.testing.assert_close(gaussian_kl(mu, logvar), want, rtol=1e-12, atol=1e-12)
 
 
@@ -55,7 +79,7 @@ def test_gaussian_kl_matches_monte_carlo():
     n = 200_000
     z = mu + (0.5 * logvar).exp() * torch.randn(n, 3, generator=g, dtype=D64)
     log_q = (-0.5 * (z - mu) ** 2 / logvar.exp() - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(1)
-    log_p = (-0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)).sum(1)
+    log_p = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)
     ratio = log_q - log_p
     est, err = ratio.mean().item(), ratio.std().item() / math.sqrt(n)
     exact = gaussian_kl(mu, logvar).item()
@@ -81,8 +105,8 @@ def test_reparametrised_sample_moments_gradients_and_seed():
     zz = reparametrise(m, lv, make_generator(3))
     zz.sum().backward()
     eps = reparametrise(torch.zeros(5, 2), torch.zeros(5, 2), make_generator(3))
-    assert torch.equal(m.grad, torch.ones(5, 2))                  # dz/dmu = 1
-    torch.testing.assert_close(lv.grad, 0.5 * eps)                 # dz/dlogvar = exp(logvar/2) eps / 2
+    assert torch.equal(m.grad, torch.ones(5, 2))  # dz/dmu = 1
+    torch.testing.assert_close(lv.grad, 0.5 * eps)  # dz/dlogvar = exp(logvar/2) eps / 2
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -93,7 +117,7 @@ def test_encoder_ignored_is_exactly_the_rfm_loss():
     out = vrfm_loss(model, None, x0, x1, t, kl_weight=0.7)
     rfm = cfm_loss(lambda x, s: model(x, s, torch.zeros(len(x), 3)), x0, x1, t, path)
     assert torch.equal(out.total, rfm) and torch.equal(out.mse, rfm) and out.kl.item() == 0.0
-    plain = VelocityMLP(hidden=32, depth=2)                        # a model without latent input: no z at all
+    plain = VelocityMLP(hidden=32, depth=2)  # a model without latent input: no z at all
     assert torch.equal(vrfm_loss(plain, None, x0, x1, t).total, cfm_loss(plain, x0, x1, t, path))
     # a hand-written RFM loss, ||v(x_t, t) - (x_1 - x_0)||^2 averaged over the batch
     xt = (1 - t)[:, None] * x0 + t[:, None] * x1
@@ -113,9 +137,9 @@ def test_loss_is_mse_plus_weighted_kl_with_one_reparametrised_sample():
     torch.testing.assert_close(out.mse, mse, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.kl, gaussian_kl(mu, logvar).mean())
     again = vrfm_loss(model, enc, x0, x1, t, kl_weight=0.3, generator=make_generator(5))
-    assert torch.equal(out.total, again.total)                    # seeded: reproducible
+    assert torch.equal(out.total, again.total)  # seeded: reproducible
     out.total.backward()
-    assert all(p.grad is not None for p in enc.parameters())       # the encoder is trained through z and the KL
+    assert all(p.grad is not None for p in enc.parameters())  # the encoder is trained through z and the KL
 
 
 @pytest.mark.parametrize("lam", [0.1, 1.0])
@@ -125,7 +149,7 @@ def test_loss_is_kl_weight_times_negative_elbo_plus_a_constant(lam):
     model, enc = model.double(), enc.double()
     loss = vrfm_loss(model, enc, x0, x1, t, kl_weight=lam, generator=make_generator(2)).total
     elbo = vrfm_elbo(model, enc, x0, x1, t, kl_weight=lam, n_samples=1, generator=make_generator(2))
-    const = lam * 2 / 2 * math.log(math.pi * lam)                 # (lambda d / 2) log(pi lambda), d = 2
+    const = lam * 2 / 2 * math.log(math.pi * lam)  # (lambda d / 2) log(pi lambda), d = 2
     torch.testing.assert_close(loss, (lam * -elbo).mean() - const, rtol=1e-10, atol=1e-10)
     assert sp.simplify(SV.kl_weight_identity()) == 0
 
@@ -150,7 +174,7 @@ def test_posterior_inputs_select_what_the_encoder_sees():
     xt = (1 - t)[:, None] * x0 + t[:, None] * x1
     _, enc = _nets(inputs=("x1",))
     a = enc(x0, x1, xt, t)
-    b = enc(x0 + 5.0, x1, xt - 1.0, t * 0.5)                       # only x_1 matters
+    b = enc(x0 + 5.0, x1, xt - 1.0, t * 0.5)  # only x_1 matters
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(enc(x0, x1 + 1.0, xt, t)[0], a[0])
     assert check_posterior_inputs(["t", "x0"]) == ("x0", "t")
@@ -167,7 +191,7 @@ def _exact_log_marginal_1d_latent(model, xt, t, v, sigma2, grid: int = 4001, lim
     with torch.no_grad():
         mean = model(xt.repeat(grid, 1), t.repeat(grid), zs.repeat_interleave(n)[:, None]).view(grid, n, -1)
     log_lik = -(v - mean).square().sum(-1) / (2 * sigma2) - 0.5 * v.shape[1] * math.log(2 * math.pi * sigma2)
-    log_prior = -0.5 * zs ** 2 - 0.5 * math.log(2 * math.pi)
+    log_prior = -0.5 * zs**2 - 0.5 * math.log(2 * math.pi)
     w = torch.full((grid,), 2 * lim / (grid - 1), dtype=D64)
     w[0] = w[-1] = w[0] / 2
     return torch.logsumexp(log_lik + log_prior[:, None] + w.log()[:, None], dim=0)
@@ -188,16 +212,17 @@ def test_elbo_is_a_lower_bound_on_the_exact_marginal_likelihood():
     """1D latent: log p_theta(v | x_t, t) is a 1D integral over z (quadrature); the ELBO never exceeds it."""
     x0, x1, t = _batch(n=32, dim=2, seed=4, dtype=D64)
     mlp, enc = _nets(k=1, seed=1)
-    model, enc = _StrongZ(mlp.double()), enc.double()          # a nonlinear decoder that clearly depends on z
+    model, enc = _StrongZ(mlp.double()), enc.double()  # a nonlinear decoder that clearly depends on z
     lam = 0.5
     xt, v = (1 - t)[:, None] * x0 + t[:, None] * x1, x1 - x0
     log_p = _exact_log_marginal_1d_latent(model, xt, t, v, lam / 2)
     with torch.no_grad():
-        elbos = torch.stack([vrfm_elbo(model, enc, x0, x1, t, lam, n_samples=1, generator=make_generator(s))
-                             for s in range(2000)])
+        elbos = torch.stack(
+            [vrfm_elbo(model, enc, x0, x1, t, lam, n_samples=1, generator=make_generator(s)) for s in range(2000)]
+        )
     elbo, err = elbos.mean(0), elbos.std(0) / math.sqrt(len(elbos))
     assert (elbo <= log_p + 4 * err).all(), f"ELBO above log p by {(elbo - log_p).max():.4f}"
-    assert (log_p - elbo).mean() > 0.1                            # a random encoder leaves a real gap
+    assert (log_p - elbo).mean() > 0.1  # a random encoder leaves a real gap
 
 
 class _Linear(nn.Module):
@@ -219,7 +244,7 @@ def test_elbo_gap_is_the_kl_to_the_posterior_and_closes_at_it():
     model = _Linear(a, b)
     sym = SV.linear_gaussian_elbo()
     assert sp.simplify(sym.log_marginal - sym.elbo - sym.kl_to_posterior) == 0
-    log_p = -(v[:, 0] - b) ** 2 / (2 * (a * a + sigma2)) - 0.5 * torch.log(2 * math.pi * torch.tensor(a * a + sigma2))
+    log_p = -((v[:, 0] - b) ** 2) / (2 * (a * a + sigma2)) - 0.5 * torch.log(2 * math.pi * torch.tensor(a * a + sigma2))
     post_mean, post_var = a * (v - b) / (a * a + sigma2), sigma2 / (a * a + sigma2)
 
     def exact(x0_, x1_, xt_, t_):
@@ -228,20 +253,33 @@ def test_elbo_gap_is_the_kl_to_the_posterior_and_closes_at_it():
     def off(x0_, x1_, xt_, t_):
         return post_mean + 0.5, torch.full_like(post_mean, math.log(post_var) + 1.0)
 
-    reps = 100_000                                                 # one z per copy of each pair: E_q by Monte Carlo
+    reps = 100_000  # one z per copy of each pair: E_q by Monte Carlo
 
     def elbo(encoder):
-        out = vrfm_elbo(model, lambda *_: tuple(a.repeat(reps, 1) for a in encoder()), x0.repeat(reps, 1),
-                        x1.repeat(reps, 1), t.repeat(reps), lam, generator=make_generator(0)).view(reps, -1)
+        out = vrfm_elbo(
+            model,
+            lambda *_: tuple(a.repeat(reps, 1) for a in encoder()),
+            x0.repeat(reps, 1),
+            x1.repeat(reps, 1),
+            t.repeat(reps),
+            lam,
+            generator=make_generator(0),
+        ).view(reps, -1)
         return out.mean(0), 4 * out.std(0) / math.sqrt(reps)
 
     tight, tol = elbo(lambda: exact(x0, x1, None, t))
     assert ((tight - log_p).abs() <= tol + 1e-9).all()
     loose, tol = elbo(lambda: off(x0, x1, None, t))
-    gap = sp.lambdify((SV.mu, SV.s, SV.v, sp.Symbol("a", real=True), sp.Symbol("b", real=True), SV.sigma),
-                      sym.kl_to_posterior)
-    want = torch.tensor([gap(m + 0.5, math.exp((math.log(post_var) + 1.0) / 2), vv, a, b, math.sqrt(sigma2))
-                         for m, vv in zip(post_mean[:, 0].tolist(), v[:, 0].tolist())], dtype=D64)
+    gap = sp.lambdify(
+        (SV.mu, SV.s, SV.v, sp.Symbol("a", real=True), sp.Symbol("b", real=True), SV.sigma), sym.kl_to_posterior
+    )
+    want = torch.tensor(
+        [
+            gap(m + 0.5, math.exp((math.log(post_var) + 1.0) / 2), vv, a, b, math.sqrt(sigma2))
+            for m, vv in zip(post_mean[:, 0].tolist(), v[:, 0].tolist())
+        ],
+        dtype=D64,
+    )
     assert ((log_p - loose - want).abs() <= tol).all(), f"gap {log_p - loose} vs KL(q || posterior) {want}"
     assert (want > 0.1).all()
 
@@ -254,10 +292,10 @@ def test_sample_holds_one_latent_per_trajectory():
     out = sample_vrfm(model, x0, steps=5, z=z)
     assert torch.equal(out, integrate(latent_field(model, z), x0, 5))
     drawn = sample_vrfm(model, x0, steps=5, generator=make_generator(1))
-    assert torch.equal(drawn, out)                                 # z ~ N(0, I) drawn once, from the generator
+    assert torch.equal(drawn, out)  # z ~ N(0, I) drawn once, from the generator
     traj = sample_vrfm(model, x0, steps=5, z=z, return_trajectory=True)
     assert traj.shape == (6, 10, 2) and torch.equal(traj[-1], out)
-    one = sample_vrfm(model, x0, steps=5, z=z[:1])                 # one z shared by every trajectory
+    one = sample_vrfm(model, x0, steps=5, z=z[:1])  # one z shared by every trajectory
     assert torch.equal(one, sample_vrfm(model, x0, steps=5, z=z[:1].expand(10, 2)))
     fresh = sample_vrfm(model, x0, steps=5, generator=make_generator(1), resample_z=True)
     assert not torch.equal(fresh, out)
@@ -277,8 +315,9 @@ def test_velocity_posterior_mean_is_the_marginal_field(name):
     for t in (0.0, 0.3, 0.8):
         post = velocity_posterior(x, t, s.target, s.source)
         torch.testing.assert_close(post.weights.sum(1), torch.ones(64, dtype=D64))
-        torch.testing.assert_close(post.mean(), marginal_velocity(x, t, CondOTPath(), s.target, s.source),
-                                   rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            post.mean(), marginal_velocity(x, t, CondOTPath(), s.target, s.source), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_velocity_posterior_density_is_the_pair_density():
@@ -289,8 +328,11 @@ def test_velocity_posterior_density_is_the_pair_density():
     x = torch.tensor([[0.05, -0.02]], dtype=D64)
     v = torch.randn(200, 2, generator=make_generator(3), dtype=D64)
     dist = velocity_posterior(x, t, s.target, s.source).distribution(0)
-    want = (s.source.log_prob(x - t * v) + s.target.log_prob(x + (1 - t) * v)
-            - marginal_log_prob(x, t, CondOTPath(), s.target, s.source))
+    want = (
+        s.source.log_prob(x - t * v)
+        + s.target.log_prob(x + (1 - t) * v)
+        - marginal_log_prob(x, t, CondOTPath(), s.target, s.source)
+    )
     torch.testing.assert_close(dist.log_prob(v), want, rtol=1e-9, atol=1e-9)
 
 
@@ -332,11 +374,25 @@ def test_config_defaults_paper_recipe_and_validation():
     c = VRFMConfig(setting="two_modes_1d")
     assert (c.latent_dim, c.kl_weight) == (4, 1.0)
     p = VRFMConfig.paper("hexagon_2d")
-    assert (p.steps, p.batch_size, p.lr, p.lr_schedule, p.latent_dim, p.kl_weight) == (20_000, 1000, 1e-3,
-                                                                                        "constant", 8, 0.1)
+    assert (p.steps, p.batch_size, p.lr, p.lr_schedule, p.latent_dim, p.kl_weight) == (
+        20_000,
+        1000,
+        1e-3,
+        "constant",
+        8,
+        0.1,
+    )
     assert VRFMConfig.paper("two_modes_1d", kl_weight=0.5).kl_weight == 0.5
-    for bad in (dict(method="ddpm"), dict(kl_weight=-1.0), dict(latent_dim=0), dict(steps=0),
-                dict(posterior_inputs=("x9",)), dict(lr_schedule="step"), dict(seed=-1), dict(device="tpu")):
+    for bad in (
+        dict(method="ddpm"),
+        dict(kl_weight=-1.0),
+        dict(latent_dim=0),
+        dict(steps=0),
+        dict(posterior_inputs=("x9",)),
+        dict(lr_schedule="step"),
+        dict(seed=-1),
+        dict(device="tpu"),
+    ):
         with pytest.raises(ValueError):
             VRFMConfig(**bad)
     model, enc = build_vrfm(VRFMConfig(method="rfm"), 2)
@@ -353,8 +409,17 @@ def test_training_is_reproducible_and_rfm_has_no_kl():
     r = train_vrfm(VRFMConfig(setting="two_modes_1d", method="rfm", steps=30, batch_size=64, hidden=16, device="cpu"))
     assert r.encoder is None and set(r.kl) == {0.0} and r.losses == r.mse
     with pytest.raises(ValueError, match="dimensions"):
-        fit_vrfm(VelocityMLP(hidden=8), None, two_modes_1d(), StandardNormal(1), steps=1, batch_size=4, lr=1e-3,
-                 kl_weight=0.0, device="cpu")
+        fit_vrfm(
+            VelocityMLP(hidden=8),
+            None,
+            two_modes_1d(),
+            StandardNormal(1),
+            steps=1,
+            batch_size=4,
+            lr=1e-3,
+            kl_weight=0.0,
+            device="cpu",
+        )
 
 
 class _IgnoresZ(nn.Module):
@@ -381,7 +446,7 @@ def test_after_training_the_latent_changes_the_velocity():
     assert _latent_matters(res.model), "the trained VRFM velocity barely depends on z"
     assert not _latent_matters(_IgnoresZ(res.model.__class__(dim=1, hidden=32, depth=3), 4))
     deaf = res.model
-    with torch.no_grad():                                          # cut z out of the same trained network
+    with torch.no_grad():  # cut z out of the same trained network
         deaf.cond_embed[-1].weight.zero_()
         deaf.cond_embed[-1].bias.zero_()
     assert not _latent_matters(deaf)

@@ -1,4 +1,5 @@
 """fmtoy.widgets: controls offer exactly the library's registries, and interactive_figure redraws on change."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -75,19 +76,22 @@ def test_interactive_figure_redraws_with_the_new_values():
     assert len(plt.get_fignums()) == open_before  # Agg: the figures drawn are closed, not leaked
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: widgets.dataset_dropdown("mnist"), ValueError, "unknown dataset"),
-    (lambda: widgets.dataset_dropdown("gaussian_mixture"), ValueError, "unknown dataset"),
-    (lambda: widgets.path_dropdown("linear"), ValueError, "unknown path"),
-    (lambda: widgets.solver_dropdown("heun"), ValueError, "unknown solver"),
-    (lambda: widgets.nfe_slider(6), ValueError, "power of two"),
-    (lambda: widgets.t_slider(1.5), ValueError, r"\[0.0, 1.0\]"),
-    (lambda: widgets.seed_slider(-1), ValueError, "seed"),
-    (lambda: widgets.sigma_min_slider(0.9), ValueError, "sigma_min"),
-    (lambda: widgets.interactive_figure("draw", t=widgets.t_slider()), TypeError, "callable"),
-    (lambda: widgets.interactive_figure(lambda: None), ValueError, "at least one control"),
-    (lambda: widgets.interactive_figure(lambda t: None, t=0.5), TypeError, "value widgets"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: widgets.dataset_dropdown("mnist"), ValueError, "unknown dataset"),
+        (lambda: widgets.dataset_dropdown("gaussian_mixture"), ValueError, "unknown dataset"),
+        (lambda: widgets.path_dropdown("linear"), ValueError, "unknown path"),
+        (lambda: widgets.solver_dropdown("heun"), ValueError, "unknown solver"),
+        (lambda: widgets.nfe_slider(6), ValueError, "power of two"),
+        (lambda: widgets.t_slider(1.5), ValueError, r"\[0.0, 1.0\]"),
+        (lambda: widgets.seed_slider(-1), ValueError, "seed"),
+        (lambda: widgets.sigma_min_slider(0.9), ValueError, "sigma_min"),
+        (lambda: widgets.interactive_figure("draw", t=widgets.t_slider()), TypeError, "callable"),
+        (lambda: widgets.interactive_figure(lambda: None), ValueError, "at least one control"),
+        (lambda: widgets.interactive_figure(lambda t: None, t=0.5), TypeError, "value widgets"),
+    ],
+)
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -96,15 +100,17 @@ def test_bad_inputs(call, error, match):
 # ----------------------------------------------------------------------------------------------- kernel-free sweep
 def _draw_line(t, k=1.0):
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(2, 2))
     ax.plot([0, 1], [0, t * k])
     ax.set_ylim(0, 2)
-    plt.show()                                  # must not close the figure before static_sweep captures it
+    plt.show()  # must not close the figure before static_sweep captures it
 
 
 def test_static_sweep_one_frame_per_value_and_frames_differ():
     import matplotlib.pyplot as plt
     import numpy as np
+
     from fmtoy.viz import to_html
     from fmtoy.widgets import static_sweep
 
@@ -119,16 +125,20 @@ def test_static_sweep_one_frame_per_value_and_frames_differ():
     html = to_html(anim)
     assert html.count("frames[") >= 3 and "https://" not in html
     plt.close(anim._fig)
-    assert len(plt.get_fignums()) == open_before          # the per-value figures were closed
+    assert len(plt.get_fignums()) == open_before  # the per-value figures were closed
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(draw_fn=3, name="t", values=[0, 1]), TypeError, "callable"),
-    (dict(draw_fn=_draw_line, name="t", values=[0.5]), ValueError, "between 2 and 40"),
-    (dict(draw_fn=_draw_line, name="t", values=[0.1, 0.2], t=0.3), ValueError, "swept control"),
-    (dict(draw_fn=lambda t: None, name="t", values=[0.1, 0.2]), ValueError, "exactly one matplotlib figure"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(draw_fn=3, name="t", values=[0, 1]), TypeError, "callable"),
+        (dict(draw_fn=_draw_line, name="t", values=[0.5]), ValueError, "between 2 and 40"),
+        (dict(draw_fn=_draw_line, name="t", values=[0.1, 0.2], t=0.3), ValueError, "swept control"),
+        (dict(draw_fn=lambda t: None, name="t", values=[0.1, 0.2]), ValueError, "exactly one matplotlib figure"),
+    ],
+)
 def test_static_sweep_bad_input(kwargs, error, match):
     from fmtoy.widgets import static_sweep
+
     with pytest.raises(error, match=match):
         static_sweep(**kwargs)
