@@ -1,6 +1,7 @@
 """fmtoy.methods.vrfm: the Gaussian KL (SymPy closed form and Monte Carlo), the reparametrised sample, the VRFM loss
 (and its exact reduction to the RFM loss), the ELBO as a lower bound (exact marginal likelihood by quadrature; tight
-at the true posterior), sampling with one latent per trajectory, the exact velocity posterior p(v | x_t, t), training."""
+at the true posterior), sampling with one latent per trajectory, the exact velocity posterior p(v | x_t, t),
+training."""
 
 from __future__ import annotations
 
