@@ -14,3 +14,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def solutions(request) -> dict[str, object]:
+    """The code-exercise solutions of the test module's chapter (its CHAPTER; at least its EXERCISES blocks, default
+    1), exec'd into one namespace by tests/chapter_solutions.py: the one fixture every chapter test uses."""
+    from chapter_solutions import solution_namespace
+
+    return solution_namespace(request.module.CHAPTER, min_blocks=getattr(request.module, "EXERCISES", 1))

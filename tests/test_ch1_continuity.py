@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-from chapter_solutions import solution_namespace
 
 from fmtoy import symbolic as S
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
@@ -148,17 +147,13 @@ def test_bad_inputs_raise_clear_errors(call, error):
 # --- the exercises' solutions -------------------------------------------------------------------------------------
 
 
-def solutions() -> dict[str, object]:
-    return solution_namespace(CHAPTER)
-
-
-def test_chapter_has_the_code_solutions():
-    found = solutions()
+def test_chapter_has_the_code_solutions(solutions):
+    found = solutions
     assert {"divergence_2d", "log_likelihood_euler"} <= set(found)
 
 
-def test_solution_divergence_2d_matches_fmtoy():
-    divergence_2d = solutions()["divergence_2d"]
+def test_solution_divergence_2d_matches_fmtoy(solutions):
+    divergence_2d = solutions["divergence_2d"]
     x = grid_points(4.0, 8)[0].double()
     for field in (EXACT, lambda y, t: y**3 + rotation(y)):
         for t in (0.2, 0.7):
@@ -166,8 +161,8 @@ def test_solution_divergence_2d_matches_fmtoy():
             assert torch.allclose(divergence_2d(field, x, t), ref, atol=1e-8)
 
 
-def test_solution_log_likelihood_euler_converges_to_fmtoy():
-    log_likelihood_euler = solutions()["log_likelihood_euler"]
+def test_solution_log_likelihood_euler_converges_to_fmtoy(solutions):
+    log_likelihood_euler = solutions["log_likelihood_euler"]
     q, source = eight_gaussians(), StandardNormal(2)
     x1 = q.sample(32, generator=make_generator(1)).double()
     ref = log_likelihood(EXACT, x1, source, steps=50)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-from chapter_solutions import solution_namespace
 
 import fmtoy.symbolic as S
 from fmtoy.data import GaussianMixture, StandardNormal, eight_gaussians
@@ -18,6 +17,7 @@ from fmtoy.paths import CondOTPath, VPPath
 from fmtoy.teaching.checks import marginal_velocity_mc, relative_field_error
 from fmtoy.train import TrainConfig, build_model, train_flow
 
+EXERCISES = 2  # graded code cells the chapter must keep
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch2_marginal.md"
 PATH, TARGET = CondOTPath(), eight_gaussians()
 
@@ -151,12 +151,8 @@ def test_short_training_approaches_the_exact_field():
 
 
 # ------------------------------------------------------------------------------------------------ exercises
-def solutions() -> dict[str, object]:
-    return solution_namespace(CHAPTER, min_blocks=2)
-
-
-def test_solution_mc_marginal_velocity():
-    fn = solutions()["mc_marginal_velocity"]
+def test_solution_mc_marginal_velocity(solutions):
+    fn = solutions["mc_marginal_velocity"]
     t, n = 0.6, 4096
     x = points(t, 300).float()
     x1 = TARGET.sample(n, generator=gen(9))
@@ -167,8 +163,8 @@ def test_solution_mc_marginal_velocity():
     assert rmse < 0.2  # MC error ~ 4.5 / sqrt(4096) ~ 0.07 (see the convergence test)
 
 
-def test_solution_empirical_marginal_velocity():
-    fn = solutions()["empirical_marginal_velocity"]
+def test_solution_empirical_marginal_velocity(solutions):
+    fn = solutions["empirical_marginal_velocity"]
     y = torch.randn(12, 2, generator=gen(3), dtype=torch.float64) * 2
     x = torch.randn(100, 2, generator=gen(4), dtype=torch.float64) * 2
     for t in (0.0, 0.3, 0.8):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-from chapter_solutions import solution_namespace
 from helpers import draw_batch, small_model
 
 from fmtoy.data import GaussianMixture, eight_gaussians
@@ -260,25 +259,21 @@ def test_sympy_x0_form_target():
 
 
 # ----------------------------------------------------------------------------------------------- exercises
-def solutions() -> dict[str, object]:
-    return solution_namespace(CHAPTER)
-
-
-def test_solutions_are_found():
-    assert {"cfm_loss_x0", "exp_bregman"} <= set(solutions())
+def test_solutions_are_found(solutions):
+    assert {"cfm_loss_x0", "exp_bregman"} <= set(solutions)
 
 
 @pytest.mark.parametrize("sigma_min", [0.0, 0.1])
-def test_solution_x0_loss(sigma_min):
-    f = solutions()["cfm_loss_x0"]
+def test_solution_x0_loss(sigma_min, solutions):
+    f = solutions["cfm_loss_x0"]
     x0, x1, t = batch(300, seed=8)
     net = small_net()
     assert torch.allclose(f(net, x0, x1, t, sigma_min), cfm_loss(net, x0, x1, t, CondOTPath(sigma_min)), rtol=1e-10)
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_solution_exp_bregman(scale):
-    f = solutions()["exp_bregman"]
+def test_solution_exp_bregman(scale, solutions):
+    f = solutions["exp_bregman"]
     g = make_generator(9)
     y, v = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
     assert torch.allclose(f(y, v, scale), obj.bregman_divergence(obj.exp_potential(scale))(y, v), rtol=1e-10)

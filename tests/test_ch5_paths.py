@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-from chapter_solutions import solution_namespace
 
 from fmtoy import symbolic as S
 from fmtoy.data import eight_gaussians
@@ -125,12 +124,8 @@ def test_minibatch_ot_pairs_between_eight_gaussians_and_moons_move_less():
 
 
 # ----------------------------------------------------------------------------------------------- exercises
-def _solutions() -> dict[str, object]:
-    return solution_namespace(CHAPTER)
-
-
-def test_solution_velocity_from_eps():
-    f, g = _solutions()["velocity_from_eps"], _gen(4)
+def test_solution_velocity_from_eps(solutions):
+    f, g = solutions["velocity_from_eps"], _gen(4)
     xd, eps = 3 * torch.randn(64, 2, generator=g, dtype=D64), torch.randn(64, 2, generator=g, dtype=D64)
     tt = 0.05 + 0.9 * torch.rand(64, 1, generator=g, dtype=D64)
     z = tt * xd + (1 - tt) * eps
