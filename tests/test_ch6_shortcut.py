@@ -1,6 +1,7 @@
 """Chapter 6 (shortcut models): the SymPy identities (exact shortcut and self-consistency, Euler's residual, the
 Euler-level recursion, the small-d coefficient, the MeanFlow limit), MeanFlow's training pieces, and the exercise
 solution extracted from the page."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +9,15 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-
 from chapter_solutions import solution_namespace
-from fmtoy.symbolic import shortcut as Z
+
 from fmtoy.data import eight_gaussians
 from fmtoy.device import make_generator
-from fmtoy.methods.meanflow import MeanFlowMLP, meanflow_loss, meanflow_times, sample_meanflow, fit_meanflow
+from fmtoy.methods.meanflow import MeanFlowMLP, fit_meanflow, meanflow_loss, meanflow_times, sample_meanflow
 from fmtoy.methods.shortcut import ShortcutMLP
 from fmtoy.methods.shortcut import shortcut_target as reference_target
 from fmtoy.symbolic import is_zero
+from fmtoy.symbolic import shortcut as Z
 from fmtoy.symbolic.shortcut import d, h, lam, x
 
 CHAPTER = Path(__file__).resolve().parents[1] / "book" / "ch6_shortcut.md"
@@ -41,7 +42,7 @@ def test_exact_shortcut_is_self_consistent_euler_is_not(name):
 
 def test_linear_euler_residual_closed_form():
     res = Z.self_consistency_residual(Z.velocity_shortcut(Z.linear_flow()))
-    assert sp.simplify(res + lam ** 2 * d * x / 2) == 0
+    assert sp.simplify(res + lam**2 * d * x / 2) == 0
 
 
 def test_exact_shortcut_tends_to_velocity():
@@ -62,12 +63,12 @@ def test_split_self_consistency_for_exact_shortcut():
 @pytest.mark.parametrize("j", range(4))
 def test_euler_level_recursion(j):
     built = Z.euler_level_shortcut(lam * x, j)
-    assert sp.simplify(built - ((1 + lam * h) ** (2 ** j) - 1) * x / (2 ** j * h)) == 0
+    assert sp.simplify(built - ((1 + lam * h) ** (2**j) - 1) * x / (2**j * h)) == 0
 
 
 def test_one_step_error_of_the_euler_built_shortcut():
     rel = (1 + lam / 128) ** 128 / sp.exp(lam) - 1
-    assert sp.simplify(sp.series(rel, lam, 0, 3).removeO() + lam ** 2 / 256) == 0
+    assert sp.simplify(sp.series(rel, lam, 0, 3).removeO() + lam**2 / 256) == 0
 
 
 def test_euler_level_recursion_time_dependent_field():
@@ -133,8 +134,9 @@ def test_meanflow_target_has_no_gradient_and_training_runs():
     net.zero_grad()
     tc, dc = t[:, None], dd[:, None]
     xt, v = (1 - tc) * x0 + tc * x1, x1 - x0
-    _, ds = torch.func.jvp(lambda a, b, c: net(a, b[:, 0], c[:, 0]), (xt, tc, dc),
-                           (v, torch.ones_like(tc), -torch.ones_like(dc)))
+    _, ds = torch.func.jvp(
+        lambda a, b, c: net(a, b[:, 0], c[:, 0]), (xt, tc, dc), (v, torch.ones_like(tc), -torch.ones_like(dc))
+    )
     frozen = (v + dc * ds).detach()
     ((net(xt, t, dd) - frozen).square().sum(1).mean()).backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, net.parameters()))
@@ -172,8 +174,12 @@ def test_exercise_points_match_title():
     import re
 
     import jupytext
+
     nb = jupytext.read(CHAPTER)
-    total = sum(c.metadata.get("points", 0) for c in nb.cells
-                if c.cell_type == "code" and c.metadata.get("exercise") == "ex-ch6-shortcut-target")
+    total = sum(
+        c.metadata.get("points", 0)
+        for c in nb.cells
+        if c.cell_type == "code" and c.metadata.get("exercise") == "ex-ch6-shortcut-target"
+    )
     title = re.search(r"The shortcut target from two half steps \(code, (\d+) points\)", CHAPTER.read_text())
     assert title and int(title.group(1)) == total == 3
