@@ -85,6 +85,25 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float = 1.0) -> float:
     )
 
 
+def noise_floor(
+    target, reference: Tensor, draws: int = 5, seed: int = 0, metric: Callable[[Tensor, Tensor], float] | None = None
+) -> tuple[float, float]:
+    """(mean, sd) of metric(fresh target sample, reference) over `draws` samples of the reference's size (generators
+    seed, ..., seed + draws - 1): what the distance reads when nothing is wrong. Report distances beside it."""
+    from .device import make_generator
+
+    metric = energy_distance if metric is None else metric
+    draws = check_positive_int("draws", draws)
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2 to give a spread, got {draws}")
+    ref = check_points(reference, name="reference")
+    vals = torch.tensor(
+        [metric(target.sample(len(ref), make_generator(seed + i)).to(ref.dtype), ref) for i in range(draws)],
+        dtype=torch.float64,
+    )
+    return float(vals.mean()), float(vals.std())
+
+
 def quality_vs_nfe(
     velocity: Velocity,
     x0: Tensor,

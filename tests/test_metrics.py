@@ -232,3 +232,17 @@ def test_nll_gap_rejects_bad_inputs(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         nll_gap(**args)
+
+
+def test_noise_floor_is_the_distance_between_two_samples_of_the_target():
+    from fmtoy.data import eight_gaussians
+    from fmtoy.metrics import noise_floor
+
+    q = eight_gaussians()
+    ref = q.sample(1000, gen(1)).double()
+    mean, sd = noise_floor(q, ref, draws=4, seed=5)
+    assert abs(mean) < 3 * sd + 1e-3 and 0 < sd < 0.02  # unbiased: centred on 0, spread ~ 1/n
+    shifted = noise_floor(q, ref + 1.0, draws=4, seed=5)[0]  # a wrong reference reads far above the floor
+    assert shifted > mean + 20 * sd
+    with pytest.raises(ValueError, match="draws must be >= 2"):
+        noise_floor(q, ref, draws=1)
