@@ -120,7 +120,8 @@ class FitResult:
     config: object | None = None
 
     def final(self, part: str = "loss", last: int = 100) -> float:
-        """Mean of the last `last` steps of the loss (part="loss") or of a loss part (e.g. "kl"): where training ended."""
+        """Mean of the last `last` steps of the loss (part="loss") or of a loss part (e.g. "kl"): where training
+        ended."""
         values = self.losses if part == "loss" else self.parts.get(part)
         if values is None:
             raise ValueError(f"no loss part {part!r}; this run has: loss{''.join(', ' + k for k in self.parts)}")
