@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -139,6 +141,29 @@ class FitResult:
 LossFn = Callable[[FitContext], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
 
 
+def fit_options(options: dict, **defaults) -> FitConfig:
+    """FitConfig(**defaults, **options): a method's fit_<method>(..., **options) passes the loop's own options through
+    (steps, batch_size, lr, lr_schedule, seed, device, threads, ...); an unknown name is a clear TypeError."""
+    known = [f.name for f in dataclasses.fields(FitConfig)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown training option {unknown[0]!r}; allowed: {', '.join(known)}")
+    return FitConfig(**{**defaults, **options})
+
+
+def pair_sampler(model: nn.Module, target: Distribution, source: Distribution | None = None):
+    """draw(ctx) -> (x0, x1): x1 ~ target then x0 ~ source (N(0, I) by default) from fit's generator, each step of a
+    method's loss; the distributions are checked once, here."""
+    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
+    check_distributions(model, target, source)
+
+    def draw(ctx: FitContext) -> tuple[Tensor, Tensor]:
+        x1 = target.sample(ctx.batch_size, generator=ctx.generator, device=ctx.device)
+        return source.sample(ctx.batch_size, generator=ctx.generator, device=ctx.device), x1
+
+    return draw
+
+
 def fit(
     modules: nn.Module | dict[str, nn.Module],
     loss_fn: LossFn,
@@ -271,8 +296,7 @@ def fit_cfm(
     t_min, t_max = float(path.t_min), float(path.t_max)
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"path.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
-    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
-    check_distributions(model, target, source)
+    draw = pair_sampler(model, target, source)
     couple = get_coupling(coupling)
     config = FitConfig(
         steps,
@@ -287,11 +311,8 @@ def fit_cfm(
     )
 
     def loss_fn(ctx: FitContext) -> Tensor:
-        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
-        x1 = target.sample(n, generator=gen, device=dev)
-        x0 = source.sample(n, generator=gen, device=dev)
-        x0, x1 = couple(x0, x1)
-        t = torch.rand(n, generator=gen, device=dev).mul_(t_max - t_min).add_(t_min)
+        x0, x1 = couple(*draw(ctx))
+        t = torch.rand(ctx.batch_size, generator=ctx.generator, device=ctx.device).mul_(t_max - t_min).add_(t_min)
         return cfm_loss(model, x0, x1, t, path)
 
     return fit(model, loss_fn, config, name="train", progress=progress)
@@ -378,27 +399,27 @@ def build_model(config: RecipeConfig, dim: int = 2, cls: type[nn.Module] = Veloc
         return cls(dim=dim, hidden=config.hidden, depth=config.depth, **kwargs)
 
 
+def check_config(config: object, cls: type) -> None:
+    """TypeError unless config is a `cls` (the first check of every train_<method>(config))."""
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+
+
+def run_config(fit_fn: Callable[..., FitResult], config: object, *args, **extra) -> FitResult:
+    """fit_fn(*args, **the config fields fit_fn takes, **extra) with the config attached to the result: how each
+    train_<method>(config) hands its recipe to its fit_<method> loop."""
+    params = inspect.signature(fit_fn).parameters
+    takes = list(params)[len(args) :]  # not those given positionally (model, path, ...)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # fit_<method>(..., **options): FitConfig's fields too
+        takes += [f.name for f in dataclasses.fields(FitConfig)]
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in takes}
+    result = fit_fn(*args, **fields, **extra)
+    result.config = copy.deepcopy(config)
+    return result
+
+
 def train_flow(config: TrainConfig, progress: bool = True) -> FitResult:
     """Train a VelocityMLP on config.data along config.path from N(0, I): the whole recipe in one call."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_config(config, TrainConfig)
     target = get_dataset(config.data)
-    path = build_path(config)
-    model = build_model(config, target.dim)
-    result = fit_cfm(
-        model,
-        path,
-        target,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        device=config.device,
-        seed=config.seed,
-        ema_decay=config.ema_decay,
-        coupling=config.coupling,
-        lr_schedule=config.lr_schedule,
-        progress=progress,
-        threads=config.threads,
-    )
-    result.config = config
-    return result
+    return run_config(fit_cfm, config, build_model(config, target.dim), build_path(config), target, progress=progress)

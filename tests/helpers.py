@@ -1,4 +1,5 @@
-"""Shared test helpers (imported by the test modules): one batch drawer and one small-model factory. Seeded
+"""Shared test helpers (imported by the test modules): one batch drawer, one small-model factory and one
+`fmtoy sample` runner. Seeded
 generators come from fmtoy.device.make_generator; a chapter's exercise solutions from the `solutions` fixture."""
 
 from __future__ import annotations
@@ -30,3 +31,10 @@ def small_model(
     """cls(hidden=32, depth=2, **kwargs) initialised after torch.manual_seed(seed): a network that trains in ms."""
     torch.manual_seed(seed)
     return cls(hidden=hidden, depth=depth, **kwargs)
+
+
+def sample_run(run, out, *options: str) -> None:
+    """`fmtoy sample --run RUN --out OUT --device cpu OPTIONS...` in this process; it must exit 0."""
+    from fmtoy.cli import main
+
+    assert main(["sample", "--run", str(run), "--out", str(out), "--device", "cpu", *options]) == 0

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import sample_run
 
 from fmtoy.checkpoints import FORMAT, load_checkpoint, save_checkpoint
 from fmtoy.cli import main
@@ -107,24 +108,7 @@ def test_the_cli_trains_and_samples_every_method(method, steps, tmp_path, capsys
         == 0
     )
     assert f"/ {method}: 4 steps" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(run),
-                "--n",
-                "50",
-                "--steps",
-                steps,
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / "x.npy"),
-            ]
-        )
-        == 0
-    )
+    sample_run(str(run), str(tmp_path / "x.npy"), "--n", "50", "--steps", steps)
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (50, 2) and np.isfinite(x).all()
 

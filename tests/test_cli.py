@@ -17,11 +17,12 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import sample_run  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import fmtoy.threads  # noqa: E402
 from fmtoy.checkpoints import load_checkpoint  # noqa: E402
-from fmtoy.cli import main  # noqa: E402
+from fmtoy.cli import main
 from fmtoy.data import StandardNormal, list_datasets  # noqa: E402
 from fmtoy.device import make_generator  # noqa: E402
 from fmtoy.paths import list_paths  # noqa: E402
@@ -102,74 +103,15 @@ def test_train_prints_time_and_final_loss(tmp_path, capsys):
 
 
 def test_sample_is_the_seeded_flow_of_the_run(run, tmp_path):
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(run),
-                "--n",
-                "300",
-                "--steps",
-                "4",
-                "--solver",
-                "midpoint",
-                "--seed",
-                "7",
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / "s.npy"),
-            ]
-        )
-        == 0
-    )
+    sample_run(str(run), str(tmp_path / "s.npy"), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7")
     got = np.load(tmp_path / "s.npy")
     model, _ = load_checkpoint(run / "model.pt")
     x0 = StandardNormal(2).sample(300, generator=make_generator(7, "cpu"))
     expected = integrate(model, x0, 4, "midpoint").double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(run),
-                "--n",
-                "300",
-                "--steps",
-                "4",
-                "--solver",
-                "midpoint",
-                "--seed",
-                "7",
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / "s.csv"),
-            ]
-        )
-        == 0
-    )
+    sample_run(str(run), str(tmp_path / "s.csv"), "--n", "300", "--steps", "4", "--solver", "midpoint", "--seed", "7")
     np.testing.assert_array_equal(np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1), got)
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(run),
-                "--n",
-                "300",
-                "--seed",
-                "8",
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / "plots" / "s.png"),
-            ]
-        )
-        == 0
-    )
+    sample_run(str(run), str(tmp_path / "plots" / "s.png"), "--n", "300", "--seed", "8")
     with Image.open(tmp_path / "plots" / "s.png") as im:
         pixels = np.asarray(im.convert("L"), dtype=float)
     assert min(pixels.shape) > 200 and pixels.std() > 5  # a real picture, not a blank canvas
@@ -282,25 +224,6 @@ def test_sampling_starts_from_the_paths_own_source(tmp_path):
     assert (
         main(["train", "--data", "eight_gaussians", "--path", "ve", "--out", str(out), *TINY[:1], "5", *TINY[2:]]) == 0
     )
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(out),
-                "--n",
-                "4000",
-                "--steps",
-                "1",
-                "--solver",
-                "euler",
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / "x.npy"),
-            ]
-        )
-        == 0
-    )
+    sample_run(str(out), str(tmp_path / "x.npy"), "--n", "4000", "--steps", "1", "--solver", "euler")
     x = np.load(tmp_path / "x.npy")
     assert 8.0 < x.std(0).min() < 13.0, x.std(0)

@@ -13,10 +13,20 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_points, check_positive, check_positive_int
-from ..data import Distribution, StandardNormal, get_dataset
+from ..data import Distribution, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate_average
-from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, fit
+from ..train import (
+    FitContext,
+    FitResult,
+    RecipeConfig,
+    build_model,
+    check_config,
+    fit,
+    fit_options,
+    pair_sampler,
+    run_config,
+)
 
 
 class MeanFlowMLP(nn.Module):
@@ -76,29 +86,21 @@ def fit_meanflow(
     target: Distribution,
     source: Distribution | None = None,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float = 3e-3,
     fraction: float = 0.25,
     power: float = 1.0,
-    seed: int = 0,
-    lr_schedule: str = "cosine",
-    device: str | torch.device = "auto",
-    threads: str | int | None = None,
     progress: bool = False,
+    **options,
 ) -> FitResult:
-    """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times."""
+    """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times. options: the loop's
+    (fmtoy.train.FitConfig: steps, batch_size, lr = 3e-3, lr_schedule, seed, device, threads)."""
     if not isinstance(model, MeanFlowMLP):
         raise TypeError(f"model must be a fmtoy.methods.meanflow.MeanFlowMLP, got {type(model).__name__}")
-    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
-    check_distributions(model, target, source)
-    config = FitConfig(steps, batch_size, lr, lr_schedule, seed=seed, device=device, threads=threads)
+    draw = pair_sampler(model, target, source)
+    config = fit_options(options, lr=3e-3)
 
     def loss_fn(ctx: FitContext) -> Tensor:
-        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
-        x1 = target.sample(n, generator=gen, device=dev)
-        x0 = source.sample(n, generator=gen, device=dev)
-        t, d = meanflow_times(n, fraction, gen, dev)
+        x0, x1 = draw(ctx)
+        t, d = meanflow_times(ctx.batch_size, fraction, ctx.generator, ctx.device)
         return meanflow_loss(model, x0, x1, t, d, power)
 
     return fit(model, loss_fn, config, name="meanflow", progress=progress)
@@ -121,26 +123,9 @@ class MeanFlowConfig(RecipeConfig):
 
 def train_meanflow(config: MeanFlowConfig, progress: bool = False) -> FitResult:
     """Build a MeanFlowMLP for config.data and train it with fit_meanflow: the whole recipe in one call."""
-    if not isinstance(config, MeanFlowConfig):
-        raise TypeError(f"config must be a MeanFlowConfig, got {type(config).__name__}")
+    check_config(config, MeanFlowConfig)
     target = get_dataset(config.data)
-    model = build_model(config, target.dim, MeanFlowMLP)
-    result = fit_meanflow(
-        model,
-        target,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        fraction=config.fraction,
-        power=config.power,
-        seed=config.seed,
-        lr_schedule=config.lr_schedule,
-        device=config.device,
-        threads=config.threads,
-        progress=progress,
-    )
-    result.config = config
-    return result
+    return run_config(fit_meanflow, config, build_model(config, target.dim, MeanFlowMLP), target, progress=progress)
 
 
 def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_trajectory: bool = False) -> Tensor:

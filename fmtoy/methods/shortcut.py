@@ -18,10 +18,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
-from ..data import Distribution, StandardNormal, get_dataset
+from ..data import Distribution, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate, integrate_average
-from ..train import FitConfig, FitContext, FitResult, RecipeConfig, build_model, check_distributions, check_ema, fit
+from ..train import (
+    FitContext,
+    FitResult,
+    RecipeConfig,
+    build_model,
+    check_config,
+    check_ema,
+    fit,
+    fit_options,
+    pair_sampler,
+    run_config,
+)
 
 Shortcut = Callable[[Tensor, Tensor, Tensor], Tensor]  # s(x, t, d): x (n, dim), t (n,), d (n,) -> (n, dim)
 TEACHERS = ("ema", "online")
@@ -237,46 +248,29 @@ def fit_shortcut(
     target: Distribution,
     source: Distribution | None = None,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float = 3e-3,
     k: float = 0.25,
     teacher: str = "ema",
     ema_decay: float = 0.999,
     clip: float | None = 10.0,
-    lr_schedule: str = "cosine",
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    threads: str | int | None = None,
     progress: bool = False,
+    **options,
 ) -> FitResult:
     """Minimise shortcut_loss with fmtoy.train.fit; teacher "ema" (official: rate 0.999) or "online" (the model
-    itself, still without gradient through the target). Loss parts "fm" and "sc" per step."""
+    itself, still without gradient through the target). Loss parts "fm" and "sc" per step. options: the loop's
+    (fmtoy.train.FitConfig: steps, batch_size, lr = 3e-3, lr_schedule, seed, device, threads)."""
     if not isinstance(model, ShortcutMLP):
         raise TypeError(f"model must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(model).__name__}")
-    source = StandardNormal(target.dim) if source is None and isinstance(target, Distribution) else source
-    check_distributions(model, target, source)
-    sc_rows(check_positive_int("batch_size", batch_size), k, model.max_steps)
+    draw = pair_sampler(model, target, source)
     check_choice("teacher", teacher, TEACHERS)
     if teacher == "ema" and check_ema(ema_decay) is None:
         raise ValueError("teacher='ema' needs ema_decay, a number in (0, 1) such as 0.999")
-    config = FitConfig(
-        steps,
-        batch_size,
-        lr,
-        lr_schedule,
-        ema_decay=ema_decay if teacher == "ema" else None,
-        seed=seed,
-        device=device,
-        threads=threads,
-    )
+    config = fit_options(options, lr=3e-3, ema_decay=ema_decay if teacher == "ema" else None)
+    sc_rows(config.batch_size, k, model.max_steps)
 
     def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
-        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
-        x1 = target.sample(n, generator=gen, device=dev)
-        x0 = source.sample(n, generator=gen, device=dev)
         ema = ctx.ema[0] if ctx.ema else None
-        loss, fm, sc = shortcut_loss(model, x0, x1, teacher=ema, k=k, generator=gen, clip=clip, return_parts=True)
+        x0, x1 = draw(ctx)
+        loss, fm, sc = shortcut_loss(model, x0, x1, ema, k, generator=ctx.generator, clip=clip, return_parts=True)
         return loss, {"fm": fm, "sc": sc}
 
     return fit(model, loss_fn, config, name="shortcut", progress=progress)
@@ -305,28 +299,10 @@ class ShortcutConfig(RecipeConfig):
 
 def train_shortcut(config: ShortcutConfig, progress: bool = False) -> FitResult:
     """Build a ShortcutMLP for config.data and train it with fit_shortcut: the whole recipe in one call."""
-    if not isinstance(config, ShortcutConfig):
-        raise TypeError(f"config must be a ShortcutConfig, got {type(config).__name__}")
+    check_config(config, ShortcutConfig)
     target = get_dataset(config.data)
     model = build_model(config, target.dim, ShortcutMLP, max_steps=config.max_steps)
-    result = fit_shortcut(
-        model,
-        target,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        k=config.k,
-        teacher=config.teacher,
-        ema_decay=config.ema_decay,
-        clip=config.clip,
-        lr_schedule=config.lr_schedule,
-        seed=config.seed,
-        device=config.device,
-        threads=config.threads,
-        progress=progress,
-    )
-    result.config = config
-    return result
+    return run_config(fit_shortcut, config, model, target, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

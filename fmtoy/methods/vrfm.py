@@ -11,7 +11,6 @@ target (the ground truth, Prop prop-ch7-velocity-posterior).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -28,7 +27,7 @@ from ..models import VelocityMLP, _check_model_time
 from ..paths import CondOTPath, GaussianPath
 from ..solvers import integrate
 from ..threads import check_threads
-from ..train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_distributions, fit
+from ..train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_config, fit, pair_sampler, run_config
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
 METHODS = ("rfm", "vrfm")
@@ -500,7 +499,7 @@ def fit_vrfm(
 ) -> FitResult:
     """Minimise vrfm_loss with AdamW over (v_theta, q_phi) by fmtoy.train.fit: x_0 ~ source, x_1 ~ target
     independently, t ~ U(0, 1). Loss parts "mse" and "kl" per step; modules "model" and "encoder" (None for RFM)."""
-    check_distributions(model, target, source)
+    draw = pair_sampler(model, target, source)
     kl_weight = check_positive("kl_weight", kl_weight, allow_zero=True)
     config = FitConfig(
         steps,
@@ -517,11 +516,9 @@ def fit_vrfm(
     path = CondOTPath()
 
     def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
-        gen, dev, n = ctx.generator, ctx.device, ctx.batch_size
-        x1 = target.sample(n, generator=gen, device=dev)
-        x0 = source.sample(n, generator=gen, device=dev)
-        t = torch.rand(n, generator=gen, device=dev)
-        out = vrfm_loss(model, encoder, x0, x1, t, kl_weight, path, generator=gen)
+        x0, x1 = draw(ctx)
+        t = torch.rand(ctx.batch_size, generator=ctx.generator, device=ctx.device)
+        out = vrfm_loss(model, encoder, x0, x1, t, kl_weight, path, generator=ctx.generator)
         return out.total, {"mse": out.mse, "kl": out.kl}
 
     modules = {"model": model} if encoder is None else {"model": model, "encoder": encoder}
@@ -532,25 +529,7 @@ def fit_vrfm(
 
 def train_vrfm(config: VRFMConfig, progress: bool = False) -> FitResult:
     """Build and train the config's model (VRFM, or the RFM baseline) on its setting: the whole recipe in one call."""
-    if not isinstance(config, VRFMConfig):
-        raise TypeError(f"config must be a VRFMConfig, got {type(config).__name__}")
+    check_config(config, VRFMConfig)
     setting = get_setting(config.setting)
     model, encoder = build_vrfm(config, setting.dim)
-    result = fit_vrfm(
-        model,
-        encoder,
-        setting.target,
-        setting.source,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        kl_weight=config.kl_weight,
-        weight_decay=config.weight_decay,
-        lr_schedule=config.lr_schedule,
-        device=config.device,
-        seed=config.seed,
-        progress=progress,
-        threads=config.threads,
-    )
-    result.config = copy.deepcopy(config)
-    return result
+    return run_config(fit_vrfm, config, model, encoder, setting.target, setting.source, progress=progress)

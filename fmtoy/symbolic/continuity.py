@@ -97,3 +97,12 @@ def flux_divergence(p: sp.Expr, w: Sequence[sp.Expr], xs: Sequence[sp.Symbol] = 
         raise ValueError(f"w has {len(w)} components but xs has {len(xs)} coordinates; they must match")
     xs = [_symbol("each entry of xs", xi) for xi in xs]
     return sp.simplify(sum(sp.diff(p * _expr("each component of w", wi), xi) for wi, xi in zip(w, xs)))
+
+
+__all__ = [
+    "continuity_residual",
+    "log_density_rate",
+    "linear_flow_log_density",
+    "two_component_marginal_1d",
+    "flux_divergence",
+]

@@ -78,3 +78,20 @@ def is_zero(expr: sp.Expr, method: str = "simplify", n: int = 3, seed: int = 0, 
     if method == "simplify":
         return sp.simplify(expr) == 0
     return all(v <= tol for v in values_at_random_points(expr, n, seed))
+
+
+__all__ = [
+    "t",
+    "x",
+    "y",
+    "x1",
+    "s",
+    "sigma_min",
+    "sigma_max",
+    "beta_min",
+    "beta_max",
+    "PATH_PARAMS",
+    "gaussian_density",
+    "values_at_random_points",
+    "is_zero",
+]

@@ -222,3 +222,18 @@ def prediction_loss_weights(
         if not (sp.simplify(r) == 0 or is_zero(r, method="points")):
             raise ValueError("the prediction errors are not proportional to the velocity error (internal check failed)")
     return PredictionWeights(x_hat, eps_hat, sp.simplify(cx**2), sp.simplify(ce**2))
+
+
+__all__ = [
+    "gaussian_conditional_velocity",
+    "path_schedule",
+    "ot_velocity",
+    "ve_velocity",
+    "vp_velocity",
+    "cross_check_paths",
+    "RotatedGaussian2D",
+    "rotated_gaussian_2d",
+    "standard_normal_expectation",
+    "PredictionWeights",
+    "prediction_loss_weights",
+]

@@ -35,14 +35,19 @@ def _generator_matrix(A: float | Tensor, d: int, like: Tensor) -> Tensor:
     return A
 
 
+def _schedule_at(path: GaussianPath, x: Tensor, t: float | Tensor, x1: Tensor, *names: str):
+    """(t as a checked (n, 1) column, the named schedule values at t) for points x and data points x1 of one shape."""
+    if not isinstance(path, GaussianPath):
+        raise TypeError(f"path must be a fmtoy GaussianPath, got {type(path).__name__}")
+    t = path._prepare(x, t, x1, "x1")
+    return t, path._coef(t, *names)
+
+
 def rotational_velocity(
     path: GaussianPath, x: Tensor, t: float | Tensor, x1: Tensor, A: float | Tensor = 2 * math.pi
 ) -> Tensor:
     """w_t(x|x_1) = A (x - alpha_t x_1), A antisymmetric: div(p_t(.|x_1) w_t) = 0 (book Ch. 4, Eq. rot-field)."""
-    if not isinstance(path, GaussianPath):
-        raise TypeError(f"path must be a fmtoy GaussianPath, got {type(path).__name__}")
-    t = path._prepare(x, t, x1, "x1")
-    (alpha,) = path._coef(t, "alpha")
+    t, (alpha,) = _schedule_at(path, x, t, x1, "alpha")
     r = x - alpha * x1  # dtype promoted as in conditional_velocity (e.g. float32 grid, float64 x_1)
     return r @ _generator_matrix(A, x.shape[1], r).T
 
@@ -58,10 +63,7 @@ def rotated_flow(
     path: GaussianPath, x0: Tensor, t: float | Tensor, x1: Tensor, A: float | Tensor = 2 * math.pi
 ) -> Tensor:
     """alpha_t x_1 + sigma_t exp(t A) x_0, the flow of rotated_conditional_velocity (book Ch. 4, Eq. rot-flow)."""
-    if not isinstance(path, GaussianPath):
-        raise TypeError(f"path must be a fmtoy GaussianPath, got {type(path).__name__}")
-    t = path._prepare(x0, t, x1, "x1")
-    alpha, sigma = path._coef(t, "alpha", "sigma")
+    t, (alpha, sigma) = _schedule_at(path, x0, t, x1, "alpha", "sigma")
     rot = torch.matrix_exp(t[:, :, None] * _generator_matrix(A, x0.shape[1], x0))  # (n or 1, d, d)
     return alpha * x1 + sigma * (rot @ x0[:, :, None])[:, :, 0]
 
