@@ -3,6 +3,7 @@
 Peers: Meta's `flow_matching` (CC BY-NC; AffineProbPath + CondOTScheduler, ODESolver) and TorchCFM (MIT;
 ConditionalFlowMatcher(sigma=0)). They are optional: `available()` says which are importable.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,6 +39,7 @@ def target_fn(peer: str) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Ten
         def meta(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             s = path.sample(t=t, x_0=x0, x_1=x1)
             return s.x_t, s.dx_t
+
         return meta
     if peer == "torchcfm":
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
@@ -47,6 +49,7 @@ def target_fn(peer: str) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Ten
         def cfm(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             _, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t=t)
             return xt, ut
+
         return cfm
     raise ValueError(f"unknown peer {peer!r}; allowed: {', '.join(PEERS)}")
 
@@ -57,8 +60,17 @@ def peer_loss(model: Callable, x0: Tensor, x1: Tensor, t: Tensor, peer: str) -> 
     return (model(xt, t) - target).pow(2).sum(-1).mean()
 
 
-def train_peer(peer: str, model: torch.nn.Module, target, *, steps: int, batch_size: int, lr: float,
-               seed: int = 0, lr_schedule: str = "cosine") -> float:
+def train_peer(
+    peer: str,
+    model: torch.nn.Module,
+    target,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    lr_schedule: str = "cosine",
+) -> float:
     """The CFM training loop a peer user writes (N(0, I) source, t ~ U[0, 1]) with fmtoy's optimizer settings
     (fused Adam, same lr schedule), the path sampling and target done by `peer`; returns wall seconds."""
     step_targets = target_fn(peer)
@@ -98,12 +110,14 @@ class _TimeVector(torch.nn.Module):
         return self.velocity(x, t.to(x.dtype).reshape(-1).expand(x.shape[0]))
 
 
-def meta_log_likelihood(velocity: Callable, x1: Tensor, log_p0: Callable[[Tensor], Tensor], *, steps: int,
-                        method: str = "midpoint") -> Tensor:
+def meta_log_likelihood(
+    velocity: Callable, x1: Tensor, log_p0: Callable[[Tensor], Tensor], *, steps: int, method: str = "midpoint"
+) -> Tensor:
     """log p_1(x1) by flow_matching's ODESolver.compute_likelihood (exact divergence, fixed grid of `steps` steps)."""
     from flow_matching.solver import ODESolver
 
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=x1.dtype)   # step_size=None: torchdiffeq steps on this grid
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=x1.dtype)  # step_size=None: torchdiffeq steps on this grid
     _, logp = ODESolver(velocity_model=_TimeVector(velocity)).compute_likelihood(
-        x_1=x1, log_p0=log_p0, step_size=None, method=method, time_grid=grid, exact_divergence=True)
+        x_1=x1, log_p0=log_p0, step_size=None, method=method, time_grid=grid, exact_divergence=True
+    )
     return logp.detach()
