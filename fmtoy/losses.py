@@ -36,14 +36,14 @@ def cfm_loss(
     tc = _check_model_time(t, x0.shape[0], x0)  # (n, 1)
     s = path.schedule(tc, check=False)  # no range check, no device sync
     xt = s.alpha_t * x1 + s.sigma_t * x0
-    target = s.d_alpha_t * x1 + s.d_sigma_t * x0
+    u_cond = s.d_alpha_t * x1 + s.d_sigma_t * x0  # the regression target u_t(x_t | x_1)
     v = model(xt, tc[:, 0]) if cond is None else model(xt, tc[:, 0], cond)
     if not isinstance(v, Tensor) or v.shape != x0.shape:
         raise ValueError(
             f"the model must return a tensor of shape {tuple(x0.shape)}, "
             f"got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
         )
-    return (v - target).square().sum(dim=1).mean()
+    return (v - u_cond).square().sum(dim=1).mean()
 
 
 def independent_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:

@@ -106,15 +106,15 @@ def test_training_log_gap_is_flat_while_losses_fall():
     assert [s for s, _ in log["snapshots"]] == [0, 30, 60] and log["snapshots"][0][1].shape == (50, 2)
 
 
-def _bias_ratio(divergence, n_batches: int = 8, n: int = 4096) -> float:
+def _bias_ratio(discrepancy, n_batches: int = 8, n: int = 4096) -> float:
     """||mean_k (g_CFM - g_FM)_k||^2 / sum_j se_j^2 over K same-sample batches: ~1 if unbiased, >> 1 if biased."""
     net = small_net(seed=4)
     diffs = []
     for k in range(n_batches):
         x0, x1, t = batch(n, seed=100 + k)
         xt = PATH.sample_xt(x0, x1, t)
-        g_c = obj.loss_gradient(net, obj.conditional_loss, x0, x1, t, PATH, divergence)
-        g_f = obj.loss_gradient(net, obj.fm_loss, xt, t, PATH, TARGET, divergence=divergence)
+        g_c = obj.loss_gradient(net, obj.conditional_loss, x0, x1, t, PATH, discrepancy)
+        g_f = obj.loss_gradient(net, obj.fm_loss, xt, t, PATH, TARGET, discrepancy=discrepancy)
         diffs.append(g_c - g_f)
     d = torch.stack(diffs)
     return float(d.mean(0).square().sum() / (d.var(0) / n_batches).sum())
@@ -137,7 +137,7 @@ def test_l1_gradients_are_biased():
     x0, x1, t = batch(1 << 15, seed=7)
     net = small_net(seed=4)
     g_c = obj.loss_gradient(net, obj.l1_loss, x0, x1, t, PATH)
-    g_f = obj.loss_gradient(net, obj.fm_loss, PATH.sample_xt(x0, x1, t), t, PATH, TARGET, divergence="l1")
+    g_f = obj.loss_gradient(net, obj.fm_loss, PATH.sample_xt(x0, x1, t), t, PATH, TARGET, discrepancy="l1")
     assert obj.compare_gradients(g_c, g_f)["cosine"] < 0.95
 
 
@@ -149,7 +149,7 @@ def test_gradient_agreement_error_shrinks_with_batch_size():
     assert set(res) >= {"cos_cfm", "cos_std_cfm", "rel_fm", "rel_std_fm", "cos_cfm_mean", "ref_rel_error"}
 
 
-# ----------------------------------------------------------------------------------------------- divergences
+# -------------------------------------------------------------------------------------------- discrepancies
 def test_bregman_divergence_closed_forms():
     g = make_generator(0)
     y, v = torch.randn(100, 2, generator=g, dtype=torch.float64), torch.randn(100, 2, generator=g, dtype=torch.float64)
@@ -292,7 +292,7 @@ X = torch.zeros(4, 2)
         (lambda: obj.cfm_loss_x0(NET, X, torch.zeros(3, 2), 0.5), ValueError, "same shape"),
         (lambda: obj.cfm_loss_x0(NET, X, X, 1.5), ValueError, r"\[0, 1\]"),
         (lambda: obj.fm_loss(NET, X, 0.5, "ot", TARGET), TypeError, "GaussianPath"),
-        (lambda: obj.conditional_loss(NET, X, X, 0.5, PATH, divergence="l3"), ValueError, "l1, l2"),
+        (lambda: obj.conditional_loss(NET, X, X, 0.5, PATH, discrepancy="l3"), ValueError, "l1, l2"),
         (lambda: obj.conditional_loss(lambda x, t: x[:, :1], X, X, 0.5, PATH), ValueError, "shape"),
         (lambda: obj.exp_potential(0.0), ValueError, "scale"),
         (lambda: obj.quadratic_potential(torch.tensor([[1.0, 2.0], [2.0, 1.0]])), ValueError, "positive-definite"),

@@ -75,8 +75,8 @@ def meanflow_loss(
     s, ds = torch.func.jvp(
         lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc), (v, torch.ones_like(tc), -torch.ones_like(dc))
     )
-    target = (v + dc * ds).detach()
-    err = (s - target).square().sum(1)
+    y = (v + dc * ds).detach()  # the regression target, without gradient
+    err = (s - y).square().sum(1)
     weight = (err.detach() + eps).pow(-power) if power > 0 else torch.ones_like(err)
     return (weight * err).mean()
 

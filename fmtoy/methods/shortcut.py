@@ -137,10 +137,10 @@ def shortcut_target(s: Shortcut, x: Tensor, t: float | Tensor, d: float | Tensor
         if clip is not None:
             x2 = x2.clamp(-clip, clip)
         s2 = s(x2, tc[:, 0] + dc[:, 0], dc[:, 0])
-        target = 0.5 * (s1 + s2)
+        y = 0.5 * (s1 + s2)
         if clip is not None:
-            target = target.clamp(-clip, clip)
-    return target.detach()
+            y = y.clamp(-clip, clip)
+    return y.detach()
 
 
 def self_consistency_loss(
@@ -155,8 +155,8 @@ def self_consistency_loss(
     x = check_points(x)
     n = x.shape[0]
     tc, dc = _column(t, n, x), _column(d, n, x)
-    target = shortcut_target(model if teacher is None else teacher, x, tc, dc, clip)
-    return (model(x, tc[:, 0], 2 * dc[:, 0]) - target).square().sum(1).mean()
+    y = shortcut_target(model if teacher is None else teacher, x, tc, dc, clip)
+    return (model(x, tc[:, 0], 2 * dc[:, 0]) - y).square().sum(1).mean()
 
 
 class ShortcutBatch(NamedTuple):
@@ -234,8 +234,8 @@ def shortcut_loss(
     m = b.n_sc
     half = torch.exp2(-(b.level[:m] + 1).to(x0.dtype))  # the two half steps d of the step 2d
     sc_target = shortcut_target(teacher, b.xt[:m], b.t[:m], half, clip)
-    target = torch.cat([sc_target, x1[m:] - x0[m:]])
-    err = (model.forward_level(b.xt, b.t, b.level) - target).square().sum(1)
+    y = torch.cat([sc_target, x1[m:] - x0[m:]])  # regression targets: SC rows, then flow-matching rows
+    err = (model.forward_level(b.xt, b.t, b.level) - y).square().sum(1)
     loss = err.mean()
     if return_parts:
         return loss, err[m:].detach().mean(), err[:m].detach().mean()

@@ -1,9 +1,11 @@
 """Flow matching objectives side by side (book chapter 3, FM paper Thm 2): L_FM against the exact marginal field,
-L_CFM with any regression divergence (squared error, Bregman, L1), gradients of both, and the posterior median field.
+L_CFM with any regression discrepancy (squared error, a Bregman divergence, L1), gradients of both, and the posterior
+median field.
 
-A *divergence* is a callable D(y, v) -> (n,) comparing a regression target y (n, d) with a prediction v (n, d);
-"l2" is ||y - v||^2 (the CFM loss), "l1" is sum_k |y_k - v_k|. Bregman divergences
-D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> are affine in y: that is why FM and CFM share gradients.
+A *discrepancy* is a callable D(y, v) -> (n,) comparing a regression target y (n, d) with a prediction v (n, d) (not
+the divergence div v of fmtoy.solvers): "l2" is ||y - v||^2 (the CFM loss), "l1" is sum_k |y_k - v_k|. Bregman
+divergences D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> are affine in y: that is why FM and CFM share
+gradients.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from ..marginal import marginal_velocity
 from ..paths import GaussianPath
 from ..train import FitConfig, fit
 
-Divergence = Callable[[Tensor, Tensor], Tensor]
+Discrepancy = Callable[[Tensor, Tensor], Tensor]
 Potential = Callable[[Tensor], Tensor]
 
 
-# ----------------------------------------------------------------------------------------------- divergences
+# ----------------------------------------------------------------------------------------------- discrepancies
 def squared_error(y: Tensor, v: Tensor) -> Tensor:
     """D(y, v) = ||y - v||^2 per row (ch. 3 Eq. (L_FM)/(L_CFM)); shape (n,)."""
     return (y - v).square().sum(dim=1)
@@ -36,14 +38,14 @@ def l1_error(y: Tensor, v: Tensor) -> Tensor:
     return (y - v).abs().sum(dim=1)
 
 
-def bregman_divergence(phi: Potential) -> Divergence:
+def bregman_divergence(phi: Potential) -> Discrepancy:
     """D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> (ch. 3 Eq. (Bregman)); grad phi by autograd."""
     if not callable(phi):
         raise TypeError(
             f"phi must be a callable x (n, d) -> (n,) (a strictly convex potential), got {type(phi).__name__}"
         )
 
-    def divergence(y: Tensor, v: Tensor) -> Tensor:
+    def bregman(y: Tensor, v: Tensor) -> Tensor:
         track = v.requires_grad
         with torch.enable_grad():
             vv = v if track else v.detach().requires_grad_(True)
@@ -57,7 +59,7 @@ def bregman_divergence(phi: Potential) -> Divergence:
         out = phi(y) - phi_v - ((y - vv) * grad).sum(dim=1)
         return out if track else out.detach()
 
-    return divergence
+    return bregman
 
 
 def exp_potential(scale: float = 1.0) -> Potential:
@@ -78,14 +80,14 @@ def quadratic_potential(a: Tensor) -> Potential:
     return lambda x: ((x @ a.to(x.dtype)) * x).sum(dim=1)
 
 
-DIVERGENCES: dict[str, Divergence] = {"l2": squared_error, "l1": l1_error}
+DISCREPANCIES: dict[str, Discrepancy] = {"l2": squared_error, "l1": l1_error}
 
 
-def get_divergence(divergence: str | Divergence) -> Divergence:
-    """A divergence by name ("l2", "l1") or the callable D(y, v) -> (n,) itself."""
-    if callable(divergence):
-        return divergence
-    return DIVERGENCES[check_choice("divergence", divergence, DIVERGENCES)]
+def get_discrepancy(discrepancy: str | Discrepancy) -> Discrepancy:
+    """A discrepancy by name ("l2", "l1") or the callable D(y, v) -> (n,) itself."""
+    if callable(discrepancy):
+        return discrepancy
+    return DISCREPANCIES[check_choice("discrepancy", discrepancy, DISCREPANCIES)]
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -112,12 +114,12 @@ def fm_loss(
     path: GaussianPath,
     target: GaussianMixture,
     source: GaussianMixture | None = None,
-    divergence: str | Divergence = "l2",
+    discrepancy: str | Discrepancy = "l2",
 ) -> Tensor:
     """L_FM = mean_i D(u_t(x_i), v(x_i, t_i)), u_t the exact marginal field (ch. 3 Eq. (L_FM), FM paper Eq. 5)."""
     x = check_points(x)
     tc = check_time(t, x.shape[0], like=x)
-    div = get_divergence(divergence)
+    div = get_discrepancy(discrepancy)
     with torch.no_grad():
         u = marginal_velocity(x, tc[:, 0].expand(x.shape[0]), _check_path(path), target, source)
     return div(u, _predict(model, x, tc)).mean()
@@ -129,10 +131,10 @@ def conditional_loss(
     x1: Tensor,
     t: float | Tensor,
     path: GaussianPath,
-    divergence: str | Divergence = "l2",
+    discrepancy: str | Discrepancy = "l2",
 ) -> Tensor:
     """mean_i D(u_t(x_t|x_1), v(x_t, t)), x_t = alpha x_1 + sigma x_0 (ch. 3 Eq. (L_CFM); "l2": FM paper Eq. 9)."""
-    path, div = _check_path(path), get_divergence(divergence)
+    path, div = _check_path(path), get_discrepancy(discrepancy)
     xt = path.sample_xt(x0, x1, t)
     tc = check_time(t, xt.shape[0], like=xt)
     return div(path.target_velocity(x0, x1, tc), _predict(model, xt, tc)).mean()
@@ -216,7 +218,7 @@ def gradient_agreement(
     batch_sizes: list[int],
     repeats: int = 8,
     t: float | None = None,
-    divergence: str | Divergence = "l2",
+    discrepancy: str | Discrepancy = "l2",
     reference_size: int = 1 << 15,
     seed: int = 0,
 ) -> dict[str, list[float] | float]:
@@ -242,8 +244,8 @@ def gradient_agreement(
 
     def grads(n: int) -> tuple[Tensor, Tensor]:
         x0, x1, tt = _draw(path, target, n, t, gen, dtype)
-        g_cfm = loss_gradient(model, conditional_loss, x0, x1, tt, path, divergence)
-        g_fm = loss_gradient(model, fm_loss, path.sample_xt(x0, x1, tt), tt, path, target, divergence=divergence)
+        g_cfm = loss_gradient(model, conditional_loss, x0, x1, tt, path, discrepancy)
+        g_fm = loss_gradient(model, fm_loss, path.sample_xt(x0, x1, tt), tt, path, target, discrepancy=discrepancy)
         return g_cfm, g_fm
 
     ref_cfm, ref = grads(reference_size)
@@ -277,7 +279,7 @@ def train_logged(
     steps: int,
     batch_size: int,
     lr: float,
-    divergence: str | Divergence = "l2",
+    discrepancy: str | Discrepancy = "l2",
     seed: int = 0,
     eval_size: int = 0,
     eval_every: int = 10,
@@ -287,7 +289,7 @@ def train_logged(
     lr_schedule: str = "constant",
     threads: str | int | None = None,
 ) -> dict:
-    """fmtoy.train.fit (Adam, constant lr by default) on the conditional loss with `divergence`, logging L_FM and
+    """fmtoy.train.fit (Adam, constant lr by default) on the conditional loss with `discrepancy`, logging L_FM and
     L_CFM on a fixed evaluation batch.
 
     Returns {"step", "fm", "cfm"} (logged every eval_every steps, step 0 included, if eval_size > 0), "constant" =
@@ -309,7 +311,7 @@ def train_logged(
         raise ValueError("snapshot_every > 0 needs snapshot_noise, the x_0 points (m, d) to push through the flow")
     from ..solvers import integrate
 
-    div = get_divergence(divergence)
+    div = get_discrepancy(discrepancy)
     dtype = next(model.parameters()).dtype
     log: dict = {"step": [], "fm": [], "cfm": [], "constant": math.nan, "snapshots": []}
     if eval_size:
@@ -401,8 +403,8 @@ __all__ = [
     "bregman_divergence",
     "exp_potential",
     "quadratic_potential",
-    "DIVERGENCES",
-    "get_divergence",
+    "DISCREPANCIES",
+    "get_discrepancy",
     "fm_loss",
     "conditional_loss",
     "bregman_loss",
