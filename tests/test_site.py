@@ -205,7 +205,7 @@ def test_the_build_reports_every_notebooks_execution_time(site):
 def test_the_book_kernels_train_under_the_thread_policy(site):
     """The playground's training cell, run by a kernel the build started, reports the policy it trained under."""
     nb = json.loads((site.parent / "jupyter_execute" / "book" / "playground.ipynb").read_text())
-    text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))  # str or lines
     line = next((x for x in text.splitlines() if x.startswith("CPU threads: ")), None)
     assert line is not None, "the playground's training cell printed no thread policy"
     if "FMTOY_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:  # no explicit setting: auto measures

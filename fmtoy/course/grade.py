@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .assignments import graded_exercises, instructor_notebook, read_chapter
 
-BOOK_DIR = Path(__file__).resolve().parents[1] / "book"
+BOOK_DIR = Path(__file__).resolve().parents[2] / "book"  # fmtoy/course/grade.py -> the checkout's book/
 
 
 @dataclass
