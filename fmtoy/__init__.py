@@ -15,8 +15,7 @@ symbolic (SymPy derivations, one module per topic), course (assignments and the 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import GaussianMixture, StandardNormal, eight_gaussians, get_dataset, list_datasets
 from .device import make_generator, resolve_device

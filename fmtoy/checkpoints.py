@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._version import __version__
 from .device import resolve_device
 from .methods.meanflow import MeanFlowConfig, MeanFlowMLP
 from .methods.shortcut import ShortcutConfig, ShortcutMLP
@@ -40,12 +41,6 @@ def method_of(config: object) -> str:
     raise TypeError(f"config must be one of {allowed}, got {type(config).__name__}")
 
 
-def _version() -> str:
-    import fmtoy
-
-    return str(getattr(fmtoy, "__version__", "unknown"))
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -69,7 +64,7 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, conf
         )
     payload = {
         "format": FORMAT,
-        "fmtoy_version": _version(),
+        "fmtoy_version": __version__,
         "method": method,
         "config": dataclasses.asdict(config),
         "dim": dim,

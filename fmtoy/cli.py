@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ._checks import check_positive_int
+from ._version import __version__
 
 SAMPLE_FORMATS = (".csv", ".npy", ".png")
 
@@ -37,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d = TrainConfig()
     p = _Parser(prog="fmtoy", description="Flow matching playground on 2D toy data (see `fmtoy list`).")
-    p.add_argument("--version", action="version", version=f"fmtoy {_version()}")
+    p.add_argument("--version", action="version", version=f"fmtoy {__version__}")
     sub = p.add_subparsers(
         dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True
     )
@@ -100,12 +101,6 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
     b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
     return p
-
-
-def _version() -> str:
-    import fmtoy
-
-    return str(getattr(fmtoy, "__version__", "0.1.0"))
 
 
 def _use_agg() -> None:

@@ -98,10 +98,12 @@ class GaussianPath:
         alpha0, sigma0 = (float(v) for v in self._coef(torch.zeros(1, dtype=torch.float64), "alpha", "sigma"))
         if alpha0 == 0.0 and sigma0 == 1.0:
             return StandardNormal(target.dim)
-        if isinstance(target, GaussianMixture):
-            from .marginal import marginal_distribution
-
-            return marginal_distribution(0.0, self, target)
+        if isinstance(
+            target, GaussianMixture
+        ):  # each component N(m, C) becomes N(alpha_0 m, alpha_0^2 C + sigma_0^2 I)
+            eye = torch.eye(target.dim, dtype=target.covs.dtype)
+            covs = alpha0**2 * target.covs + sigma0**2 * eye
+            return GaussianMixture(target.weights, alpha0 * target.means, covs, name=f"p_0({self.name}, {target.name})")
         return PathSource(self, target, alpha0, sigma0)
 
     # --- shared machinery --------------------------------------------------------------------------------------
