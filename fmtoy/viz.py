@@ -58,9 +58,6 @@ def square_axes(ax: Axes, lim: float) -> Axes:
     return ax
 
 
-_square = square_axes
-
-
 def _auto_lim(x: np.ndarray) -> float:
     """Half-width of a square that holds every point, with a 5% margin."""
     return 1.05 * max(float(np.abs(x).max()), 1e-3)
@@ -120,7 +117,7 @@ def plot_samples(
     x = _as_array(x, 2, "x", "(n, 2)")
     ax = _axes(ax)
     ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color, linewidths=0, **kwargs)
-    _square(ax, _auto_lim(x) if lim is None else check_positive("lim", lim))
+    square_axes(ax, _auto_lim(x) if lim is None else lim)
     if title:
         ax.set_title(title)
     return ax
@@ -191,7 +188,7 @@ def plot_density(
     values = _eval_density(log_prob_fn, points.to(_model_device(log_prob_fn)), grid, log)
     ax = _axes(ax)
     ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, interpolation="nearest")
-    _square(ax, lim)
+    square_axes(ax, lim)
     if title:
         ax.set_title(title)
     return ax
@@ -228,7 +225,7 @@ def plot_field(
             density=1.0,
             linewidth=0.7,
         )
-    _square(ax, lim)
+    square_axes(ax, lim)
     ax.set_title(title if title is not None else f"v(x, t={t:.2f})")
     return ax
 
@@ -254,7 +251,7 @@ def plot_trajectories(
     if show_ends:
         ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="C0", linewidths=0, label="x_0 (noise)")
         ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C3", linewidths=0, label="x_1 (samples)")
-    _square(ax, _auto_lim(traj) if lim is None else check_positive("lim", lim))
+    square_axes(ax, _auto_lim(traj) if lim is None else lim)
     if title:
         ax.set_title(title)
     return ax
@@ -337,7 +334,7 @@ def animate_trajectories(
     g, gf = check_positive_int("grid", grid), check_positive_int("field_grid", field_grid)
 
     fig, ax = plt.subplots(figsize=figsize, dpi=check_positive_int("dpi", dpi))
-    _square(ax, lim)
+    square_axes(ax, lim)
     ax.set_xticks([])
     ax.set_yticks([])
     title = ax.set_title("t = 0.00")  # set before tight_layout so the layout leaves room for it
