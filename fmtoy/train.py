@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import runcache
 from ._checks import check_choice, check_positive, check_positive_int
 from .data import Distribution, StandardNormal, get_dataset, list_datasets
 from .device import make_generator, resolve_device
@@ -120,6 +121,7 @@ class FitResult:
     modules: dict[str, nn.Module | None] = field(default_factory=dict)
     threads: dict[int, int] = field(default_factory=dict)
     config: object | None = None
+    cached: bool = False  # loaded from the run cache (fmtoy.runcache), not trained by this call
 
     def final(self, part: str = "loss", last: int = 100) -> float:
         """Mean of the last `last` steps of the loss (part="loss") or of a loss part (e.g. "kl"): where training
@@ -407,7 +409,14 @@ def check_config(config: object, cls: type) -> None:
 
 def run_config(fit_fn: Callable[..., FitResult], config: object, *args, **extra) -> FitResult:
     """fit_fn(*args, **the config fields fit_fn takes, **extra) with the config attached to the result: how each
-    train_<method>(config) hands its recipe to its fit_<method> loop."""
+    train_<method>(config) hands its recipe to its fit_<method> loop. args must be built from the config alone (the
+    model, the data): with FMTOY_RUN_CACHE set, a run of the same config is loaded instead (fmtoy.runcache)."""
+    key = None
+    if runcache.folder() is not None and set(extra) <= {"progress"}:
+        key = runcache.run_key(f"{fit_fn.__module__}.{fit_fn.__qualname__}", config, str(resolve_device(config.device)))
+        hit = runcache.load(key)
+        if isinstance(hit, FitResult):
+            return hit
     params = inspect.signature(fit_fn).parameters
     takes = list(params)[len(args) :]  # not those given positionally (model, path, ...)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # fit_<method>(..., **options): FitConfig's fields too
@@ -415,6 +424,8 @@ def run_config(fit_fn: Callable[..., FitResult], config: object, *args, **extra)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in takes}
     result = fit_fn(*args, **fields, **extra)
     result.config = copy.deepcopy(config)
+    if key is not None:
+        runcache.store(key, result)
     return result
 
 

@@ -33,6 +33,13 @@ def literal_docstrings(app, what, name, obj, options, lines: list[str]) -> None:
         lines[:] = ["::", ""] + [("    " + line) if line else "" for line in body] + [""]
 
 
+def share_trainings_within_the_build(app, config) -> None:
+    """The kernels this build starts inherit FMTOY_RUN_CACHE=<build>/fmtoy-runs (unless set): a recipe that several
+    chapters train (the playground's default model) is trained once per build and loaded by the others
+    (fmtoy.runcache; the key holds the recipe, fmtoy's source, torch's version and the device)."""
+    os.environ.setdefault("FMTOY_RUN_CACHE", str(Path(app.outdir).parent / "fmtoy-runs"))
+
+
 def launch_buttons_need_a_repository(app, config) -> None:
     """Launch buttons are driven by one setting, repository.url: without it they are switched off (the theme would
     otherwise fail on an empty URL)."""
@@ -185,6 +192,7 @@ def write_execution_times(app, exception) -> None:
 def setup(app):
     app.connect("autodoc-process-docstring", literal_docstrings)
     app.connect("config-inited", launch_buttons_need_a_repository)
+    app.connect("config-inited", share_trainings_within_the_build)
     app.connect("html-page-context", offer_notebook_download, priority=500)
     app.connect("html-page-context", drop_unused_thebe_scripts, priority=900)
     app.connect("env-before-read-docs", forget_earlier_executions)
