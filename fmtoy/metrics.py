@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ._checks import check_points, check_positive, check_positive_int
@@ -46,6 +45,8 @@ def w2(x: Tensor, y: Tensor) -> float:
             f"w2 solves an O(n^3) assignment problem; n = {len(x)} exceeds {W2_MAX_POINTS}, subsample the sets"
         )
     cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square_().cpu().numpy()
+    from scipy.optimize import linear_sum_assignment  # imported on first use (0.3 s)
+
     rows, cols = linear_sum_assignment(cost)
     return math.sqrt(float(np.mean(cost[rows, cols])))
 
