@@ -41,6 +41,30 @@ def method_of(config: object) -> str:
     raise TypeError(f"config must be one of {allowed}, got {type(config).__name__}")
 
 
+def data_dim(config: object) -> int:
+    """The dimension of the run's data: its data set's (CFM, shortcut, MeanFlow) or its setting's (VRFM)."""
+    from .data import get_dataset
+    from .methods.vrfm import get_setting
+
+    return get_setting(config.setting).target.dim if method_of(config) == "vrfm" else get_dataset(config.data).dim
+
+
+def check_weights(state: dict[str, torch.Tensor], dim: object, config: object, where: str) -> None:
+    """ValueError unless every weight is finite and the network's dimension is its data's."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{where}: the weights {bad[0]!r} are not finite (NaN or inf): the training diverged; a lower lr helps"
+        )
+    want = data_dim(config)
+    if dim != want:
+        raise ValueError(f"{where}: the network is {dim}-dimensional but its data ({_data_name(config)}) are {want}D")
+
+
+def _data_name(config: object) -> str:
+    return config.setting if method_of(config) == "vrfm" else config.data
+
+
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -62,14 +86,17 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, conf
             f"the model ({type(model).__name__}, hidden={getattr(model, 'hidden', '?')}, depth="
             f"{getattr(model, 'depth', '?')}) does not match the config (hidden={config.hidden}, depth={config.depth})"
         )
+    state, ema_state = _cpu_state(model), _cpu_state(ema) if ema is not None else None
+    for part in (state, ema_state or {}):
+        check_weights(part, dim, config, "save_checkpoint")
     payload = {
         "format": FORMAT,
         "fmtoy_version": __version__,
         "method": method,
         "config": dataclasses.asdict(config),
         "dim": dim,
-        "state_dict": _cpu_state(model),
-        "ema_state_dict": _cpu_state(ema) if ema is not None else None,
+        "state_dict": state,
+        "ema_state_dict": ema_state,
     }
     path = Path(file)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -117,12 +144,21 @@ def load_checkpoint(
         size = (ckpt["model_kwargs"]["hidden"], ckpt["model_kwargs"]["depth"]) if fmt == V1 else None
         if size is not None and size != (config.hidden, config.depth):
             raise ValueError("the model size disagrees with the config")
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
+    if ckpt["dim"] != data_dim(config):
+        raise ValueError(
+            f"{file!s}: the network is {ckpt['dim']}-dimensional but its data ({_data_name(config)}) are "
+            f"{data_dim(config)}D"
+        )
+    try:
         model = build(config, ckpt["dim"])
         state = ckpt["ema_state_dict"] if use_ema and ckpt["ema_state_dict"] is not None else ckpt["state_dict"]
         model.load_state_dict(state)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
+    check_weights(state, ckpt["dim"], config, str(file))
     return model.to(dev).eval(), config
 
 
-__all__ = ["FORMAT", "METHODS", "method_of", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "METHODS", "method_of", "data_dim", "check_weights", "save_checkpoint", "load_checkpoint"]

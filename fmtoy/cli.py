@@ -2,7 +2,7 @@
 `fmtoy: error: ...` and exit 2.
 
     fmtoy train --data eight_gaussians --path ot --steps 5000 --out runs/x
-    fmtoy sample --run runs/x --n 2000 --steps 8 --solver euler --out samples.png
+    fmtoy sample --run runs/x --n 2000 --out samples.png    # midpoint, 4 steps (NFE 8)
     fmtoy animate --run runs/x --out anim.gif
     fmtoy assign --out assignments                      # student + instructor notebooks of every chapter
     fmtoy grade assignments/release/ch5_paths/ch5_paths.ipynb --json grade.json
@@ -14,7 +14,10 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,43 @@ SAMPLE_FORMATS = (".csv", ".npy", ".png")
 
 class UsageError(Exception):
     """A bad command line (argparse's complaint), reported as one line."""
+
+
+# Ranges of the numeric options: wide enough for any toy run, narrow enough that a typo fails before any work.
+MAX_STEPS, MAX_N, MAX_BATCH, MAX_HIDDEN, MAX_DEPTH, MAX_SEED = 10**7, 10**7, 10**6, 8192, 64, 2**63 - 1
+MAX_SOLVER_STEPS, MAX_TRAJECTORY_BYTES = 10**5, 2 * 1024**3  # animate keeps every particle at every step
+
+
+def _int_in(option: str, lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], else one line naming the option and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise UsageError(f"{option} must be an integer in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(option: str, lo: float, hi: float, low_open: bool = True):
+    """An argparse type: a finite number in (lo, hi] (or [lo, hi]), else one line naming the option and the range."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (lo < value if low_open else lo <= value) and value <= hi
+        if not ok:
+            bracket = "(" if low_open else "["
+            raise UsageError(f"{option} must be a number in {bracket}{lo:g}, {hi:g}], got {text!r}")
+        return value
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,15 +87,41 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="cfm", help="cfm (default), shortcut, meanflow or vrfm (chapters 6-7)")
     t.add_argument("--data", default=None, help=f"data set (default {d.data}; vrfm: a setting, default hexagon_2d)")
     t.add_argument("--path", default=None, help=f"cfm only: probability path ot, ve, vp (default {d.path})")
-    t.add_argument("--steps", type=int, default=None, help=f"training steps (default: the method's, cfm {d.steps})")
-    t.add_argument("--batch-size", type=int, default=None, help=f"default: the method's, cfm {d.batch_size}")
-    t.add_argument("--lr", type=float, default=None, help=f"default: the method's, cfm {d.lr}")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--sigma-min", type=float, default=None, help=f"cfm only (default {d.sigma_min})")
-    t.add_argument("--ema", type=float, default=None, help="cfm only: EMA decay, e.g. 0.999 (default: no EMA)")
+    t.add_argument(
+        "--steps",
+        type=_int_in("--steps", 1, MAX_STEPS),
+        default=None,
+        help=f"training steps (default: the method's, cfm {d.steps})",
+    )
+    t.add_argument(
+        "--batch-size",
+        type=_int_in("--batch-size", 1, MAX_BATCH),
+        default=None,
+        help=f"default: the method's, cfm {d.batch_size}",
+    )
+    t.add_argument(
+        "--lr", type=_float_in("--lr", 0, 10), default=None, help=f"learning rate (default: the method's, cfm {d.lr})"
+    )
+    t.add_argument("--seed", type=_int_in("--seed", 0, MAX_SEED), default=d.seed, help=f"default {d.seed}")
+    t.add_argument(
+        "--sigma-min",
+        type=_float_in("--sigma-min", 0, 1, low_open=False),
+        default=None,
+        help=f"cfm only (default {d.sigma_min})",
+    )
+    t.add_argument(
+        "--ema",
+        type=_float_in("--ema", 0, 0.999999),
+        default=None,
+        help="cfm only: EMA decay, e.g. 0.999 (default: no EMA)",
+    )
     t.add_argument("--coupling", default=None, help=f"cfm only: independent or ot (default {d.coupling})")
-    t.add_argument("--hidden", type=int, default=None, help=f"default: the method's, cfm {d.hidden}")
-    t.add_argument("--depth", type=int, default=None, help=f"default: the method's, cfm {d.depth}")
+    t.add_argument(
+        "--hidden", type=_int_in("--hidden", 1, MAX_HIDDEN), default=None, help=f"default: the method's, cfm {d.hidden}"
+    )
+    t.add_argument(
+        "--depth", type=_int_in("--depth", 1, MAX_DEPTH), default=None, help=f"default: the method's, cfm {d.depth}"
+    )
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--threads", default=None, help=THREADS_HELP)
     t.add_argument("--out", default=None, help="run folder (default runs/<data>_<path>)")
@@ -72,15 +138,24 @@ def _build_parser() -> argparse.ArgumentParser:
             required=True,
             help="output file: " + (".npy, .csv or .png" if name == "sample" else ".gif, .mp4 (needs ffmpeg) or .html"),
         )
-        s.add_argument("--n", type=int, default=2000 if name == "sample" else 500, help="number of particles")
-        s.add_argument("--steps", type=int, default=8 if name == "sample" else 40, help="ODE solver steps")
-        s.add_argument("--solver", default="euler" if name == "sample" else "midpoint", help="euler, midpoint, rk4")
-        s.add_argument("--seed", type=int, default=0)
+        n, steps, solver = (2000, 4, "midpoint") if name == "sample" else (500, 40, "midpoint")
+        s.add_argument("--n", type=_int_in("--n", 1, MAX_N), default=n, help=f"number of particles (default {n})")
+        s.add_argument(
+            "--steps",
+            type=_int_in("--steps", 1, MAX_SOLVER_STEPS),
+            default=steps,
+            help=f"solver steps (default {steps}: with midpoint, {2 * steps} network evaluations (NFE); euler costs 1 "
+            "NFE a step, midpoint 2, rk4 4; shortcut and MeanFlow runs take `steps` network evaluations)",
+        )
+        s.add_argument("--solver", default=solver, help=f"euler, midpoint or rk4 (default {solver}; CFM and VRFM runs)")
+        s.add_argument("--seed", type=_int_in("--seed", 0, MAX_SEED), default=0, help="default 0")
         s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
         s.add_argument("--threads", default=None, help=THREADS_HELP)
     a = sub.choices["animate"]
-    a.add_argument("--max-frames", type=int, default=30, help="frames in the animation (default 30)")
-    a.add_argument("--fps", type=float, default=10.0)
+    a.add_argument("--max-frames", type=_int_in("--max-frames", 1, 1000), default=30, help="frames (default 30)")
+    a.add_argument(
+        "--fps", type=_float_in("--fps", 0.1, 100, low_open=False), default=10.0, help="frames per second (default 10)"
+    )
 
     sub.add_parser("list", help="list the data sets, paths, solvers and couplings")
 
@@ -96,7 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter it names",
     )
     r.add_argument("--json", default=None, help="also write the result as JSON to this file (for an LMS)")
-    r.add_argument("--timeout", type=float, default=60.0, help="seconds per cell (default 60)")
+    r.add_argument("--timeout", type=_int_in("--timeout", 1, 86400), default=60, help="seconds per cell (default 60)")
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
     b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
     b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
@@ -239,6 +314,8 @@ def _run_data(config):
 def _flow(args: argparse.Namespace, trajectory: bool):
     """x_0 ~ p_0 of the run (seeded) pushed through the learned flow with args.steps steps: the ODE solver for CFM
     and VRFM (z drawn once per particle), the N-step sampler for shortcut and MeanFlow models."""
+    import torch
+
     from .checkpoints import method_of
     from .device import make_generator
     from .methods.meanflow import sample_meanflow
@@ -250,6 +327,12 @@ def _flow(args: argparse.Namespace, trajectory: bool):
     nfe(args.solver, steps)  # validates the solver name before any work
     model, config, dev = _load_run(args.run, args.device)
     _, _, source = _run_data(config)
+    size = n * (steps + 1) * source.dim * 4
+    if trajectory and size > MAX_TRAJECTORY_BYTES:
+        raise ValueError(
+            f"--n {n} particles x --steps {steps} would keep {size / 1024**3:.1f} GiB of trajectory; "
+            f"allowed: at most {MAX_TRAJECTORY_BYTES // 1024**3} GiB (fewer --n or --steps)"
+        )
     gen = make_generator(args.seed, dev)
     x0 = source.sample(n, generator=gen, device=dev)
     threads, method = _threads(args.threads), method_of(config)
@@ -262,7 +345,24 @@ def _flow(args: argparse.Namespace, trajectory: bool):
         x = sample_vrfm(model, x0, steps, args.solver, generator=gen, return_trajectory=trajectory)
     else:
         x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=threads)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"the model of {args.run!r} gives non-finite samples (NaN or inf): its weights are damaged or its training "
+            "diverged; train it again (e.g. with a lower --lr)"
+        )
     return x.cpu(), config, model, time.perf_counter() - start
+
+
+def _write_atomically(out: Path, write) -> None:
+    """write(binary file) into a temporary file beside `out`, then rename it to `out`: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -278,9 +378,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = x.double().numpy()
     if out.suffix.lower() == ".npy":
-        np.save(out, arr)
+        _write_atomically(out, lambda f: np.save(f, arr))  # exactly `out` (np.save(name) would append .npy)
     elif out.suffix.lower() == ".csv":
-        np.savetxt(out, arr, delimiter=",", header="x,y", comments="")
+        header = ",".join(
+            ("x", "y")[: arr.shape[1]] if arr.shape[1] <= 2 else [f"x{i + 1}" for i in range(arr.shape[1])]
+        )
+        _write_atomically(out, lambda f: np.savetxt(f, arr, delimiter=",", header=header, comments=""))
     else:
         _use_agg()
         import matplotlib.pyplot as plt
@@ -301,7 +404,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             s=3,
             title=f"{name}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
         )
-        fig.savefig(out, dpi=100, bbox_inches="tight")
+        _write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
     print(
         f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "

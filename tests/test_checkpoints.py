@@ -118,3 +118,21 @@ def test_cfm_only_options_are_refused_for_other_methods(capsys):
     assert "--path applies to --method cfm only" in capsys.readouterr().err
     assert main(["train", "--method", "diffusion"]) == 2
     assert "unknown method 'diffusion'; allowed: cfm, meanflow, shortcut, vrfm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", RUNS)
+def test_non_finite_weights_are_refused(method, tmp_path):
+    result = RUNS[method]()
+    with torch.no_grad():
+        next(result.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="are not finite"):
+        save_checkpoint(tmp_path / "m.pt", result)
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+
+
+def test_a_network_of_another_dimension_than_its_data_is_refused(tmp_path):
+    result = RUNS["vrfm"]()  # hexagon_2d: a 2D network
+    config = dataclasses.replace(result.config, setting="two_modes_1d")
+    with pytest.raises(ValueError, match="network is 2-dimensional but its data .two_modes_1d. are 1D"):
+        save_checkpoint(tmp_path / "m.pt", result.model, config)
+    assert not list(tmp_path.iterdir())

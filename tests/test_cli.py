@@ -152,40 +152,131 @@ def test_animate_html_player(run, tmp_path):
 
 
 def _bad_cases():
-    cases = [
+    """At least 100 bad command lines: every numeric option out of range or not a number, every unknown name, every
+    kind of damaged run file, sizes that cannot fit; (argv, a text the one-line error must contain)."""
+    cases = []
+    ints = {
+        "train": {"--steps": "0", "--batch-size": "0", "--hidden": "0", "--depth": "0", "--seed": "-1"},
+        "sample": {"--n": "0", "--steps": "0", "--seed": "-1"},
+        "animate": {"--n": "0", "--steps": "0", "--seed": "-1", "--max-frames": "0"},
+    }
+    for cmd, options in ints.items():
+        base = (
+            [cmd]
+            if cmd == "train"
+            else [cmd, "--run", "{run}", "--out", "{tmp}/s." + ("npy" if cmd == "sample" else "gif")]
+        )
+        for option, low in options.items():
+            for value in (low, "-7", "abc", "1.5", "1e400", "99999999999999999999999", ""):
+                cases.append(([*base, option, value], f"{option} must be an integer in ["))
+    floats = {
+        ("train", "--lr"): ("0", "-1", "11"),
+        ("train", "--sigma-min"): ("-0.1", "1.5"),
+        ("train", "--ema"): ("0", "1", "-0.5"),
+        ("animate", "--fps"): ("0", "1e-9", "1e9"),
+    }
+    for (cmd, option), lows in floats.items():
+        base = ["train"] if cmd == "train" else [cmd, "--run", "{run}", "--out", "{tmp}/s.gif"]
+        for value in (*lows, "nan", "inf", "abc", "1e400"):
+            cases.append(([*base, option, value], f"{option} must be a number in "))
+        cases.append(([*base, option, "-inf"], f"argument {option}: expected one argument"))  # argparse: a flag?
+    for value in ("2.5", "0", "nan", "inf", "abc"):
+        cases.append((["grade", "{tmp}/student.ipynb", "--timeout", value], "--timeout must be an integer in ["))
+    cases += [
         (["train", "--data", "mnist"], "unknown dataset 'mnist'"),
         (["train", "--path", "linear"], "unknown path 'linear'"),
         (["train", "--coupling", "sinkhorn"], "unknown coupling"),
-        (["train", "--steps", "0"], "steps must be a positive integer"),
-        (["train", "--steps", "-5"], "steps must be a positive integer"),
-        (["train", "--steps", "many"], "invalid int value"),
-        (["train", "--lr", "0"], "lr must be"),
+        (["train", "--method", "gan"], "unknown method 'gan'"),
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "--threads", "lots"], "threads must be 'auto' or a positive integer"),
         (["train", "--path", "vp", "--sigma-min", "0.1"], "sigma_min"),
+        (["train", "--method", "shortcut", "--path", "vp"], "--path applies to --method cfm only"),
+        (["train", "--method", "vrfm", "--data", "eight_gaussians_3d"], "unknown"),
         (["sample", "--run", "{missing}", "--out", "{tmp}/s.npy"], "not found"),
         (["sample", "--run", "{run}", "--out", "{tmp}/s.txt"], "unsupported extension"),
-        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--steps", "0"], "--steps must be a positive integer"),
-        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--n", "0"], "--n must be a positive integer"),
         (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--solver", "heun"], "unknown solver 'heun'"),
+        (["animate", "--run", "{run}", "--out", "{tmp}/s.gif", "--solver", "heun"], "unknown solver 'heun'"),
+        (["sample", "--run", "{run}", "--out", "{tmp}/s.npy", "--device", "tpu"], "unknown device 'tpu'"),
         (["sample", "--out", "{tmp}/s.npy"], "required: --run"),
         (["animate", "--run", "{run}", "--out", "{tmp}/a.avi"], ".gif, .html, .mp4"),
+        (
+            ["animate", "--run", "{run}", "--out", "{tmp}/s.gif", "--n", "10000000", "--steps", "100000"],
+            "GiB of trajectory",
+        ),
+        (["assign", "--book", "{missing}", "--out", "{tmp}/s"], "does not exist"),
+        (["assign", "--book", "{run}/model.pt", "--out", "{tmp}/s"], "is not a folder"),
+        (["assign", "--book", "{tmp}", "--out", "{tmp}/s"], "holds no chapter"),
         (["bogus"], "invalid choice"),
         ([], "required"),
     ]
+    cases += [(["sample", "--run", "{tmp}/" + kind, "--out", "{tmp}/s.npy"], text) for kind, text in DAMAGED.items()]
     if not torch.cuda.is_available():
         cases.append((["train", "--device", "cuda"], "CUDA is not available"))
     return cases
 
 
+# Damaged run folders: kind -> what the one-line error says (each is written by _damage from a good run).
+DAMAGED = {
+    "truncated": "the file is damaged",
+    "empty": "the file is damaged",
+    "text": "the file is damaged",
+    "random": "the file is damaged",
+    "a_list": "is not an fmtoy checkpoint",
+    "wrong_format": "is not an fmtoy checkpoint",
+    "missing_keys": "missing the entries",
+    "unknown_method": "unknown method 'gan'",
+    "wrong_shapes": "inconsistent fmtoy checkpoint",
+    "nan_weights": "are not finite",
+    "dim_3": "network is 3-dimensional but its data (eight_gaussians) are 2D",
+    "huge_weights": "gives non-finite samples",
+    "no_model": "has no model.pt",
+}
+
+
+def _damage(run, folder, kind: str) -> None:
+    """Write run folder `folder` holding the kind of damage `kind` done to the good run's model.pt."""
+    import os
+
+    folder.mkdir()
+    good = (run / "model.pt").read_bytes()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    file = folder / "model.pt"
+    first = next(iter(ckpt["state_dict"]))
+    state = lambda f: {**ckpt, "state_dict": {k: f(k, v) for k, v in ckpt["state_dict"].items()}}  # noqa: E731
+    payload = {
+        "a_list": [1, 2, 3],
+        "wrong_format": {**ckpt, "format": "something-else"},
+        "missing_keys": {k: v for k, v in ckpt.items() if k != "state_dict"},
+        "unknown_method": {**ckpt, "method": "gan"},
+        "wrong_shapes": state(lambda k, v: v[:1] if k == first else v),
+        "nan_weights": state(lambda k, v: v * math.nan if k == first else v),
+        "dim_3": {**ckpt, "dim": 3},
+        "huge_weights": state(lambda k, v: v * 1e30 if v.ndim == 2 else v),
+    }.get(kind)
+    if payload is not None:
+        torch.save(payload, file)
+    elif kind != "no_model":
+        file.write_bytes(
+            {"truncated": good[: len(good) // 2], "empty": b"", "text": b"hello\n", "random": os.urandom(999)}[kind]
+        )
+
+
 @pytest.mark.parametrize("argv, message", _bad_cases())
 def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys, argv, message):
+    if "{tmp}/" in " ".join(argv) and "--run" in argv and argv[argv.index("--run") + 1][6:] in DAMAGED:
+        _damage(run, tmp_path / argv[argv.index("--run") + 1][6:], argv[argv.index("--run") + 1][6:])
     argv = [a.format(run=run, tmp=tmp_path, missing=tmp_path / "nope") for a in argv]
     argv += ["--out", str(tmp_path / "out")] if argv[:1] == ["train"] else []
+    before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fmtoy: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert message in err
-    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("s.*")) and not any(tmp_path.glob("a.*"))
+    assert err.startswith("fmtoy: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, not even a temporary file
+
+
+def test_at_least_a_hundred_bad_command_lines_are_checked():
+    assert len(_bad_cases()) >= 100
 
 
 def _cli(args, env_threads=None, tmp_path=None):
@@ -227,3 +318,35 @@ def test_sampling_starts_from_the_paths_own_source(tmp_path):
     sample_run(str(out), str(tmp_path / "x.npy"), "--n", "4000", "--steps", "1", "--solver", "euler")
     x = np.load(tmp_path / "x.npy")
     assert 8.0 < x.std(0).min() < 13.0, x.std(0)
+
+
+def test_the_default_sampler_is_the_better_one_for_its_cost(capsys):
+    """Default `fmtoy sample`: midpoint with 4 steps, 8 network evaluations like Euler-8 but without its
+    discretisation error (measured on the exact field of eight Gaussians, where the model plays no part)."""
+    from fmtoy.cli import _build_parser
+    from fmtoy.data import get_dataset
+    from fmtoy.marginal import ExactField
+    from fmtoy.metrics import energy_distance
+    from fmtoy.paths import get_path
+    from fmtoy.solvers import nfe
+
+    args = _build_parser().parse_args(["sample", "--run", "r", "--out", "o.npy"])
+    assert (args.solver, args.steps) == ("midpoint", 4) and nfe("midpoint", 4) == nfe("euler", 8) == 8
+    q = get_dataset("eight_gaussians")
+    exact, x0 = ExactField(get_path("ot"), q), torch.randn(3000, 2, generator=make_generator(0), dtype=torch.float64)
+    ref = q.sample(3000, generator=make_generator(1)).double()
+    ed = {s: energy_distance(integrate(exact, x0, n, s), ref) for s, n in (("midpoint", 4), ("euler", 8))}
+    assert ed["midpoint"] < ed["euler"] / 3, ed
+    assert main(["sample", "--help"]) == 0
+    assert "default 4: with midpoint, 8 network evaluations (NFE)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_sample_writes_exactly_the_named_file_with_a_header_per_dimension(run, tmp_path, capsys):
+    sample_run(run, tmp_path / "UP.NPY", "--n", "10")
+    assert [p.name for p in tmp_path.iterdir()] == ["UP.NPY"] and np.load(tmp_path / "UP.NPY").shape == (10, 2)
+    assert str(tmp_path / "UP.NPY") in capsys.readouterr().out
+    one_d = tmp_path / "vrfm1d"
+    assert main(["train", "--method", "vrfm", "--data", "two_modes_1d", "--steps", "5", "--out", str(one_d)]) == 0
+    sample_run(one_d, tmp_path / "s.csv", "--n", "7")
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0] == "x" and len(lines) == 8 and all(len(x.split(",")) == 1 for x in lines[1:])

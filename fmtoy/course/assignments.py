@@ -264,9 +264,14 @@ def write_assignments(book_dir: str | Path, out_dir: str | Path) -> dict[str, di
     layout) and out_dir/release/<ch>/<ch>.ipynb (student); return and write out_dir/assignments.json (points)."""
     import nbformat
 
-    out_dir = Path(out_dir)
+    out_dir, book = Path(out_dir), Path(book_dir)
+    if not book.is_dir():
+        raise ValueError(f"book folder {str(book)!r} {'is not a folder' if book.exists() else 'does not exist'}")
+    chapters = chapters_with_exercises(book)
+    if not chapters:
+        raise ValueError(f"book folder {str(book)!r} holds no chapter .md with graded exercises")
     summary: dict[str, dict] = {}
-    for path in chapters_with_exercises(book_dir):
+    for path in chapters:
         nb = read_chapter(path)
         for edition, make in (("source", instructor_notebook), ("release", student_notebook)):
             target = out_dir / edition / path.stem / f"{path.stem}.ipynb"
