@@ -28,6 +28,7 @@ from torch import Tensor
 from ._checks import check_points, check_time
 from .data import GaussianMixture, StandardNormal
 from .paths import GaussianPath
+from .threads import under_policy
 
 LOG_2PI = math.log(2 * math.pi)
 _CHUNK = 1 << 21  # max elements of a (rows, K_src, K_tgt) temporary (times d * d on the general path)
@@ -135,6 +136,7 @@ def _pairs(
     return logits, lambda w: (w[..., None] * ev).sum((1, 2))
 
 
+@under_policy
 def _evaluate(
     x: Tensor,
     t: float | Tensor,

@@ -13,6 +13,7 @@ from torch import Tensor
 from ._checks import check_points, check_positive, check_positive_int
 from .data import StandardNormal
 from .solvers import STAGES, Velocity, integrate, log_likelihood, steps_for_nfe
+from .threads import under_policy
 
 W2_MAX_POINTS = 10_000  # the assignment problem costs O(n^3) time and an n x n matrix of memory
 _CHUNK = 1 << 22  # max entries of one block of pairwise distances
@@ -65,6 +66,7 @@ def _mean_pairwise(x: Tensor, y: Tensor, same: bool, kernel=None) -> float:
     return total / (n * (n - 1))
 
 
+@under_policy
 def energy_distance(x: Tensor, y: Tensor) -> float:
     """Unbiased energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics, i != j): mean 0 when p = q."""
     x, y = _pair(x, y, min_points=2)

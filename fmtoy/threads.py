@@ -26,6 +26,7 @@ PROBE = 4  # timed steps per candidate (after one warm-up step)
 RECHECK = 2.0  # seconds between measurements
 _IMPORT_THREADS = torch.get_num_threads()  # torch's own choice, unless the user changed it before importing fmtoy
 _VERDICT: dict[str, float] = {"threads": 0, "until": 0.0}  # the last measured winner and how long it holds
+_ACTIVE = [0]  # loops (thread_policy) and one-shot calls (follow_policy) running now: inner ones change nothing
 
 
 def _parse(value: object, where: str) -> str | int:
@@ -115,14 +116,51 @@ def thread_policy(threads: str | int | None = None, device: torch.device | str =
     """Apply the policy to the loop inside (tick() once per step); torch's thread count is restored afterwards."""
     saved = torch.get_num_threads()
     mode, candidates = resolve_threads(threads)
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or (_ACTIVE[0] and threads is None):  # inside another fmtoy loop: its count
         mode, candidates = "keep", (saved,)
     tuner = ThreadTuner(mode, candidates)
+    _ACTIVE[0] += 1
     try:
         yield tuner
     finally:
+        _ACTIVE[0] -= 1
         if torch.get_num_threads() != saved:
             torch.set_num_threads(saved)
+
+
+@contextmanager
+def follow_policy(threads: str | int | None = None) -> Iterator[int]:
+    """The policy for a one-shot computation (no steps to time): a fixed choice as in thread_policy, under "auto" the
+    count the latest loop measured (torch's own count before any loop has); nothing inside another fmtoy loop."""
+    saved = torch.get_num_threads()
+    mode, candidates = resolve_threads(threads)
+    n = saved
+    if not (_ACTIVE[0] and threads is None):
+        if mode == "fixed":
+            n = candidates[0]
+        elif mode == "auto" and _VERDICT["threads"]:
+            n = int(_VERDICT["threads"])
+    if n != saved:
+        torch.set_num_threads(n)
+    _ACTIVE[0] += 1
+    try:
+        yield n
+    finally:
+        _ACTIVE[0] -= 1
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
+def under_policy(fn):
+    """Decorator: run fn under follow_policy() (its `threads` keyword, if it has one, is the choice)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with follow_policy(kwargs.get("threads")):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def describe(threads: str | int | None = None) -> str:
@@ -135,4 +173,14 @@ def describe(threads: str | int | None = None) -> str:
     return f"keep: {candidates[0]} thread(s), the user's setting ({user_setting() or 'a single core'})"
 
 
-__all__ = ["ENV", "check_threads", "user_setting", "resolve_threads", "ThreadTuner", "thread_policy", "describe"]
+__all__ = [
+    "ENV",
+    "check_threads",
+    "user_setting",
+    "resolve_threads",
+    "ThreadTuner",
+    "thread_policy",
+    "follow_policy",
+    "under_policy",
+    "describe",
+]

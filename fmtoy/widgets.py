@@ -11,6 +11,7 @@ from ._checks import check_choice
 from .data import DATASETS, list_datasets
 from .paths import list_paths
 from .solvers import SOLVERS
+from .threads import follow_policy
 
 NFE_CHOICES = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256 velocity evaluations
 _STYLE = {"description_width": "initial"}
@@ -113,7 +114,8 @@ def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget
         import matplotlib.pyplot as plt
 
         before = set(plt.get_fignums())
-        draw_fn(**values)
+        with follow_policy():
+            draw_fn(**values)
         if matplotlib.get_backend().lower() == "agg":
             for num in set(plt.get_fignums()) - before:  # nothing shows them: don't leak figures
                 plt.close(num)
@@ -153,7 +155,8 @@ def static_sweep(
         before = set(plt.get_fignums())
         plt.show = lambda *args, **kwargs: None  # draw_fn may call plt.show(), which would close the figure
         try:
-            draw_fn(**fixed, **{name: value})
+            with follow_policy():
+                draw_fn(**fixed, **{name: value})
         finally:
             plt.show = show
         new = sorted(set(plt.get_fignums()) - before)

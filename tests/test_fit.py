@@ -233,3 +233,45 @@ def test_final_is_the_mean_of_the_last_steps():
     assert res.final("kl", 2) == pytest.approx(sum(res.kl[-2:]) / 2)
     with pytest.raises(ValueError, match="no loss part 'nll'; this run has: loss, mse, kl"):
         res.final("nll")
+
+
+def test_one_shot_computations_follow_the_latest_measured_verdict(monkeypatch):
+    """energy_distance, the exact marginal, gradient_agreement and widget frames have no steps to time: under "auto"
+    they run on the count the latest loop measured, a fixed choice wins, and inside a loop they change nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fmtoy import marginal, metrics, widgets
+    from fmtoy.teaching import objectives
+
+    seen = []
+    real = metrics._mean_pairwise
+    monkeypatch.setattr(metrics, "_mean_pairwise", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(TH, "_IMPORT_THREADS", 2)  # as on a machine with 2 cores
+    monkeypatch.setenv(TH.ENV, "auto")
+    x = torch.randn(50, 2)
+    for verdict, want in ((0, 1), (2, 2), (1, 1)):  # no loop yet: torch's count (1 in this session)
+        monkeypatch.setattr(TH, "_VERDICT", {"threads": verdict, "until": 0.0})
+        seen.clear()
+        metrics.energy_distance(x, x + 1)
+        assert set(seen) == {want} and torch.get_num_threads() == 1, (verdict, seen)
+    monkeypatch.setattr(TH, "_VERDICT", {"threads": 2, "until": 0.0})
+    frames = []
+
+    def draw(t):
+        frames.append(torch.get_num_threads())
+        plt.subplots(figsize=(1, 1))
+
+    widgets.static_sweep(draw, "t", [0.1, 0.2])
+    assert frames == [2, 2] and torch.get_num_threads() == 1
+    with TH.thread_policy(1):  # inside an fmtoy loop: the loop's count
+        seen.clear()
+        metrics.energy_distance(x, x + 1)
+        assert set(seen) == {1}
+    monkeypatch.setenv(TH.ENV, "3")  # a fixed choice wins over the verdict
+    seen.clear()
+    metrics.energy_distance(x, x + 1)
+    assert set(seen) == {3} and torch.get_num_threads() == 1
+    assert all(hasattr(f, "__wrapped__") for f in (marginal._evaluate, objectives.gradient_agreement))

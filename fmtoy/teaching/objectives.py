@@ -21,6 +21,7 @@ from ..data import Distribution, GaussianMixture
 from ..device import make_generator
 from ..marginal import marginal_velocity
 from ..paths import GaussianPath
+from ..threads import under_policy
 from ..train import FitConfig, fit
 
 Discrepancy = Callable[[Tensor, Tensor], Tensor]
@@ -211,6 +212,7 @@ def _draw(
     return x0, x1, tt
 
 
+@under_policy
 def gradient_agreement(
     model: nn.Module,
     path: GaussianPath,
