@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ._files import write_atomically
 from ._version import __version__
 from .device import resolve_device
 from .methods.meanflow import MeanFlowConfig, MeanFlowMLP
@@ -49,13 +48,17 @@ def data_dim(config: object) -> int:
     return get_setting(config.setting).target.dim if method_of(config) == "vrfm" else get_dataset(config.data).dim
 
 
-def check_weights(state: dict[str, torch.Tensor], dim: object, config: object, where: str) -> None:
-    """ValueError unless every weight is finite and the network's dimension is its data's."""
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """ValueError unless every floating-point weight is finite."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(
             f"{where}: the weights {bad[0]!r} are not finite (NaN or inf): the training diverged; a lower lr helps"
         )
+
+
+def check_dim(dim: object, config: object, where: str) -> None:
+    """ValueError unless the network's dimension is its data's."""
     want = data_dim(config)
     if dim != want:
         raise ValueError(f"{where}: the network is {dim}-dimensional but its data ({_data_name(config)}) are {want}D")
@@ -87,8 +90,9 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, conf
             f"{getattr(model, 'depth', '?')}) does not match the config (hidden={config.hidden}, depth={config.depth})"
         )
     state, ema_state = _cpu_state(model), _cpu_state(ema) if ema is not None else None
+    check_dim(dim, config, "save_checkpoint")
     for part in (state, ema_state or {}):
-        check_weights(part, dim, config, "save_checkpoint")
+        check_finite(part, "save_checkpoint")
     payload = {
         "format": FORMAT,
         "fmtoy_version": __version__,
@@ -98,17 +102,7 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, conf
         "state_dict": state,
         "ema_state_dict": ema_state,
     }
-    path = Path(file)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(file, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(
@@ -146,19 +140,24 @@ def load_checkpoint(
             raise ValueError("the model size disagrees with the config")
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
-    if ckpt["dim"] != data_dim(config):
-        raise ValueError(
-            f"{file!s}: the network is {ckpt['dim']}-dimensional but its data ({_data_name(config)}) are "
-            f"{data_dim(config)}D"
-        )
+    check_dim(ckpt["dim"], config, str(file))
     try:
         model = build(config, ckpt["dim"])
         state = ckpt["ema_state_dict"] if use_ema and ckpt["ema_state_dict"] is not None else ckpt["state_dict"]
         model.load_state_dict(state)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{file!s}: inconsistent fmtoy checkpoint: {type(e).__name__}: {e}") from e
-    check_weights(state, ckpt["dim"], config, str(file))
+    check_finite(state, str(file))
     return model.to(dev).eval(), config
 
 
-__all__ = ["FORMAT", "METHODS", "method_of", "data_dim", "check_weights", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "METHODS",
+    "method_of",
+    "data_dim",
+    "check_finite",
+    "check_dim",
+    "save_checkpoint",
+    "load_checkpoint",
+]

@@ -15,13 +15,12 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ._checks import check_positive_int
+from ._files import write_atomically
 from ._version import __version__
 
 SAMPLE_FORMATS = (".csv", ".npy", ".png")
@@ -353,18 +352,6 @@ def _flow(args: argparse.Namespace, trajectory: bool):
     return x.cpu(), config, model, time.perf_counter() - start
 
 
-def _write_atomically(out: Path, write) -> None:
-    """write(binary file) into a temporary file beside `out`, then rename it to `out`: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample x_1 = psi_1(x_0) from a run and write it as .npy, .csv or .png."""
     import numpy as np
@@ -378,12 +365,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = x.double().numpy()
     if out.suffix.lower() == ".npy":
-        _write_atomically(out, lambda f: np.save(f, arr))  # exactly `out` (np.save(name) would append .npy)
+        write_atomically(out, lambda f: np.save(f, arr))  # exactly `out` (np.save(name) would append .npy)
     elif out.suffix.lower() == ".csv":
         header = ",".join(
             ("x", "y")[: arr.shape[1]] if arr.shape[1] <= 2 else [f"x{i + 1}" for i in range(arr.shape[1])]
         )
-        _write_atomically(out, lambda f: np.savetxt(f, arr, delimiter=",", header=header, comments=""))
+        write_atomically(out, lambda f: np.savetxt(f, arr, delimiter=",", header=header, comments=""))
     else:
         _use_agg()
         import matplotlib.pyplot as plt
@@ -404,7 +391,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             s=3,
             title=f"{name}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
         )
-        _write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+        write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
     print(
         f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "

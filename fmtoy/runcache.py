@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ._files import write_atomically
 
 ENV = "FMTOY_RUN_CACHE"
 PACKAGE = Path(__file__).resolve().parent
@@ -76,14 +77,7 @@ def store(key: str, result) -> None:
     if where is None:
         return
     where.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=where, prefix=f".{key}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(result, f)
-        os.replace(tmp, where / f"{key}.pt")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(where / f"{key}.pt", lambda f: torch.save(result, f))
 
 
 __all__ = ["ENV", "source_digest", "folder", "run_key", "load", "store"]

@@ -111,44 +111,50 @@ class ThreadTuner:
         self.last = time.perf_counter()
 
 
+def _nested(threads: str | int | None) -> bool:
+    """Inside another fmtoy loop or one-shot call, with no explicit choice here: keep the outer count."""
+    return bool(_ACTIVE[0]) and threads is None
+
+
+@contextmanager
+def _restoring(saved: int) -> Iterator[None]:
+    """Count this loop or call as active, and put torch's thread count back to `saved` when it ends."""
+    _ACTIVE[0] += 1
+    try:
+        yield
+    finally:
+        _ACTIVE[0] -= 1
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
 @contextmanager
 def thread_policy(threads: str | int | None = None, device: torch.device | str = "cpu") -> Iterator[ThreadTuner]:
     """Apply the policy to the loop inside (tick() once per step); torch's thread count is restored afterwards."""
     saved = torch.get_num_threads()
     mode, candidates = resolve_threads(threads)
-    if torch.device(device).type != "cpu" or (_ACTIVE[0] and threads is None):  # inside another fmtoy loop: its count
+    if torch.device(device).type != "cpu" or _nested(threads):  # inside another fmtoy loop: its count
         mode, candidates = "keep", (saved,)
     tuner = ThreadTuner(mode, candidates)
-    _ACTIVE[0] += 1
-    try:
+    with _restoring(saved):
         yield tuner
-    finally:
-        _ACTIVE[0] -= 1
-        if torch.get_num_threads() != saved:
-            torch.set_num_threads(saved)
 
 
 @contextmanager
 def follow_policy(threads: str | int | None = None) -> Iterator[int]:
     """The policy for a one-shot computation (no steps to time): a fixed choice as in thread_policy, under "auto" the
     count the latest loop measured (torch's own count before any loop has); nothing inside another fmtoy loop."""
-    saved = torch.get_num_threads()
-    mode, candidates = resolve_threads(threads)
-    n = saved
-    if not (_ACTIVE[0] and threads is None):
+    saved = n = torch.get_num_threads()
+    if not _nested(threads):  # resolved only here: inside a loop (every ODE step's field call) this costs nothing
+        mode, candidates = resolve_threads(threads)
         if mode == "fixed":
             n = candidates[0]
         elif mode == "auto" and _VERDICT["threads"]:
             n = int(_VERDICT["threads"])
     if n != saved:
         torch.set_num_threads(n)
-    _ACTIVE[0] += 1
-    try:
+    with _restoring(saved):
         yield n
-    finally:
-        _ACTIVE[0] -= 1
-        if torch.get_num_threads() != saved:
-            torch.set_num_threads(saved)
 
 
 def under_policy(fn):
