@@ -3,7 +3,9 @@
 Tiny networks on few cores: torch's OpenMP workers spin and wait for each other, so when another program holds a
 core a step with 2 threads can stall 5-10x, while 1 thread is immune but slower on an idle machine. No fixed count
 wins both, so the default policy "auto" measures: a loop times a few steps with 1 thread and with torch's default
-count, keeps the faster, and measures again every RECHECK seconds (the verdict is shared by the loops that follow).
+count, keeps the faster, and measures again after RECHECK seconds (the verdict is shared by the loops that follow).
+While the same count keeps winning the interval doubles up to RECHECK_MAX, and a probe whose step is ABORT times
+slower than the count already timed stops at once: under load, a probe of the stalling count is itself the cost.
 
 An explicit choice always wins, in this order: the `threads` argument or config field ("auto" or N), the environment
 variable FMTOY_THREADS ("auto" or N), then a setting the user made to torch itself (OMP_NUM_THREADS or
@@ -23,9 +25,12 @@ import torch
 
 ENV = "FMTOY_THREADS"
 PROBE = 4  # timed steps per candidate (after one warm-up step)
-RECHECK = 2.0  # seconds between measurements
+RECHECK = 2.0  # seconds until the first re-measurement, and after the winner changes
+RECHECK_MAX = 64.0  # the interval doubles up to this while the same count keeps winning
+ABORT = 3.0  # a probe step this many times the median of a count already timed ends that probe (it lost)
 _IMPORT_THREADS = torch.get_num_threads()  # torch's own choice, unless the user changed it before importing fmtoy
-_VERDICT: dict[str, float] = {"threads": 0, "until": 0.0}  # the last measured winner and how long it holds
+_VERDICT: dict[str, float] = {"threads": 0, "until": 0.0, "interval": RECHECK}  # last winner, until when, and the
+# interval it was given
 _ACTIVE = [0]  # loops (thread_policy) and one-shot calls (follow_policy) running now: inner ones change nothing
 
 
@@ -99,11 +104,15 @@ class ThreadTuner:
                 self.warm = False
             else:
                 self.samples.setdefault(self.current, []).append(now - self.last)
-            if len(self.samples.get(self.current, ())) >= self.probe:
+            timed = [statistics.median(v) for n, v in self.samples.items() if n != self.current]
+            mine = self.samples.get(self.current, ())
+            if len(mine) >= self.probe or (timed and mine and mine[-1] > ABORT * min(timed)):
                 self.queue.pop(0)
-                if not self.queue:  # every candidate timed: keep the fastest (median step time) for RECHECK s
+                if not self.queue:  # every candidate timed: keep the fastest (median step time) for a while
                     best = min(self.samples, key=lambda n: statistics.median(self.samples[n]))
-                    _VERDICT.update(threads=best, until=now + self.recheck)
+                    same = best == _VERDICT["threads"]
+                    interval = min(2 * _VERDICT.get("interval", self.recheck), RECHECK_MAX) if same else self.recheck
+                    _VERDICT.update(threads=best, until=now + interval, interval=interval)
         if not self.queue and now >= _VERDICT["until"]:
             self.queue, self.samples = list(self.candidates), {}
         self._set(self.queue[0] if self.queue else int(_VERDICT["threads"]))
@@ -170,10 +179,13 @@ def under_policy(fn):
 
 
 def describe(threads: str | int | None = None) -> str:
-    """One line saying what the policy does here, e.g. 'auto: measures 1 vs 2 threads every 2 s'."""
+    """One line saying what the policy does here, e.g. 'auto: measures 1 vs 2 threads and keeps the faster, ...'."""
     mode, candidates = resolve_threads(threads)
     if mode == "auto":
-        return f"auto: measures {candidates[0]} vs {candidates[1]} threads every {RECHECK:g} s and keeps the faster"
+        return (
+            f"auto: measures {candidates[0]} vs {candidates[1]} threads and keeps the faster, again after "
+            f"{RECHECK:g} s (up to {RECHECK_MAX:g} s while the same count wins)"
+        )
     if mode == "fixed":
         return f"fixed: {candidates[0]} thread(s) ({'threads argument' if threads is not None else ENV})"
     return f"keep: {candidates[0]} thread(s), the user's setting ({user_setting() or 'a single core'})"

@@ -128,8 +128,13 @@ def test_auto_measures_both_counts_and_keeps_the_faster(observed, monkeypatch):
     assert set(res.threads) == {1, most} and sum(res.threads.values()) == 40
     assert TH._VERDICT["threads"] in (1, most) and TH._VERDICT["until"] > 0
     probe = TH.PROBE + 1  # warm-up step + timed steps per candidate
-    assert observed["threads"][: 2 * probe] == [1] * probe + [most] * probe
-    assert set(observed["threads"][2 * probe :]) == {TH._VERDICT["threads"]}  # then the winner until RECHECK
+    seen = observed["threads"]
+    assert seen[:probe] == [1] * probe  # one warm-up and PROBE timed steps on 1 thread, then the other count:
+    if TH._VERDICT["threads"] == most:  # it won: kept until the next measurement
+        assert set(seen[probe:]) == {most}
+    else:  # its warm-up and PROBE timed steps, or fewer when a step stalled (cut short); then 1 thread
+        second = seen.index(1, probe) - probe
+        assert 2 <= second <= probe and set(seen[probe + second :]) == {1}
     assert torch.get_num_threads() == 1
 
 
@@ -150,6 +155,34 @@ def test_the_tuner_picks_the_candidate_with_the_shorter_steps(monkeypatch):
         tuner.tick()
         clock["now"] += step_time[tuner.current]
     assert TH._VERDICT["threads"] == 1 and tuner.current == 1
+
+
+def test_the_tuner_backs_off_while_the_verdict_holds_and_cuts_a_stalling_probe_short(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
+    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+    tuner = TH.ThreadTuner("auto", (1, 2))
+    step_time = {1: 0.010, 2: 0.200}  # under load: the 2-thread step stalls 20x
+    seen, intervals = [], []
+    for _ in range(20000):  # 200 s of 1-thread steps
+        tuner.tick()
+        seen.append(tuner.current)
+        if TH._VERDICT["interval"] not in intervals[-1:]:
+            intervals.append(TH._VERDICT["interval"])
+        clock["now"] += step_time[tuner.current]
+    assert TH._VERDICT["threads"] == 1
+    assert intervals[-1] == TH.RECHECK_MAX and intervals == sorted(intervals)  # 2, 4, ..., 64 s
+    probes = sum(1 for a, b in zip([1] + seen, seen) if (a, b) == (1, 2))
+    stalled = seen.count(2)
+    assert probes <= 8  # each probe of 2 threads: one warm-up and one timed step, then cut short
+    assert stalled <= 2 * probes
+    step_time = {1: 0.010, 2: 0.004}  # the load ends: 2 threads win again at the next measurement ...
+    clock["now"] += TH.RECHECK_MAX
+    for _ in range(20):
+        tuner.tick()
+        clock["now"] += step_time[tuner.current]
+    assert TH._VERDICT["threads"] == 2 and TH._VERDICT["interval"] == TH.RECHECK  # ... and the interval resets
 
 
 def test_resolution_order_and_bad_values(monkeypatch):
