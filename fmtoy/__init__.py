@@ -16,7 +16,7 @@ symbolic (SymPy derivations, one module per topic), course (assignments and the 
 from __future__ import annotations
 
 from ._version import __version__
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint, save_run
 from .data import GaussianMixture, StandardNormal, eight_gaussians, get_dataset, list_datasets
 from .device import make_generator, resolve_device
 from .losses import cfm_loss
@@ -26,7 +26,7 @@ from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
-from .train import FitConfig, FitResult, TrainConfig, fit, fit_cfm, train_flow
+from .train import FitConfig, FitResult, TrainConfig, TrainingDiverging, TrainingInterrupted, fit, fit_cfm, train_flow
 
 _VIZ = (
     "plot_samples",
@@ -88,10 +88,13 @@ __all__ = [
     "describe_threads",
     "FitConfig",
     "FitResult",
+    "TrainingInterrupted",
+    "TrainingDiverging",
     "TrainConfig",
     "fit",
     "load_checkpoint",
     "save_checkpoint",
+    "save_run",
     "fit_cfm",
     "train_flow",
     *_VIZ,

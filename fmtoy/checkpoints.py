@@ -1,17 +1,26 @@
 """Checkpoints of every method in one format: save_checkpoint writes a run (config, weights, EMA weights) atomically,
 load_checkpoint rebuilds the sampling network of a CFM, shortcut, MeanFlow or VRFM/RFM run from it (so does the CLI).
+save_run writes a run folder (model.pt, config.json, losses.csv) as one unit: the old run or the new, never a mix.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ._files import write_atomically
+from ._files import default_mode, replace_folder, write_atomically
 from ._version import __version__
 from .device import resolve_device
 from .methods.meanflow import MeanFlowConfig, MeanFlowMLP
@@ -101,6 +110,7 @@ def save_checkpoint(file: str | os.PathLike, result: FitResult | nn.Module, conf
         "dim": dim,
         "state_dict": state,
         "ema_state_dict": ema_state,
+        "interrupted_at": getattr(result, "interrupted_at", None),
     }
     write_atomically(file, lambda f: torch.save(payload, f))
 
@@ -151,6 +161,118 @@ def load_checkpoint(
     return model.to(dev).eval(), config
 
 
+RUN_FILES = ("model.pt", "config.json", "losses.csv", "INTERRUPTED")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class RunWriter:
+    """A run folder written as one unit. Made before training, it checks at once that the folder can be written (a
+    staging folder beside it); write(result) fills the staging folder and swaps it in (fmtoy._files.replace_folder),
+    so a crash or SIGKILL at any moment leaves the old run or the new one. Other files in the folder are kept."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"run folder {str(self.folder)!r} exists and is not a folder")
+        try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            self._recover()
+            self.stage = Path(
+                tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.new-{os.getpid()}-")
+            )
+            os.chmod(self.stage, default_mode(folder=True))
+        except OSError as e:
+            raise OSError(f"cannot write the run folder {str(self.folder)!r}: {e.strerror or e}") from None
+
+    def _recover(self) -> None:
+        """Tidy what a killed writer left beside the folder: its staging folder, or (where the platform has no
+        atomic swap) the old run moved aside, which is put back if the folder itself is missing."""
+        pattern = re.compile(rf"\.{re.escape(self.folder.name)}\.(new|old)-(\d+)-")
+        for entry in sorted(self.folder.parent.iterdir()):
+            m = pattern.match(entry.name)
+            if not m or _pid_alive(int(m.group(2))):
+                continue
+            if m.group(1) == "old" and not self.folder.exists():
+                os.rename(entry, self.folder)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def write(self, result: FitResult, config: object | None = None) -> Path:
+        """Write model.pt, config.json, losses.csv (and INTERRUPTED for a run stopped early) and swap them in; on an
+        OSError (full disk, read-only folder) the weights are saved to a file in the temporary folder, named in the
+        error."""
+        config = result.config if config is None else config
+        try:
+            save_checkpoint(self.stage / "model.pt", result, config)
+            text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+            (self.stage / "config.json").write_text(text, encoding="utf-8")
+            rows = io.StringIO()
+            writer = csv.writer(rows, lineterminator="\n")
+            writer.writerow(["step", "loss"])
+            writer.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
+            (self.stage / "losses.csv").write_text(rows.getvalue(), encoding="utf-8")
+            if result.interrupted_at is not None:
+                (self.stage / "INTERRUPTED").write_text(
+                    f"training was interrupted after step {result.interrupted_at} of {config.steps}; model.pt holds "
+                    f"the weights of step {result.interrupted_at}\n",
+                    encoding="utf-8",
+                )
+            replace_folder(self.stage, self.folder, keep=lambda name: name not in RUN_FILES)
+        except OSError as e:
+            self.discard()
+            raise OSError(
+                f"could not write the run folder {str(self.folder)!r}: {e.strerror or e}; {_rescue(result, config)}"
+            ) from None
+        except BaseException:
+            self.discard()
+            raise
+        return self.folder
+
+    def discard(self) -> None:
+        """Remove the staging folder (training failed or was abandoned); the folder keeps its old run."""
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def _rescue(result: FitResult, config: object) -> str:
+    """Save the weights where they can still go (the temporary folder) and say where, or say that this failed too."""
+    file = Path(tempfile.gettempdir()) / f"fmtoy-rescued-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}.pt"
+    try:
+        save_checkpoint(file, result, config)
+    except OSError as e:
+        return f"saving the weights to {file} failed too ({e.strerror or e}): they are lost"
+    return f"the trained weights are kept in {file} (sample them with `fmtoy sample --run {file}`)"
+
+
+def save_run(folder: str | os.PathLike, result: FitResult, config: object | None = None) -> Path:
+    """Write a run folder (model.pt, config.json, losses.csv) as one unit with RunWriter; returns the folder."""
+    return RunWriter(folder).write(result, config)
+
+
+def interrupted_at(file: str | os.PathLike) -> int | None:
+    """The step at which a run folder's training was interrupted (its INTERRUPTED note), else None."""
+    path = Path(file)
+    note = (path if path.is_dir() else path.parent) / "INTERRUPTED"
+    if not note.is_file():
+        return None
+    m = re.search(r"after step (\d+)", note.read_text(encoding="utf-8", errors="replace"))
+    return int(m.group(1)) if m else 0
+
+
 __all__ = [
     "FORMAT",
     "METHODS",
@@ -160,4 +282,8 @@ __all__ = [
     "check_dim",
     "save_checkpoint",
     "load_checkpoint",
+    "RUN_FILES",
+    "RunWriter",
+    "save_run",
+    "interrupted_at",
 ]

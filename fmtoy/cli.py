@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -246,12 +243,15 @@ def _train_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with args.method (CFM loss, FM paper Eq. 14, by default) on args.data; write model.pt, config.json,
-    losses.csv."""
-    from .checkpoints import method_of, save_checkpoint
+    losses.csv as one unit (the folder holds the old run until the new one is complete). Ctrl-C saves the run so far,
+    marked INTERRUPTED."""
+    import warnings
+
+    from .checkpoints import RunWriter, method_of
     from .methods.meanflow import train_meanflow
     from .methods.shortcut import train_shortcut
     from .methods.vrfm import train_vrfm
-    from .train import train_flow
+    from .train import TrainingDiverging, TrainingInterrupted, train_flow
 
     config = _train_config(args)
     method = method_of(config)
@@ -260,14 +260,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
     entry = {"cfm": train_flow, "shortcut": train_shortcut, "meanflow": train_meanflow, "vrfm": train_vrfm}[method]
-    result = entry(config, progress=not args.quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.pt", result, config)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
-    with open(out / "losses.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss"])
-        w.writerows((i + 1, repr(loss)) for i, loss in enumerate(result.losses))
+    try:
+        writer = RunWriter(out)  # before training: an unwritable --out fails now, not after the run
+    except OSError as e:
+        raise OSError(f"--out: {e}") from None
+    with writer, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TrainingDiverging)
+        try:
+            result = entry(config, progress=not args.quiet)
+        except TrainingInterrupted as e:
+            writer.write(e.result, config)
+            print(
+                f"fmtoy: interrupted after step {e.result.interrupted_at} of {config.steps}; saved the run so far to "
+                f"{out} (marked INTERRUPTED)",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            for w in caught:
+                print(f"fmtoy: warning: {w.message}", file=sys.stderr)
+        writer.write(result, config)
     tail, kind = result.losses[-100:], config.path if method == "cfm" else method
     print(
         f"trained {name} / {kind}: {config.steps} steps in {result.seconds:.1f} s on "
@@ -280,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_run(run: str, device: str):
     """(model, config) of a run folder (or its model.pt), with a clear error when it is missing."""
-    from .checkpoints import load_checkpoint
+    from .checkpoints import interrupted_at, load_checkpoint
     from .device import resolve_device
 
     dev = resolve_device(device)
@@ -291,6 +303,9 @@ def _load_run(run: str, device: str):
             f"run folder {run!r} not found or has no model.pt; make one with `fmtoy train --out {run}`"
         )
     model, config = load_checkpoint(file, device=dev)
+    stopped = interrupted_at(file)
+    if stopped is not None:
+        print(f"fmtoy: note: run {run} was interrupted after step {stopped} of {config.steps}", file=sys.stderr)
     return model, config, dev
 
 

@@ -6,7 +6,10 @@ import copy
 import dataclasses
 import inspect
 import math
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -122,6 +125,7 @@ class FitResult:
     threads: dict[int, int] = field(default_factory=dict)
     config: object | None = None
     cached: bool = False  # loaded from the run cache (fmtoy.runcache), not trained by this call
+    interrupted_at: int | None = None  # steps done when Ctrl-C stopped the run (TrainingInterrupted), else None
 
     def final(self, part: str = "loss", last: int = 100) -> float:
         """Mean of the last `last` steps of the loss (part="loss") or of a loss part (e.g. "kl"): where training
@@ -141,6 +145,43 @@ class FitResult:
 
 
 LossFn = Callable[[FitContext], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+GROWTH = 100.0  # a logged mean loss this many times the smallest one so far (or the first step's) is reported
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during fit(): training stopped between two steps; .result is the run so far, with
+    result.interrupted_at steps done (the CLI saves it as an interrupted run). A second Ctrl-C stops at once."""
+
+    def __init__(self, result: FitResult) -> None:
+        super().__init__(f"training interrupted after {result.interrupted_at} steps")
+        self.result = result
+
+
+class TrainingDiverging(RuntimeWarning):
+    """The training loss grew by orders of magnitude (GROWTH times its smallest logged mean, or its first step's)."""
+
+
+class _StopAtStep:
+    """While fit() runs in the main thread under Python's own SIGINT handler: the first Ctrl-C asks the loop to stop
+    before the next step (so the weights are those of whole steps), a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.asked, self.saved = False, None
+
+    def __enter__(self) -> _StopAtStep:
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.saved = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
 
 
 def fit_options(options: dict, **defaults) -> FitConfig:
@@ -178,8 +219,10 @@ def fit(
     """The training loop under every method: minimise loss_fn(ctx) (a scalar, or (scalar, {part: scalar})) over the
     modules' trainable parameters. It owns the device, the seeded generator, Adam/AdamW (fused where torch has it),
     the learning-rate schedule, EMA (theta_ema <- d theta_ema + (1 - d) theta after every step, one copy per module),
-    the NaN/inf check every log_every steps, the progress bar, the timing and the CPU thread policy (fmtoy.threads).
-    callback(step) runs before every step and once after the last one (step = steps), e.g. to log or snapshot.
+    the NaN/inf check every log_every steps (and a TrainingDiverging warning when the loss grows GROWTH-fold), the
+    progress bar, the timing and the CPU thread policy (fmtoy.threads). Ctrl-C stops it between two steps and raises
+    TrainingInterrupted carrying the run so far. callback(step) runs before every step and once after the last one
+    (step = steps), e.g. to log or snapshot.
     """
     named = {"model": modules} if isinstance(modules, nn.Module) else modules
     if not isinstance(named, dict) or not named or not all(isinstance(m, nn.Module) for m in named.values()):
@@ -208,12 +251,44 @@ def fit(
     losses, parts = torch.empty(c.steps, device=dev), None
     names: list[str] = []
     history: list[float] = []
+    smallest = {"loss": math.nan, "warned": False}  # the smallest logged mean loss (first: the first step's)
+    done = 0
+
+    def sync(upto: int) -> list[float]:
+        """The losses of steps len(history)..upto-1 on the host, checked: non-finite is an error, growth a warning."""
+        chunk = losses[len(history) : upto].tolist()
+        bad = [i for i, v in enumerate(chunk) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"{name}: the training loss became {chunk[bad[0]]} at step {len(history) + bad[0] + 1} of "
+                f"{c.steps} (lr={c.lr:g}); try a lower learning rate (e.g. lr={c.lr / 10:g}), and check "
+                "that the data and the path give finite values"
+            )
+        if chunk:
+            mean, low = sum(chunk) / len(chunk), smallest["loss"] if history else chunk[0]
+            if low > 0 and mean > GROWTH * low and not smallest["warned"]:
+                warnings.warn(
+                    TrainingDiverging(
+                        f"{name}: the training loss grew from {low:.4g} to {mean:.4g} (mean of steps "
+                        f"{len(history) + 1}-{upto} of {c.steps}, lr={c.lr:g}): the run is diverging; try a lower "
+                        f"learning rate (e.g. lr={c.lr / 10:g})"
+                    ),
+                    stacklevel=3,
+                )
+                smallest["warned"] = True
+            smallest["loss"] = min(low, mean)
+        history.extend(chunk)
+        return chunk
+
     start = time.perf_counter()
     with (
         thread_policy(c.threads, dev) as tuner,
         tqdm(total=c.steps, desc=name, unit="step", disable=not progress) as bar,
+        _StopAtStep() as stop,
     ):
         for step in range(c.steps):
+            if stop.asked:
+                break
             if callback is not None:
                 callback(step)
             tuner.tick()
@@ -239,35 +314,35 @@ def fit(
                 if parts is None:
                     names, parts = list(extra), torch.empty(c.steps, len(extra), device=dev)
                 parts[step] = torch.stack([extra[k].detach().reshape(()) for k in names])
-            if (step + 1) % c.log_every == 0 or step + 1 == c.steps:  # the only host-device sync (besides "ot")
-                chunk = losses[len(history) : step + 1].tolist()
-                bad = [i for i, v in enumerate(chunk) if not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(
-                        f"{name}: the training loss became {chunk[bad[0]]} at step {len(history) + bad[0] + 1} of "
-                        f"{c.steps} (lr={c.lr:g}); try a lower learning rate (e.g. lr={c.lr / 10:g}), and check "
-                        "that the data and the path give finite values"
-                    )
-                history += chunk
+            done = step + 1
+            if done % c.log_every == 0 or done == c.steps:  # the only host-device sync (besides "ot")
+                chunk = sync(done)
                 bar.update(len(chunk))
                 bar.set_postfix(loss=f"{sum(chunk) / len(chunk):.4f}")
-        if callback is not None:
+        interrupted = stop.asked and done < c.steps
+        if interrupted:
+            sync(done)
+        elif callback is not None:
             callback(c.steps)
     seconds = time.perf_counter() - start
     for m in mods + (ema or []):
         m.eval()
-    columns = parts.T.tolist() if parts is not None else []
-    return FitResult(
+    columns = parts[:done].T.tolist() if parts is not None else []
+    result = FitResult(
         mods[0],
         ema[0] if ema else None,
         history,
         seconds,
-        c.steps / seconds,
+        done / seconds,
         str(dev),
         dict(zip(names, columns)),
         dict(zip(named, mods)),
         dict(tuner.counts),
+        interrupted_at=done if interrupted else None,
     )
+    if interrupted:
+        raise TrainingInterrupted(result)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- CFM
@@ -422,7 +497,11 @@ def run_config(fit_fn: Callable[..., FitResult], config: object, *args, **extra)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # fit_<method>(..., **options): FitConfig's fields too
         takes += [f.name for f in dataclasses.fields(FitConfig)]
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in takes}
-    result = fit_fn(*args, **fields, **extra)
+    try:
+        result = fit_fn(*args, **fields, **extra)
+    except TrainingInterrupted as e:  # the run so far, with its recipe, and never into the cache
+        e.result.config = copy.deepcopy(config)
+        raise
     result.config = copy.deepcopy(config)
     if key is not None:
         runcache.store(key, result)

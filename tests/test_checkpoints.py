@@ -136,3 +136,115 @@ def test_a_network_of_another_dimension_than_its_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="network is 2-dimensional but its data .two_modes_1d. are 1D"):
         save_checkpoint(tmp_path / "m.pt", result.model, config)
     assert not list(tmp_path.iterdir())
+
+
+def _run(seed: int, steps: int = 6):
+    return train_flow(TrainConfig(batch_size=16, seed=seed, **{**SMALL, "steps": steps}), progress=False)
+
+
+def _folder_run(folder):
+    """(seed, steps) of a run folder, after checking that its three files are one run."""
+    import csv
+    import json
+
+    model, config = load_checkpoint(folder / "model.pt")
+    saved = json.loads((folder / "config.json").read_text())
+    rows = list(csv.reader(open(folder / "losses.csv")))
+    assert saved == dataclasses.asdict(dataclasses.replace(config, device=saved["device"]))
+    assert rows[0] == ["step", "loss"] and len(rows) - 1 == config.steps
+    return config.seed, config.steps
+
+
+def test_save_run_replaces_a_run_folder_and_keeps_the_users_other_files(tmp_path):
+    import os
+    import stat
+
+    from fmtoy.checkpoints import save_run
+
+    folder = tmp_path / "runs" / "r"
+    save_run(folder, _run(1))
+    assert _folder_run(folder) == (1, 6)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "anim").mkdir()
+    (folder / "anim" / "a.gif").write_bytes(b"GIF")
+    save_run(folder, _run(2, steps=7))
+    assert _folder_run(folder) == (2, 7)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "anim" / "a.gif").read_bytes() == b"GIF"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["r"]  # no staging folder left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # as mkdir would make it, not mkdtemp's 0700
+    assert stat.S_IMODE((folder / "model.pt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_run_without_an_atomic_swap_still_ends_with_one_run(tmp_path, monkeypatch):
+    import fmtoy._files as F
+    from fmtoy.checkpoints import save_run
+
+    monkeypatch.setattr(F, "_exchange", lambda a, b: False)  # a platform or file system without renameat2
+    save_run(tmp_path / "r", _run(1))
+    save_run(tmp_path / "r", _run(2))
+    assert _folder_run(tmp_path / "r") == (2, 6) and [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_an_unwritable_run_folder_is_an_error_before_training():
+    from fmtoy.checkpoints import RunWriter
+
+    with pytest.raises(OSError, match=r"^cannot write the run folder '/proc/fmtoy-run'"):
+        RunWriter("/proc/fmtoy-run")
+
+
+def test_a_failed_save_keeps_the_old_run_and_the_new_weights_and_says_where(tmp_path, monkeypatch):
+    import errno
+    import re
+
+    import fmtoy.checkpoints as C
+
+    folder = tmp_path / "r"
+    C.save_run(folder, _run(1))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C, "replace_folder", full)
+    new = _run(2)
+    with pytest.raises(OSError) as caught:
+        C.save_run(folder, new)
+    message = str(caught.value)
+    assert message.startswith(f"could not write the run folder '{folder}': No space left on device; ")
+    rescued = re.search(r"kept in (\S+\.pt) ", message).group(1)
+    model, config = load_checkpoint(rescued)
+    assert config.seed == 2 and torch.equal(_outputs(model), _outputs(new.model))
+    assert _folder_run(folder) == (1, 6) and [p.name for p in tmp_path.iterdir()] == ["r"]
+    import os
+
+    os.unlink(rescued)
+
+
+def test_what_a_killed_writer_left_is_tidied_and_a_moved_old_run_put_back(tmp_path):
+    import subprocess
+
+    from fmtoy.checkpoints import RunWriter, save_run
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "r"
+    save_run(folder, _run(1))
+    stale = tmp_path / f".r.new-{dead.pid}-abc"
+    stale.mkdir()
+    RunWriter(folder).discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    folder.rename(tmp_path / f".r.old-{dead.pid}-abc")  # killed between the two renames of the fallback swap
+    RunWriter(folder).discard()
+    assert _folder_run(folder) == (1, 6) and [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_an_interrupted_run_is_marked(tmp_path):
+    from fmtoy.checkpoints import interrupted_at, save_run
+
+    r = _run(1)
+    r.interrupted_at = 4
+    save_run(tmp_path / "r", r)
+    assert interrupted_at(tmp_path / "r") == 4 and interrupted_at(tmp_path / "r" / "model.pt") == 4
+    save_run(tmp_path / "r", _run(2))  # a complete run in its place: no mark
+    assert interrupted_at(tmp_path / "r") is None

@@ -350,3 +350,153 @@ def test_sample_writes_exactly_the_named_file_with_a_header_per_dimension(run, t
     sample_run(one_d, tmp_path / "s.csv", "--n", "7")
     lines = (tmp_path / "s.csv").read_text().splitlines()
     assert lines[0] == "x" and len(lines) == 8 and all(len(x.split(",")) == 1 for x in lines[1:])
+
+
+def test_an_unwritable_out_fails_before_training(capsys):
+    import time
+
+    start = time.perf_counter()
+    assert main(["train", "--steps", "10000000", "--out", "/proc/fmtoy-run", "--quiet"]) == 2
+    assert time.perf_counter() - start < 10  # ten million steps would take hours: it stopped before training
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fmtoy: error: --out: cannot write the run folder '/proc/fmtoy-run'") and "\n" not in err
+
+
+def test_a_failed_save_says_where_the_weights_are(run, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import fmtoy.checkpoints as C
+
+    out = tmp_path / "r"
+    train_run(out, seed=1)
+    before = (out / "model.pt").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C, "replace_folder", full)
+    capsys.readouterr()
+    assert main(["train", "--seed", "2", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"could not write the run folder '{out}': No space left on device" in err
+    rescued = re.search(r"kept in (\S+\.pt) ", err).group(1)
+    assert load_checkpoint(rescued)[1].seed == 2 and (out / "model.pt").read_bytes() == before
+    os.unlink(rescued)
+
+
+def test_a_diverging_run_is_reported_in_one_line(tmp_path, capsys):
+    args = ["train", "--lr", "3", "--steps", "200", "--batch-size", "256", "--quiet", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "diverging" in line]
+    assert len(lines) == 1 and lines[0].startswith("fmtoy: warning: train: the training loss grew from ")
+    assert main(["train", "--out", str(tmp_path / "ok"), *TINY]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_run_so_far_marked_interrupted(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    env = {k: v for k, v in os.environ.items() if k != "FMTOY_RUN_CACHE"}
+    args = [sys.executable, "-m", "fmtoy", "train", "--steps", "10000000", "--hidden", "16", "--depth", "1"]
+    proc = subprocess.Popen(args + ["--out", str(out)], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    seen = ""
+    while "train:" not in seen:  # the progress bar: training has begun
+        seen += proc.stderr.read(1)
+        assert seen or proc.poll() is None
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    m = re.search(r"fmtoy: interrupted after step (\d+) of 10000000; saved the run so far to (\S+) \(marked", err)
+    assert m and m.group(2) == str(out), err[-500:]
+    step = int(m.group(1))
+    assert (out / "INTERRUPTED").read_text().startswith(f"training was interrupted after step {step} of 10000000")
+    with open(out / "losses.csv") as f:
+        assert sum(1 for _ in f) == step + 1
+    sampled = _cli(["sample", "--run", str(out), "--n", "10", "--out", str(tmp_path / "s.npy")], tmp_path=tmp_path)
+    assert sampled.returncode == 0 and np.load(tmp_path / "s.npy").shape == (10, 2)
+    assert f"fmtoy: note: run {out} was interrupted after step {step} of 10000000" in sampled.stderr
+
+
+KILLER = r"""
+import json, os, shutil, signal, sys, time
+import fmtoy.checkpoints as C, fmtoy.cli, fmtoy.train  # everything imported before forking,
+import torch._dynamo  # noqa (what torch.optim imports on first use: 1.3 s in every fork otherwise)
+folder, snapshots, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for name in ("fsync", "rename", "replace", "link"):  # every step of the save takes a few ms: kills land inside it
+    def slowed(*a, _call=getattr(os, name), **k):
+        time.sleep(0.003)
+        return _call(*a, **k)
+    setattr(os, name, slowed)
+write, signal_fd = C.RunWriter.write, [None]
+def announced(self, *a, **k):  # the moment the save begins, told to the killer through a pipe
+    os.write(signal_fd[0], b"S")
+    return write(self, *a, **k)
+C.RunWriter.write = announced
+signal_fd[0] = os.open(os.devnull, os.O_WRONLY)
+def train(seed, steps):  # `fmtoy train` in a child process; returns its pid and the read end of its pipe
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        signal_fd[0] = w
+        code = fmtoy.cli.main(["train", "--seed", str(seed), "--steps", str(steps), "--hidden", "16", "--depth", "1",
+                               "--batch-size", "64", "--threads", "1", "--quiet", "--out", folder])
+        os.write(w, b"E")
+        os._exit(code)
+    os.close(w)
+    return pid, r
+pid, r = train(0, 20)  # the good run the folder holds at first; it also times one whole save
+assert os.read(r, 1) == b"S"
+t0 = time.perf_counter()
+assert os.read(r, 1) == b"E"
+save = time.perf_counter() - t0
+assert os.waitpid(pid, 0)[1] == 0
+trials = []
+for i in range(n):
+    seed, steps = i + 1, 21 + i
+    pid, r = train(seed, steps)
+    assert os.read(r, 1) == b"S"
+    time.sleep(save * 1.3 * i / (n - 1))  # from the first moment of the save to just after its end
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(r)
+    shutil.copytree(folder, os.path.join(snapshots, str(i)))
+    trials.append({"seed": seed, "steps": steps})
+pid, r = train(99, 30)  # a run after the killed ones: it tidies what they left
+assert os.read(r, 1) == b"S" and os.read(r, 1) == b"E" and os.waitpid(pid, 0)[1] == 0
+print(json.dumps({"save_seconds": save, "trials": trials}))
+"""
+
+
+def test_sigkill_around_the_save_always_leaves_one_whole_run(tmp_path):
+    """The issue's test: a run folder holding a good run is re-trained into and `fmtoy train` is killed (SIGKILL) at
+    20 moments spread over its save; the folder must always hold a loadable run whose three files are one run, the
+    old or the new. The `fmtoy train` processes are forks of one process that imported fmtoy once (a fresh
+    interpreter per kill would cost 80 s), each running fmtoy.cli.main as the console script does."""
+    folder, snaps, n = tmp_path / "runs" / "r", tmp_path / "snapshots", 20
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(folder), str(snaps), str(n)], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    outcomes, previous = [], (0, 20)
+    for i, trial in enumerate(report["trials"]):
+        snap = snaps / str(i)
+        model, config = load_checkpoint(snap / "model.pt")
+        saved = json.loads((snap / "config.json").read_text())
+        with open(snap / "losses.csv") as f:
+            rows = list(csv.reader(f))
+        assert (saved["seed"], saved["steps"]) == (config.seed, config.steps)  # model.pt and config.json agree
+        assert len(rows) - 1 == config.steps  # ... and losses.csv
+        got = (config.seed, config.steps)
+        assert got in (previous, (trial["seed"], trial["steps"])), (i, got, previous)  # the old run or the new one
+        outcomes.append("new" if got != previous else "old")
+        previous = got
+    assert outcomes.count("old") >= 3 and outcomes.count("new") >= 3, outcomes  # the kills did land on both sides
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["r"]  # the next save tidied the killed ones' leftovers
+    assert load_checkpoint(folder / "model.pt")[1].seed == 99

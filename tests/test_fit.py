@@ -308,3 +308,98 @@ def test_one_shot_computations_follow_the_latest_measured_verdict(monkeypatch):
     metrics.energy_distance(x, x + 1)
     assert set(seen) == {3} and torch.get_num_threads() == 1
     assert all(hasattr(f, "__wrapped__") for f in (marginal._evaluate, objectives.gradient_agreement))
+
+
+def _sigint_at(steps: set[int], times: int = 1):
+    """A fit callback that sends this process SIGINT `times` times before each step in `steps` (a user's Ctrl-C)."""
+    import os
+    import signal
+
+    def callback(step: int) -> None:
+        if step in steps:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return callback
+
+
+def test_ctrl_c_stops_between_two_steps_with_the_run_so_far():
+    import signal
+
+    from fmtoy.train import TrainingInterrupted
+
+    config = FitConfig(40, 32, 1e-2, device="cpu", seed=5)
+    snap = {}
+
+    def loss_fn_for(model):
+        path, x = CondOTPath(), eight_gaussians()
+
+        def loss(ctx):
+            from fmtoy.losses import cfm_loss
+
+            x1 = x.sample(ctx.batch_size, generator=ctx.generator)
+            x0 = torch.randn(ctx.batch_size, 2, generator=ctx.generator)
+            return cfm_loss(model, x0, x1, torch.rand(ctx.batch_size, generator=ctx.generator), path)
+
+        return loss
+
+    ref = VelocityMLP(hidden=16, depth=1)
+    copy = VelocityMLP(hidden=16, depth=1)
+    copy.load_state_dict(ref.state_dict())
+
+    def keep(step):
+        if step == 8:
+            snap.update({k: v.clone() for k, v in ref.state_dict().items()})
+
+    fit(ref, loss_fn_for(ref), config, callback=keep)  # the uninterrupted run, weights after 8 whole steps kept
+    with pytest.raises(TrainingInterrupted) as caught:
+        fit(copy, loss_fn_for(copy), config, callback=_sigint_at({7}))  # Ctrl-C during step 8 (index 7)
+    r = caught.value.result
+    assert isinstance(caught.value, KeyboardInterrupt) and r.interrupted_at == 8 and len(r.losses) == 8
+    assert all(torch.equal(snap[k], v) for k, v in r.model.state_dict().items())  # exactly 8 whole steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert torch.get_num_threads() == 1
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    import signal
+
+    from fmtoy.train import TrainingInterrupted
+
+    model = VelocityMLP(hidden=16, depth=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        fit(
+            model,
+            lambda ctx: model(torch.ones(4, 2), torch.ones(4)).square().mean(),
+            FitConfig(30, 4, 1e-2, device="cpu"),
+            callback=_sigint_at({3}, times=2),
+        )
+    assert not isinstance(caught.value, TrainingInterrupted)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupted_recipe_carries_its_config_and_is_never_cached(tmp_path, monkeypatch):
+    import fmtoy.train as T
+    from fmtoy.train import TrainConfig, TrainingInterrupted, train_flow
+
+    monkeypatch.setenv("FMTOY_RUN_CACHE", str(tmp_path / "cache"))
+    fit_real = T.fit
+    monkeypatch.setattr(T, "fit", lambda *a, **k: fit_real(*a, **k, callback=_sigint_at({4})))
+    config = TrainConfig(steps=20, batch_size=32, hidden=16, depth=1, device="cpu")
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_flow(config, progress=False)
+    assert caught.value.result.config == config and caught.value.result.interrupted_at == 5
+    assert not any((tmp_path / "cache").glob("**/*.pt"))  # a half run is not the run of this config
+
+
+def test_a_loss_that_grows_by_orders_of_magnitude_is_reported():
+    import warnings
+
+    from fmtoy.train import GROWTH, TrainConfig, TrainingDiverging, train_flow
+
+    with pytest.warns(TrainingDiverging, match=r"grew from .* the run is diverging; try a lower learning rate"):
+        r = train_flow(TrainConfig(steps=200, lr=3.0, lr_schedule="constant", device="cpu"), progress=False)
+    assert max(sum(r.losses[i : i + 100]) / 100 for i in (0, 100)) > GROWTH * r.losses[0]  # it did grow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingDiverging)  # a healthy run: no report
+        train_flow(TrainConfig(steps=200, device="cpu"), progress=False)
