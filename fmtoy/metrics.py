@@ -4,7 +4,8 @@ kinetic energy. Distances between point sets return Python floats and are comput
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import statistics
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +106,76 @@ def noise_floor(
         dtype=torch.float64,
     )
     return float(vals.mean()), float(vals.std())
+
+
+class Spread(float):
+    """A statistic over seeds: the float is the mean, .values the per-seed values, .sd their sample standard
+    deviation; formatted 'mean ± sd'. A claim compares seed by seed (below, above), never the means alone."""
+
+    values: tuple[float, ...]
+    seeds: tuple[int, ...]
+    sd: float
+
+    def __new__(cls, values: Sequence[float], seeds: Sequence[int] | None = None) -> Spread:
+        vals = tuple(float(v) for v in values)
+        if len(vals) < 2:
+            raise ValueError(f"a spread needs values from at least 2 seeds, got {len(vals)}")
+        seeds = tuple(range(len(vals))) if seeds is None else tuple(seeds)
+        if len(seeds) != len(vals):
+            raise ValueError(f"{len(vals)} values but {len(seeds)} seeds")
+        obj = super().__new__(cls, statistics.fmean(vals))
+        obj.values, obj.seeds, obj.sd = vals, seeds, statistics.stdev(vals)
+        return obj
+
+    def __reduce__(self):
+        return (Spread, (self.values, self.seeds))
+
+    @property
+    def mean(self) -> float:
+        return float(self)
+
+    def __format__(self, spec: str) -> str:
+        return f"{format(float(self), spec or '.4g')} ± {format(self.sd, spec or '.2g')}"
+
+    def __str__(self) -> str:
+        return format(self, "")
+
+    def __repr__(self) -> str:
+        return f"Spread({self} over seeds {list(self.seeds)})"
+
+    def _pairs(self, other: float | Spread) -> list[tuple[float, float]]:
+        if isinstance(other, Spread):
+            if other.seeds != self.seeds:
+                raise ValueError(f"compare spreads over the same seeds, got {list(self.seeds)} and {list(other.seeds)}")
+            return list(zip(self.values, other.values))
+        return [(v, float(other)) for v in self.values]
+
+    def below(self, other: float | Spread) -> bool:
+        """True if the value is below `other` for every seed (paired by seed when other is a Spread)."""
+        return all(a < b for a, b in self._pairs(other))
+
+    def above(self, other: float | Spread) -> bool:
+        """True if the value is above `other` for every seed (paired by seed when other is a Spread)."""
+        return all(a > b for a, b in self._pairs(other))
+
+    def in_floor_units(self, floor: tuple[float, float]) -> Spread:
+        """(value - floor mean) / floor sd per seed: how far above its noise floor (noise_floor's (mean, sd))."""
+        mean, sd = floor
+        if not sd > 0:
+            raise ValueError(f"the floor's sd must be > 0, got {sd}")
+        return Spread([(v - mean) / sd for v in self.values], self.seeds)
+
+
+def across_seeds(fn: Callable[[int], float | Mapping[str, float]], seeds: Sequence[int] = (0, 1, 2)):
+    """Spread of fn(seed) over seeds, or {key: Spread} when fn returns a dict: how every comparative claim of the
+    book is computed (at least 2 seeds; 3 by default)."""
+    results = [fn(int(s)) for s in seeds]
+    if all(isinstance(r, Mapping) for r in results):
+        keys = list(results[0])
+        if any(list(r) != keys for r in results):
+            raise ValueError("fn must return the same keys for every seed")
+        return {k: Spread([r[k] for r in results], seeds) for k in keys}
+    return Spread(results, seeds)
 
 
 def quality_vs_nfe(

@@ -158,7 +158,7 @@ def markdown_table(
     if len(align) != len(header) or set(align) - set("lrc"):
         raise ValueError(f"align must have one of l, r, c per column ({len(header)}), got {align!r}")
     rule = {"l": "---", "r": "---:", "c": ":---:"}
-    cell = lambda v: format(v, fmt) if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
+    cell = lambda v: format(v, fmt) if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731 (Spread too)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule[a] for a in align) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)

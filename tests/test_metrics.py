@@ -246,3 +246,28 @@ def test_noise_floor_is_the_distance_between_two_samples_of_the_target():
     assert shifted > mean + 20 * sd
     with pytest.raises(ValueError, match="draws must be >= 2"):
         noise_floor(q, ref, draws=1)
+
+
+def test_spread_over_seeds_claims_seed_by_seed():
+    import pickle
+
+    from fmtoy.metrics import Spread, across_seeds
+    from fmtoy.viz import markdown_table
+
+    a = across_seeds(lambda s: {"fast": [0.10, 0.12, 0.30][s], "slow": [0.20, 0.22, 0.25][s]})
+    fast, slow = a["fast"], a["slow"]
+    assert fast.values == (0.10, 0.12, 0.30) and fast.seeds == (0, 1, 2)
+    assert fast == pytest.approx(0.17333333) and fast.sd == pytest.approx(0.1101514)
+    assert fast < slow  # the means say "fast is better" ...
+    assert not fast.below(slow) and not slow.below(fast)  # ... the seeds disagree (seed 2): no claim either way
+    assert fast.below(0.31) and not fast.above(0.1) and slow.above(0.19)
+    assert format(fast, ".2f") == "0.17 ± 0.11" and "0.173 ± 0.110" in markdown_table(["m", "v"], [["f", fast]])
+    assert pickle.loads(pickle.dumps(fast)).values == fast.values
+    units = fast.in_floor_units((0.1, 0.01))
+    assert units.values == pytest.approx((0.0, 2.0, 20.0))
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        Spread([1.0])
+    with pytest.raises(ValueError, match="same seeds"):
+        fast.below(across_seeds(lambda s: 0.2, seeds=(5, 6, 7)))
+    with pytest.raises(ValueError, match="same keys"):
+        across_seeds(lambda s: {"a": 1.0} if s else {"b": 1.0})
