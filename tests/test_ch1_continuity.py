@@ -51,6 +51,20 @@ def test_instantaneous_change_of_variables_sign():
     assert sp.simplify(lhs + rhs) != 0  # the "+ div" version is wrong
 
 
+def test_instantaneous_change_of_variables_at_a_fixed_point():
+    """The chapter's check: d_t log p + v d_x log p = -d_x v at a generic x (transport and volume terms), for the
+    affine flow of N(m_t, s_t^2); the plus sign and a field that does not generate p_t both fail."""
+    m, s = sp.Function("m", real=True)(S.t), sp.Function("s", positive=True)(S.t)
+    p = S.gaussian_density(S.x, m, s)
+    v = sp.diff(s, S.t) / s * (S.x - m) + sp.diff(m, S.t)
+    rate = sp.simplify(S.log_density_rate(p, v))
+    assert sp.simplify(rate + sp.diff(v, S.x)) == 0
+    assert sp.simplify(rate - sp.diff(v, S.x)) != 0
+    assert sp.simplify(S.log_density_rate(p, v + 1) + sp.diff(v + 1, S.x)) != 0
+    # a check along one particle x_t = m_t + s_t z would pass for a wrong mean: the transport term must matter here
+    assert sp.simplify(S.log_density_rate(p, v + sp.diff(m, S.t)) + sp.diff(v, S.x)) != 0
+
+
 # --- numeric continuity residual ---------------------------------------------------------------------------------
 
 

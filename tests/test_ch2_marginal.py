@@ -50,6 +50,20 @@ def test_condot_two_gaussians_satisfy_continuity():
     assert not S.is_zero(S.continuity_residual(p, 1.1 * u, simplify=False), method="points")
 
 
+def test_component_field_is_the_gaussian_field_of_the_component_path():
+    """The chapter's positive-width check conditions on the component k: for q = N(m, tau^2) (one component) the
+    exact marginal field is the FM Theorem 3 field of the Gaussian path N(alpha m, alpha^2 tau^2 + sigma^2)."""
+    m, tau = 1.5, 0.5
+    q = GaussianMixture(torch.tensor([1.0]), torch.tensor([[m]]), torch.tensor([[[tau**2]]]))
+    x = torch.linspace(-3, 4, 15, dtype=torch.float64)[:, None]
+    for t in (0.2, 0.7):  # CondOT, sigma_min = 0: alpha_t = t, sigma_t = 1 - t
+        std = sp.sqrt(S.t**2 * tau**2 + (1 - S.t) ** 2)
+        u = sp.lambdify((S.x, S.t), S.gaussian_conditional_velocity(S.t * m, std))
+        want = torch.tensor([float(u(xi, t)) for xi in x[:, 0].tolist()], dtype=torch.float64)
+        got = marginal_velocity(x, t, PATH, q)[:, 0]
+        assert torch.allclose(got, want, atol=1e-10), t
+
+
 # ------------------------------------------------------------------------------------------------ Monte Carlo
 def test_mc_single_point_target_is_the_conditional_field():
     x1 = torch.tensor([[1.5, -2.0]], dtype=torch.float64)

@@ -128,6 +128,21 @@ def test_pushforward_moments_and_thm3_along_the_flow(path):
         assert gap.abs().max() < 1e-9 * (1 + path.target_velocity(z0, y1, tt).abs().max())
 
 
+def test_ve_generates_its_path_only_from_its_own_start():
+    """FM Theorem 3 needs mu_0 = 0, sigma_0 = 1 for 'generates' from N(0, I): VE (mu_0 = x_1, sigma_0 = sigma_max)
+    moves psi_0(x_0) to psi_t(x_0), but particles started at x_0 itself do not reach p_t(.|x_1)."""
+    path, n, tt = VEPath(), 4000, 0.6
+    z0 = torch.randn(n, 2, generator=_gen(5), dtype=D64)
+    y1 = torch.tensor([[2.0, 1.0]], dtype=D64).expand(n, 2)
+    field = lambda xx, s: path.conditional_velocity(xx, s, y1[: len(xx)])  # noqa: E731
+    from_start = integrate(field, path.sample_xt(z0, y1, 0.0), 200, "rk4", t0=0.0, t1=tt)
+    assert (from_start - path.sample_xt(z0, y1, tt)).abs().max() < 1e-6
+    from_noise = integrate(field, z0, 200, "rk4", t0=0.0, t1=tt)
+    _, s_t = path.conditional_mean_std(tt, y1[:1])
+    assert (from_noise - y1).norm(dim=1).mean() < 0.5 * (from_start - y1).norm(dim=1).mean()
+    assert abs((from_noise - y1).std().item() - s_t.item()) > 0.5 * s_t.item()
+
+
 def test_moment_errors_flags_a_wrong_width_and_mean():
     path, n = VPPath(), 20_000
     z0 = torch.randn(n, 2, generator=_gen(9), dtype=D64)

@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
@@ -42,32 +40,6 @@ def toc_pages() -> list[str]:
 PAGES = toc_pages()
 NOTEBOOKS = [p for p in PAGES if "{code-cell}" in (ROOT / f"{p}.md").read_text()]
 CHAPTERS = [p for p in NOTEBOOKS if not p.endswith("instructors")]
-
-
-@pytest.fixture(scope="session")
-def site(tmp_path_factory) -> Path:
-    """The built HTML folder (built here, or FMTOY_SITE)."""
-    if os.environ.get("FMTOY_SITE"):
-        html = Path(os.environ["FMTOY_SITE"]).resolve()
-        assert (html / "index.html").is_file(), f"FMTOY_SITE={html} holds no built book"
-        return html
-    out = tmp_path_factory.mktemp("site")
-    exe = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run(
-        [str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-n", "-W", "--keep-going"],
-        capture_output=True,
-        text=True,
-    )
-    log = proc.stdout + proc.stderr
-    (out / "build.log").write_text(log)
-    warnings = [line for line in log.splitlines() if "WARNING" in line]  # ipykernel 6: no TCP warning either
-    assert proc.returncode == 0 and not warnings, (
-        f"the book build failed (exit {proc.returncode}); warnings/errors:\n"
-        + "\n".join(warnings[:30])
-        + "\n"
-        + log[-3000:]
-    )
-    return out / "_build" / "html"
 
 
 class _Page(HTMLParser):
