@@ -199,7 +199,8 @@ def quality_vs_nfe(
 
 # ----------------------------------------------------------------------------------------------- likelihood
 def nll(velocity: Velocity, x: Tensor, source, steps: int = 50, method: str = "rk4") -> float:
-    """Mean negative log-likelihood -1/n sum_i log p_1(x_i) of the flow (change of variables, Eq. (CoV))."""
+    """Mean negative log-likelihood -1/n sum_i log p_1(x_i) of the flow (instantaneous change of variables,
+    thm-inst-cov)."""
     return -float(log_likelihood(velocity, x, source, steps=steps, method=method).mean())
 
 

@@ -90,7 +90,7 @@ def integrate(
     grad: bool = False,
     threads: str | int | None = None,
 ) -> Tensor:
-    """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t, Eq. (ODE).
+    """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t (chapter 1, the flow ODE).
 
     Returns x(t1), shape (n, d), or the trajectory x(t_0..t_steps), shape (steps + 1, n, d).
     Runs under torch.no_grad unless grad=True, with fmtoy's CPU thread policy (fmtoy.threads).
@@ -232,7 +232,7 @@ def log_likelihood(
     generator: torch.Generator | None = None,
     n_probes: int = 1,
 ) -> Tensor:
-    """log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (instantaneous change of variables, Eq. (CoV)).
+    """log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (instantaneous change of variables, thm-inst-cov).
 
     The augmented state (x_t, l_t) with dl/dt = div v_t(x_t), l_1 = 0 is integrated backwards from t=1 to t=0
     (velocity and divergence from one forward pass per stage), so log p_1(x_1) = log p_0(x_0) + l_0. Shape (n,).

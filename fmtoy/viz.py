@@ -113,7 +113,7 @@ def plot_samples(
     title: str | None = None,
     **kwargs,
 ) -> Axes:
-    """Scatter plot of samples x ~ p (n, 2), e.g. x_1 = psi_1(x_0), Eq. (ODE); returns the Axes."""
+    """Scatter plot of samples x ~ p (n, 2), e.g. x_1 = psi_1(x_0) (the flow ODE, chapter 1); returns the Axes."""
     x = _as_array(x, 2, "x", "(n, 2)")
     ax = _axes(ax)
     ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color, linewidths=0, **kwargs)
@@ -205,7 +205,7 @@ def plot_field(
     color: str = "k",
     title: str | None = None,
 ) -> Axes:
-    """Arrows (quiver) or streamlines of the velocity field v_t(x) at time t on a grid x grid raster, Eq. (ODE)."""
+    """Arrows (quiver) or streamlines of the velocity field v_t(x) at time t on a grid x grid raster (chapter 1)."""
     if not callable(velocity):
         raise TypeError(f"velocity must be a callable v(x, t) -> (n, 2), got {type(velocity).__name__}")
     t, kind = check_unit_time("t", t), check_choice("field kind", kind, FIELD_KINDS)
@@ -311,7 +311,7 @@ def animate_trajectories(
     figsize: tuple[float, float] = (4, 4),
     dpi: int = 72,
 ) -> TrajectoryAnimation:
-    """Animate particles x_t moving along the flow ODE, Eq. (ODE), from a trajectory (steps+1, n, 2).
+    """Animate particles x_t moving along the flow ODE (chapter 1) from a trajectory (steps+1, n, 2).
 
     field: optional v(x, t) drawn as field_grid^2 arrows (t a tensor of shape (n,)); density: optional
     log p_t(x) = density(x, t) drawn as a grid^2 image (t a float), e.g. ExactField.log_prob.

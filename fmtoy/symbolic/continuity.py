@@ -14,7 +14,7 @@ from .paths import gaussian_conditional_velocity
 def continuity_residual(
     p: sp.Expr, u: sp.Expr | Sequence[sp.Expr], t: sp.Symbol = t, xs: Sequence[sp.Symbol] = (x,), simplify: bool = True
 ) -> sp.Expr:
-    """d/dt p_t + div(p_t u_t), zero iff u_t generates p_t (continuity equation, FM paper Sec. 2)."""
+    """d/dt p_t + div(p_t u_t), zero iff u_t generates p_t (continuity equation, FM paper App. B, Eq. 26)."""
     p, t = _expr("p", p), _symbol("t", t)
     if isinstance(xs, sp.Symbol) or not isinstance(xs, (list, tuple)) or len(xs) == 0:
         raise TypeError(f"xs must be a non-empty list of sympy Symbols such as [x] or [x, y], got {xs!r}")

@@ -1,5 +1,5 @@
 """Numeric checks of the continuity equation d/dt p_t + div(p_t u_t) = 0 and of the instantaneous change of
-variables log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (book chapter 1, Eqs. (CE) and (ICoV)).
+variables log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (book chapter 1, thm-continuity and thm-inst-cov).
 
 Derivatives are central finite differences in float64 with step h: the truncation error is O(h^2) and the
 round-off error O(eps / h), so h ~ 1e-3 resolves a residual down to ~1e-6 of the size of its terms.
@@ -92,7 +92,8 @@ def relative_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: fl
 def log_likelihood_terms(
     velocity: Velocity, x1: Tensor, source, steps: int = 50, method: str = "rk4"
 ) -> tuple[Tensor, Tensor]:
-    """(log p_0(x_0), int_0^1 div v_t(x_t) dt) along the flow through x_1, so log p_1(x_1) = first - second (ICoV)."""
+    """(log p_0(x_0), int_0^1 div v_t(x_t) dt) along the flow through x_1: log p_1(x_1) = first - second
+    (thm-inst-cov)."""
     steps = check_positive_int("steps", steps)
     log_p1 = log_likelihood(velocity, x1, source, steps=steps, method=method)
     x0 = integrate(velocity, x1, steps, method, t0=1.0, t1=0.0)  # the same steps as inside log_likelihood

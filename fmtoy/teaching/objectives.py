@@ -4,8 +4,8 @@ median field.
 
 A *discrepancy* is a callable D(y, v) -> (n,) comparing a regression target y (n, d) with a prediction v (n, d) (not
 the divergence div v of fmtoy.solvers): "l2" is ||y - v||^2 (the CFM loss), "l1" is sum_k |y_k - v_k|. Bregman
-divergences D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> are affine in y: that is why FM and CFM share
-gradients.
+divergences D_phi(y, v) = phi(y) - phi(v) - <grad phi(v), y - v> have a v-dependent part affine in y: that is why
+FM and CFM share gradients.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def rotated_conditional_velocity(
 def rotated_flow(
     path: GaussianPath, x0: Tensor, t: float | Tensor, x1: Tensor, A: float | Tensor = 2 * math.pi
 ) -> Tensor:
-    """alpha_t x_1 + sigma_t exp(t A) x_0, the flow of rotated_conditional_velocity (book Ch. 4, Eq. rot-flow)."""
+    """alpha_t x_1 + sigma_t exp(t A) x_0, the flow of rotated_conditional_velocity (book Ch. 4, Eq. rot-flow); it is
+    the ODE flow from the identity only when psi_0 = id (mu_0 = 0, sigma_0 = 1)."""
     t, (alpha, sigma) = _schedule_at(path, x0, t, x1, "alpha", "sigma")
     rot = torch.matrix_exp(t[:, :, None] * _generator_matrix(A, x0.shape[1], x0))  # (n or 1, d, d)
     return alpha * x1 + sigma * (rot @ x0[:, :, None])[:, :, 0]
