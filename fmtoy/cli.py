@@ -164,10 +164,20 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--source",
         default=None,
-        help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter it names",
+        help="instructor notebook (.ipynb) or chapter (.md); default: the book chapter whose exercises it holds",
     )
+    r.add_argument("--chapter", default=None, help="grade against this book chapter (a name, e.g. ch2_marginal)")
     r.add_argument("--json", default=None, help="also write the result as JSON to this file (for an LMS)")
     r.add_argument("--timeout", type=_int_in("--timeout", 1, 86400), default=60, help="seconds per cell (default 60)")
+    r.add_argument(
+        "--memory", type=_int_in("--memory", 256, 1 << 20), default=4096, help="MiB per student process (default 4096)"
+    )
+    r.add_argument(
+        "--sandbox",
+        choices=("auto", "require", "off"),
+        default="auto",
+        help="bubblewrap: auto (if installed), require (fail without it), off (separate process only)",
+    )
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
     b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
     b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
@@ -450,11 +460,20 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 def cmd_grade(args: argparse.Namespace) -> int:
     from .course.grade import grade
+    from .course.sandbox import Limits
 
-    report = grade(args.notebook, args.source, timeout=args.timeout)
+    out = Path(args.json) if args.json else None
+    if out is not None and not out.parent.is_dir():
+        raise UsageError(f"--json: folder {str(out.parent)!r} does not exist")
+    limits = Limits(memory_mb=args.memory, cpu_s=args.timeout * 8 + 60)
+    # grade() returns once every student process is dead: nothing of theirs can write after this point
+    report = grade(args.notebook, args.source, chapter=args.chapter, timeout=args.timeout, limits=limits,
+                   sandbox=args.sandbox)  # fmt: skip
+    if out is not None:
+        if out.is_symlink():  # a rename replaces the link itself; its target is never written
+            print(f"fmtoy: note: {out} was a symbolic link; replaced by the grade file", file=sys.stderr)
+        write_atomically(out, lambda f: f.write((report.to_json() + "\n").encode("utf-8")))
     print(report.table())
-    if args.json:
-        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
     return 0
 
 

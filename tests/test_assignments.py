@@ -1,6 +1,7 @@
 """Course assignments: markup checks, student/instructor notebooks, the student edition's sources, and (marked
 `grading`) the autograder on every chapter: solutions pass, stubs fail with NotImplementedError, wrong answers
-get exactly the points of the checks they pass, timeouts and crashed kernels cost only their exercise."""
+get exactly the points of the checks they pass, timeouts and crashed student processes cost only their exercise.
+Attacks on the grader are in test_grade_adversarial.py."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def test_student_book_sources(tmp_path):
         assert A.leaked_lines(nb, chapter_nb(path)) == []
 
 
-# ----------------------------------------------------------------------------------------------- grading (kernels)
+# --------------------------------------------------------------------------------------- grading (student processes)
 def _student_with(path: Path, tmp_path: Path, answers: dict[str, str]) -> Path:
     """The student notebook of a chapter with some solution cells filled in (label -> source)."""
     nb = A.student_notebook(chapter_nb(path))
@@ -223,7 +224,7 @@ def test_solution_passes_stub_fails_wrong_answer_gets_partial_credit(path, tmp_p
 
 
 @pytest.mark.grading
-def test_timeout_and_dead_kernel_cost_only_their_exercise(tmp_path):
+def test_timeout_and_dead_process_cost_only_their_exercise(tmp_path):
     path = BOOK / "ch2_marginal.md"
     nb = A.instructor_notebook(chapter_nb(path))
     right = {
@@ -233,7 +234,7 @@ def test_timeout_and_dead_kernel_cost_only_their_exercise(tmp_path):
     }
     for bad, why in (
         ("import time\ndef mc_marginal_velocity(x, t, x1):\n    time.sleep(60)", "timed out"),
-        ("import os\ndef mc_marginal_velocity(x, t, x1):\n    os._exit(1)", "kernel died"),
+        ("import os\ndef mc_marginal_velocity(x, t, x1):\n    os._exit(1)", "process died"),
     ):
         student = _student_with(path, tmp_path, {**right, "ex-ch2-mc-field": bad})
         report = grade(student, path, timeout=3)
