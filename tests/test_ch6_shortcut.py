@@ -4,6 +4,7 @@ solution extracted from the page."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from chapter_solutions import solution_namespace
 
 from fmtoy.data import eight_gaussians
 from fmtoy.device import make_generator
-from fmtoy.methods.meanflow import MeanFlowMLP, fit_meanflow, meanflow_loss, meanflow_times, sample_meanflow
+from fmtoy.methods.meanflow import (
+    MeanFlowConfig,
+    MeanFlowMLP,
+    fit_meanflow,
+    meanflow_loss,
+    meanflow_times,
+    sample_meanflow,
+)
 from fmtoy.methods.shortcut import ShortcutMLP
 from fmtoy.methods.shortcut import shortcut_target as reference_target
 from fmtoy.symbolic import is_zero
@@ -101,11 +109,73 @@ def test_symbolic_inputs_are_checked():
 
 # ----------------------------------------------------------------------------------------------- MeanFlow
 def test_meanflow_times_fraction_and_range():
-    t, dd = meanflow_times(400, 0.25, make_generator(0))
-    assert (dd[:100] > 0).all() and (dd[100:] == 0).all()
-    assert ((t >= 0) & (t + dd <= 1)).all()
+    for law in ("logit_normal", "uniform"):
+        t, dd = meanflow_times(400, 0.25, make_generator(0), law=law)
+        assert (dd[:100] > 0).all() and (dd[100:] == 0).all()
+        assert ((t >= 0) & (t + dd <= 1)).all()
     with pytest.raises(ValueError):
         meanflow_times(10, 1.5)
+    with pytest.raises(ValueError, match="law"):
+        meanflow_times(10, 0.25, law="normal")
+
+
+def test_meanflow_times_follow_the_official_law_mirrored():
+    """Official: t, r ~ sigmoid(N(-0.4, 1)) with t = 1 noise, (t, r) = (max, min), r = t on the flow-matching rows.
+    Mirrored (t -> 1 - t): both ends ~ sigmoid(N(0.4, 1)), and the flow-matching rows take the noise-side draw, the min
+    of two, whose logit has mean 0.4 - 1/sqrt(pi) (the expected minimum of two N(0.4, 1))."""
+    n = 200_000
+    t, dd = meanflow_times(n, 0.5, make_generator(1), dtype=D64)
+    m = n // 2
+    ends = torch.cat([t[:m], t[:m] + dd[:m]])
+    logit = torch.log(ends / (1 - ends))
+    assert abs(logit.mean().item() - 0.4) < 0.01 and abs(logit.std().item() - 1.0) < 0.01
+    fm = torch.log(t[m:] / (1 - t[m:]))
+    assert abs(fm.mean().item() - (0.4 - 1 / math.sqrt(math.pi))) < 0.01
+    tu, _ = meanflow_times(n, 0.0, make_generator(2), dtype=D64, law="uniform")
+    assert abs(tu.mean().item() - 1 / 3) < 0.005  # the min of two uniforms: density 2(1 - t), biased to noise
+
+
+def test_meanflow_defaults_are_the_official_ones():
+    import inspect
+
+    assert inspect.signature(meanflow_loss).parameters["eps"].default == 0.01
+    config = MeanFlowConfig()
+    assert (config.fraction, config.power, config.eps, config.law) == (0.25, 1.0, 0.01, "logit_normal")
+    with pytest.raises(ValueError, match="eps"):
+        MeanFlowConfig(eps=0.0)
+    with pytest.raises(ValueError, match="law"):
+        MeanFlowConfig(law="bad")
+
+
+def test_adaptive_weight_is_the_gradient_of_a_log_loss_whose_minimiser_is_not_the_mean():
+    """w = sg(1 / (e^2 + c)) gives the gradient of log(e^2 + c): for a two-point target its minimiser sits near a
+    point, not at the mean; with power 0 (plain squared error) it is the mean."""
+    y = torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=D64).repeat(50, 1)
+
+    class Const(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor([[0.5, 0.0]], dtype=D64))
+
+        def forward(self, x, t, dd):
+            return self.c.expand(x.shape[0], 2) + 0 * x
+
+    net = Const()
+    zeros, ones = torch.zeros_like(y), torch.ones(len(y), dtype=D64)
+    loss = meanflow_loss(net, zeros, y, ones * 0.3, ones * 0.0, power=1.0, eps=0.01)
+    (grad,) = torch.autograd.grad(loss, [net.c])
+    e2 = (y - net.c.detach()).square().sum(1)
+    want = (2 * (net.c.detach() - y) / (e2 + 0.01)[:, None]).mean(0)
+    assert torch.allclose(grad[0], want)
+    for power, want_c in ((0.0, 0.0), (1.0, 2.0)):
+        net = Const()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)  # below 2 / curvature (~ 1 / eps) at the point
+        for _ in range(1500):
+            opt.zero_grad()
+            meanflow_loss(net, zeros, y, ones * 0.3, ones * 0.0, power=power, eps=0.01).backward()
+            opt.step()
+        c = net.c.detach()
+        assert abs(c[0, 0].item() - want_c) < 0.05, (power, c)
 
 
 def test_meanflow_loss_is_zero_for_the_exact_average_velocity_of_a_point_pair():

@@ -11,19 +11,24 @@ import pytest
 import torch
 from helpers import small_model
 
-from fmtoy.data import eight_gaussians
+from fmtoy.data import circle_mixture, eight_gaussians
 from fmtoy.device import make_generator
 from fmtoy.marginal import ExactField
 from fmtoy.methods.shortcut import (
     ExactShortcut,
+    ShortcutConfig,
     ShortcutMLP,
+    exact_grid_trajectory,
     exact_shortcut,
     fit_shortcut,
     level_of,
     n_levels,
+    off_mode_fraction,
+    one_step_yardsticks,
     sample_shortcut,
     sc_rows,
     self_consistency_loss,
+    self_paired_error,
     shortcut_batch,
     shortcut_error_map,
     shortcut_loss,
@@ -145,6 +150,35 @@ def test_shortcut_loss_gradient_ignores_the_target():
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_live))
 
 
+def test_sc_weight_multiplies_only_the_self_consistency_rows():
+    """loss = (w * sum over SC rows + sum over FM rows) / B; the parts stay unweighted means; w = 1 is the default."""
+    net = small_shortcut(max_steps=8).double()
+    g = make_generator(5)
+    x0, x1 = torch.randn(64, 2, generator=g, dtype=D64), eight_gaussians().sample(64, g).double()
+    plain, fm, sc = shortcut_loss(net, x0, x1, k=0.25, generator=make_generator(6), return_parts=True)
+    assert torch.equal(plain, shortcut_loss(net, x0, x1, k=0.25, generator=make_generator(6), sc_weight=1.0))
+    heavy, fm4, sc4 = shortcut_loss(net, x0, x1, k=0.25, generator=make_generator(6), return_parts=True, sc_weight=4.0)
+    m = sc_rows(64, 0.25, 8)
+    assert torch.equal(fm, fm4) and torch.equal(sc, sc4)
+    assert torch.allclose(heavy, (4.0 * m * sc + (64 - m) * fm) / 64, atol=1e-12)
+    assert torch.allclose(plain, (m * sc + (64 - m) * fm) / 64, atol=1e-12)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="sc_weight"):
+            shortcut_loss(net, x0, x1, k=0.25, sc_weight=bad)
+        with pytest.raises(ValueError, match="sc_weight"):
+            ShortcutConfig(sc_weight=bad)
+    res = fit_shortcut(
+        small_shortcut(max_steps=8),
+        eight_gaussians(),
+        steps=3,
+        batch_size=32,
+        sc_weight=4.0,
+        teacher="online",
+        device="cpu",
+    )
+    assert len(res.losses) == 3 and len(res.parts["sc"]) == 3
+
+
 # ----------------------------------------------------------------------------------------------- batches
 def test_batch_is_stratified_with_t_on_the_grid():
     g = make_generator(4)
@@ -205,6 +239,55 @@ def test_max_steps_sampling_is_the_fm_branch_euler():
             sample_shortcut(net, x0, bad)
 
 
+def test_self_paired_error_is_zero_for_an_exact_shortcut_and_euler_gap_for_the_velocity():
+    x0 = torch.randn(64, 2, generator=make_generator(11), dtype=D64)
+    assert self_paired_error(linear_shortcut(), x0, 1, max_steps=8) < 1e-12  # exact: 1 step = 8 steps
+    velocity = lambda y, t, d: y @ A.T  # noqa: E731  (plain Euler at every d)
+    want = x0 @ (torch.eye(2, dtype=D64) + A).T - x0 @ torch.linalg.matrix_power(torch.eye(2, dtype=D64) + A / 8, 8).T
+    got = self_paired_error(velocity, x0, 1, max_steps=8)
+    assert abs(got - want.norm(dim=1).mean().item()) < 1e-12
+    net = small_shortcut(max_steps=8)
+    assert self_paired_error(net, x0.float(), 8) == 0.0  # M steps against M steps
+
+
+def test_one_step_yardsticks_agree_with_their_definitions():
+    net, target = small_shortcut(max_steps=8), eight_gaussians()
+    x0, ref = torch.randn(200, 2, generator=make_generator(14)), target.sample(200, make_generator(15))
+    end = sample_shortcut(net, x0[:50], 8)  # as if the model's 8 steps were the exact flow
+    ys = one_step_yardsticks(net, x0, ref, target, exact_end=end)
+    assert set(ys) == {
+        "ED, N=1",
+        "ED, N=8",
+        "self-paired",
+        "paired to exact, N=1",
+        "paired to exact, N=8",
+        "off-mode, N=1",
+        "off-mode, N=8",
+    }
+    assert ys["ED, N=1"] == energy_distance(sample_shortcut(net, x0, 1), ref)
+    assert abs(ys["self-paired"] - self_paired_error(net, x0)) < 1e-6
+    assert ys["paired to exact, N=8"] < 1e-6 and ys["off-mode, N=8"] == off_mode_fraction(
+        sample_shortcut(net, x0, 8), target
+    )
+    assert set(one_step_yardsticks(net, x0, ref)) == {"ED, N=1", "ED, N=8", "self-paired"}
+    with pytest.raises(ValueError, match="more than"):
+        one_step_yardsticks(net, x0[:10], ref, exact_end=end)
+    with pytest.raises(TypeError):
+        one_step_yardsticks(lambda x, t, d: x, x0, ref)
+
+
+def test_off_mode_fraction_of_the_data_is_the_chi_tail():
+    far = circle_mixture(2, 20.0, 0.5)  # modes 80 sd apart: only the own component counts
+    x = far.sample(200_000, make_generator(12))
+    assert abs(off_mode_fraction(x, far) - math.exp(-4.5)) < 0.001  # P(|N(0, I_2)| > 3) = e^{-9/2}, SE 0.0002
+    target = eight_gaussians()  # neighbours 6.1 sd apart: a little of each tail is near the next mode
+    assert 0.009 < off_mode_fraction(target.sample(100_000, make_generator(13)), target) < math.exp(-4.5)
+    assert off_mode_fraction(target.means, target) == 0.0
+    assert off_mode_fraction(torch.zeros(5, 2), target) == 1.0  # the origin: 8 sd from every mode
+    with pytest.raises(TypeError, match="GaussianMixture"):
+        off_mode_fraction(x, object())
+
+
 # ----------------------------------------------------------------------------------------------- exact shortcut
 def test_exact_shortcut_of_linear_field_matches_matrix_exponential():
     x = torch.randn(32, 2, generator=make_generator(5), dtype=D64)
@@ -240,6 +323,13 @@ def test_error_map_is_zero_for_the_exact_shortcut_and_grows_with_d_for_the_veloc
     velocity = shortcut_error_map(lambda y, t, d: field(y, t), field, x0, max_steps=8, substeps=4)
     per_level = [e.mean().item() for _, e in velocity]
     assert per_level[0] > 2.0 and per_level[0] > per_level[1] > per_level[2] > per_level[3]  # Euler: error ~ d
+    traj = exact_grid_trajectory(field, x0, max_steps=8, substeps=4)  # computed once, reused
+    again = shortcut_error_map(lambda y, t, d: field(y, t), None, None, max_steps=8, trajectory=traj)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(velocity, again))
+    with pytest.raises(ValueError, match="trajectory"):
+        shortcut_error_map(lambda y, t, d: field(y, t), None, None, max_steps=16, trajectory=traj)
+    with pytest.raises(ValueError, match="precomputed"):
+        shortcut_error_map(lambda y, t, d: field(y, t), None, None, max_steps=8)
 
 
 # ----------------------------------------------------------------------------------------------- training

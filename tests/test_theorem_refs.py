@@ -170,7 +170,7 @@ REF = re.compile(r"\{prf:ref\}`([^`]*)`")
 BARE_NUMBER = re.compile(r"(?<!FM )(?<!Guide )\bTheorems? \d")
 # Pages whose prose still says "Theorem N" for the paper's theorems; their owners are editing them (issue 15).
 # Strict xfail: once a page is fixed, its test passes and reports XPASS as a failure, a reminder to drop it here.
-NOT_YET = {"ch6_shortcut.md", "instructors.md"}
+NOT_YET: set[str] = set()  # every source qualifies its theorem numbers now
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)

@@ -452,3 +452,56 @@ def test_after_training_the_latent_changes_the_velocity():
         deaf.cond_embed[-1].bias.zero_()
     assert not _latent_matters(deaf)
     assert velocity_spread(deaf, torch.zeros(3, 1), 0.5).abs().max().item() == 0.0
+
+
+# ------------------------------------------------------------------------------- chapter 7's multi-seed study helpers
+def test_energy_to_reference_is_the_metrics_energy_distance():
+    from fmtoy.methods.vrfm import EnergyToReference
+    from fmtoy.metrics import energy_distance
+
+    g = make_generator(0)
+    x, ref = torch.randn(300, 2, generator=g, dtype=torch.float64), torch.randn(400, 2, generator=g) + 0.5
+    assert EnergyToReference(ref)(x) == pytest.approx(energy_distance(x, ref), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        EnergyToReference(ref[:1])
+
+
+def test_eval_draws_differ_by_seed_and_repeat_for_the_same_seed():
+    from fmtoy.methods.vrfm import eval_draws
+
+    st = get_setting("hexagon_2d")
+    a, b, c = eval_draws(st, 50, 0), eval_draws(st, 50, 0), eval_draws(st, 50, 1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1]) and not torch.equal(a[0], a[1])
+
+
+def test_seed_verdict_names_a_winner_only_when_every_seed_agrees():
+    from fmtoy.methods.vrfm import seed_verdict
+    from fmtoy.metrics import Spread
+
+    seeds = (0, 1, 2)
+    low, high = Spread([1.0, 2.0, 3.0], seeds), Spread([1.5, 2.5, 3.5], seeds)
+    mixed = Spread([0.5, 2.5, 3.5], seeds)  # the mean is above `low`'s, but seed 0 is below
+    assert seed_verdict(low, high, higher_is_better=False) == "A"  # lower distance wins
+    assert seed_verdict(low, high, higher_is_better=True, names=("x", "y")) == "y"
+    assert seed_verdict(low, mixed, higher_is_better=False) == "split"
+    assert seed_verdict(mixed, low, higher_is_better=True) == "split"
+
+
+def test_train_and_score_trains_each_run_with_the_seed_and_scores_every_row():
+    from dataclasses import replace
+
+    from fmtoy.methods.vrfm import DATA, EXACT, REDRAWN, train_and_score
+
+    base = VRFMConfig(setting="two_modes_1d", steps=20, batch_size=32, device="cpu")
+    runs = {("two_modes_1d", "vrfm"): base, ("two_modes_1d", "rfm"): replace(base, method="rfm")}
+    fits, scores = train_and_score(runs, seed=3, nfes=(1, 4), n=64, redraw=[("two_modes_1d", "vrfm")])
+    assert {f.config.seed for f in fits.values()} == {3}
+    names = {"vrfm", "rfm", "vrfm" + REDRAWN, EXACT, DATA}
+    assert set(scores) == {("two_modes_1d", m, k, n) for m in names for k in ("ll", "ed") for n in (1, 4)}
+    assert all(math.isfinite(v) for v in scores.values())
+    assert scores["two_modes_1d", DATA, "ll", 1] == scores["two_modes_1d", DATA, "ll", 4]  # no NFE: one value
+    _, again = train_and_score(runs, seed=3, nfes=(1, 4), n=64, redraw=[("two_modes_1d", "vrfm")])
+    assert again == scores  # the same seed: the same runs and the same evaluation draws
+    _, other = train_and_score(runs, seed=4, nfes=(1, 4), n=64)
+    assert other["two_modes_1d", "vrfm", "ed", 4] != scores["two_modes_1d", "vrfm", "ed", 4]

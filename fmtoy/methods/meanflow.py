@@ -3,6 +3,10 @@ trained with the MeanFlow identity s = u + d (u . grad_x s + d_t s - d_d s), the
 
 The target uses the conditional velocity v = x_1 - x_0 for u (as CFM does), the total derivative comes from one
 forward-mode JVP with tangent (v, 1, -1) (the end time r = t + d stays fixed), and it carries no gradient.
+
+Defaults follow the official code (Gsunshine/meanflow, meanflow.py and configs/default.py), mirrored to this book's
+time (t = 0 noise, t = 1 data; the official code has t = 1 noise): two logit-normal times, sorted, give (t, r); the
+flow-matching rows (d = 0) keep the noise-side one, t = min; the adaptive weight's constant is norm_eps = 0.01.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_points, check_positive, check_positive_int
+from .._checks import check_choice, check_points, check_positive, check_positive_int
 from ..data import Distribution, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate_average
@@ -47,29 +51,48 @@ class MeanFlowMLP(nn.Module):
         return self(x, t, 0.0)
 
 
+TIME_LAWS = ("logit_normal", "uniform")
+LOGIT_MEAN, LOGIT_STD = 0.4, 1.0  # the official P_mean = -0.4, P_std = 1.0, mirrored (t -> 1 - t)
+
+
 def meanflow_times(
-    n: int, fraction: float = 0.25, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+    n: int,
+    fraction: float = 0.25,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype=torch.float32,
+    law: str = "logit_normal",
 ) -> tuple[Tensor, Tensor]:
-    """(t, d): two sorted uniform times t <= r and d = r - t on a fraction of rows; d = 0 (flow matching) elsewhere."""
+    """(t, d): two draws from `law` sorted to t <= r, d = r - t on a fraction of rows; d = 0 (flow matching) at
+    t = min of the two elsewhere (official sample_tr, mirrored). law: "logit_normal" (sigmoid(N(0.4, 1)), the official
+    default mirrored) or "uniform"."""
     n = check_positive_int("n", n)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise ValueError(f"fraction (rows with d > 0) must be a number in [0, 1], got {fraction!r}")
-    a = torch.rand(n, 2, generator=generator, device=device, dtype=dtype).sort(dim=1).values
+    check_choice("law", law, TIME_LAWS)
+    if law == "uniform":
+        a = torch.rand(n, 2, generator=generator, device=device, dtype=dtype)
+    else:
+        g = torch.randn(n, 2, generator=generator, device=device, dtype=dtype)
+        a = torch.sigmoid(g * LOGIT_STD + LOGIT_MEAN)
+    a = a.sort(dim=1).values
     m = int(round(fraction * n))
-    t = torch.cat([a[:m, 0], a[m:, 1]])
+    t = a[:, 0]
     d = torch.cat([a[:m, 1] - a[:m, 0], torch.zeros(n - m, device=device, dtype=dtype)])
     return t, d
 
 
 def meanflow_loss(
-    model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor, power: float = 1.0, eps: float = 1e-3
+    model: nn.Module, x0: Tensor, x1: Tensor, t: Tensor, d: Tensor, power: float = 1.0, eps: float = 0.01
 ) -> Tensor:
-    """mean_i w_i |s(x_t, t, d) - sg(v + d (v . grad_x s + d_t s - d_d s))|^2, v = x_1 - x_0, x_t = (1-t) x_0 + t x_1;
-    adaptive weight w = sg(1 / (|err|^2 + eps)^power) (MeanFlow's, power 0: plain squared error)."""
+    """mean_i w_i |s(x_t, t, d) - sg(v + d (v . grad_x s + d_t s - d_d s))|^2, v = x_1 - x_0, x_t = (1-t) x_0 + t x_1
+    (ch. 6, Prop. MeanFlow); adaptive weight w = sg(1 / (|err|^2 + eps)^power) (official: power 1, eps 0.01; power 0:
+    plain squared error)."""
     x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     power = check_positive("power", power, allow_zero=True)
+    eps = check_positive("eps", eps)
     tc, dc = _check_model_time(t, x0.shape[0], x0), _check_model_time(d, x0.shape[0], x0)
     xt, v = (1 - tc) * x0 + tc * x1, x1 - x0
     s, ds = torch.func.jvp(
@@ -88,37 +111,45 @@ def fit_meanflow(
     *,
     fraction: float = 0.25,
     power: float = 1.0,
+    eps: float = 0.01,
+    law: str = "logit_normal",
     progress: bool = False,
     **options,
 ) -> FitResult:
-    """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times. options: the loop's
+    """meanflow_loss minimised with fmtoy.train.fit; (t, d) from meanflow_times(law). options: the loop's
     (fmtoy.train.FitConfig: steps, batch_size, lr = 3e-3, lr_schedule, seed, device, threads)."""
     if not isinstance(model, MeanFlowMLP):
         raise TypeError(f"model must be a fmtoy.methods.meanflow.MeanFlowMLP, got {type(model).__name__}")
     draw = pair_sampler(model, target, source)
     config = fit_options(options, lr=3e-3)
+    meanflow_times(1, fraction, law=law)
+    check_positive("eps", eps)
 
     def loss_fn(ctx: FitContext) -> Tensor:
         x0, x1 = draw(ctx)
-        t, d = meanflow_times(ctx.batch_size, fraction, ctx.generator, ctx.device)
-        return meanflow_loss(model, x0, x1, t, d, power)
+        t, d = meanflow_times(ctx.batch_size, fraction, ctx.generator, ctx.device, law=law)
+        return meanflow_loss(model, x0, x1, t, d, power, eps)
 
     return fit(model, loss_fn, config, name="meanflow", progress=progress)
 
 
 @dataclass
 class MeanFlowConfig(RecipeConfig):
-    """A MeanFlow recipe for train_meanflow (defaults: chapter 6's budget, 4000 steps of 256)."""
+    """A MeanFlow recipe for train_meanflow (4000 steps of 256; fraction, power, eps and the time law: the official
+    code's, mirrored to this book's time)."""
 
     steps: int = 4000
     batch_size: int = 256
     fraction: float = 0.25
     power: float = 1.0
+    eps: float = 0.01
+    law: str = "logit_normal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        meanflow_times(1, self.fraction)
+        meanflow_times(1, self.fraction, law=self.law)
         check_positive("power", self.power, allow_zero=True)
+        check_positive("eps", self.eps)
 
 
 def train_meanflow(config: MeanFlowConfig, progress: bool = False) -> FitResult:
@@ -135,6 +166,7 @@ def sample_meanflow(model: nn.Module, x0: Tensor, steps: int = 1, return_traject
 
 __all__ = [
     "MeanFlowMLP",
+    "TIME_LAWS",
     "meanflow_times",
     "meanflow_loss",
     "fit_meanflow",

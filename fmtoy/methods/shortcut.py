@@ -21,6 +21,7 @@ from .._checks import check_choice, check_points, check_positive, check_positive
 from ..data import Distribution, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate, integrate_average
+from ..threads import thread_policy
 from ..train import (
     FitContext,
     FitResult,
@@ -220,23 +221,26 @@ def shortcut_loss(
     generator: torch.Generator | None = None,
     clip: float | None = 10.0,
     return_parts: bool = False,
+    sc_weight: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """Shortcut loss: mean over the batch of |s(x_t, t, 0) - (x_1 - x_0)|^2 (flow-matching rows) and
-    |s(x_t, t, 2d) - sg(target)|^2 (a fraction k of rows, Eq. SC); the target comes from `teacher` (EMA copy or the
-    model itself) and carries no gradient. return_parts: also the two parts' means (detached)."""
+    """Shortcut loss (ch. 6, Eq. L): mean over the batch of |s(x_t, t, 0) - (x_1 - x_0)|^2 (flow-matching rows) and
+    sc_weight * |s(x_t, t, 2d) - sg(target)|^2 (a fraction k of rows, Eq. SC; the official code: weight 1); the
+    target comes from `teacher` (EMA copy or the model itself) and carries no gradient. return_parts: also the two
+    parts' unweighted means (detached)."""
     if not isinstance(model, ShortcutMLP):
         raise TypeError(f"model must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(model).__name__}")
     teacher = model if teacher is None else teacher
     max_steps = model.max_steps if max_steps is None else check_max_steps(max_steps)
     if max_steps != model.max_steps:
         raise ValueError(f"max_steps={max_steps} disagrees with the model's max_steps={model.max_steps}")
+    sc_weight = check_positive("sc_weight", sc_weight)
     b = shortcut_batch(x0, x1, k, max_steps, generator)
     m = b.n_sc
     half = torch.exp2(-(b.level[:m] + 1).to(x0.dtype))  # the two half steps d of the step 2d
     sc_target = shortcut_target(teacher, b.xt[:m], b.t[:m], half, clip)
     y = torch.cat([sc_target, x1[m:] - x0[m:]])  # regression targets: SC rows, then flow-matching rows
     err = (model.forward_level(b.xt, b.t, b.level) - y).square().sum(1)
-    loss = err.mean()
+    loss = err.mean() if sc_weight == 1.0 else (sc_weight * err[:m].sum() + err[m:].sum()) / len(err)
     if return_parts:
         return loss, err[m:].detach().mean(), err[:m].detach().mean()
     return loss
@@ -252,11 +256,13 @@ def fit_shortcut(
     teacher: str = "ema",
     ema_decay: float = 0.999,
     clip: float | None = 10.0,
+    sc_weight: float = 1.0,
     progress: bool = False,
     **options,
 ) -> FitResult:
     """Minimise shortcut_loss with fmtoy.train.fit; teacher "ema" (official: rate 0.999) or "online" (the model
-    itself, still without gradient through the target). Loss parts "fm" and "sc" per step. options: the loop's
+    itself, still without gradient through the target); sc_weight multiplies the SC rows' squared error. Loss parts
+    "fm" and "sc" (unweighted) per step. options: the loop's
     (fmtoy.train.FitConfig: steps, batch_size, lr = 3e-3, lr_schedule, seed, device, threads)."""
     if not isinstance(model, ShortcutMLP):
         raise TypeError(f"model must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(model).__name__}")
@@ -266,11 +272,14 @@ def fit_shortcut(
         raise ValueError("teacher='ema' needs ema_decay, a number in (0, 1) such as 0.999")
     config = fit_options(options, lr=3e-3, ema_decay=ema_decay if teacher == "ema" else None)
     sc_rows(config.batch_size, k, model.max_steps)
+    check_positive("sc_weight", sc_weight)
 
     def loss_fn(ctx: FitContext) -> tuple[Tensor, dict[str, Tensor]]:
         ema = ctx.ema[0] if ctx.ema else None
         x0, x1 = draw(ctx)
-        loss, fm, sc = shortcut_loss(model, x0, x1, ema, k, generator=ctx.generator, clip=clip, return_parts=True)
+        loss, fm, sc = shortcut_loss(
+            model, x0, x1, ema, k, generator=ctx.generator, clip=clip, return_parts=True, sc_weight=sc_weight
+        )
         return loss, {"fm": fm, "sc": sc}
 
     return fit(model, loss_fn, config, name="shortcut", progress=progress)
@@ -288,10 +297,12 @@ class ShortcutConfig(RecipeConfig):
     teacher: str = "online"
     ema_decay: float = 0.999
     clip: float | None = 10.0
+    sc_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_max_steps(self.max_steps)
+        check_positive("sc_weight", self.sc_weight)
         sc_rows(self.batch_size, self.k, self.max_steps)
         check_choice("teacher", self.teacher, TEACHERS)
         check_ema(self.ema_decay)
@@ -323,6 +334,64 @@ def sample_shortcut(
     """N Euler steps with the shortcut at d = 1/N: x_{t+d} = x_t + d s(x_t, t, d), t = 0, d, ..., 1 - d (N calls)."""
     max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
     return integrate_average(s, x0, check_sampling_steps(steps, max_steps), return_trajectory)
+
+
+def self_paired_error(s: Shortcut, x0: Tensor, steps: int = 1, max_steps: int | None = None) -> float:
+    """mean_i |x_i^(steps) - x_i^(M)|: `steps` shortcut steps against M of the same model from the same noise (M its
+    max_steps), the gap part 4 of ch. 6's theorem says perfect self-consistency closes."""
+    max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
+    few, many = sample_shortcut(s, x0, steps, max_steps), sample_shortcut(s, x0, max_steps, max_steps)
+    return float((few - many).double().norm(dim=1).mean())
+
+
+def one_step_yardsticks(
+    s: ShortcutMLP,
+    x0: Tensor,
+    reference: Tensor,
+    mixture: Distribution | None = None,
+    exact_end: Tensor | None = None,
+) -> dict[str, float]:
+    """Ch. 6's yardsticks of one step against M = s.max_steps steps from the noise x0: energy distances to
+    `reference` (N = 1, N = M), the self-paired error mean |x^(1) - x^(M)| (part 4 of Thm. the exact shortcut),
+    with `mixture` the off-mode fractions, with exact_end = phi_{0,1}(x0[:m]) the paired errors on those m rows."""
+    from ..metrics import energy_distance
+
+    if not isinstance(s, ShortcutMLP):
+        raise TypeError(f"s must be a fmtoy.methods.shortcut.ShortcutMLP, got {type(s).__name__}")
+    x0 = check_points(x0, s.dim, name="x0")
+    one, many = sample_shortcut(s, x0, 1), sample_shortcut(s, x0, s.max_steps)
+    top = f"N={s.max_steps}"
+    out = {
+        "ED, N=1": energy_distance(one, reference),
+        f"ED, {top}": energy_distance(many, reference),
+        "self-paired": float((one - many).double().norm(dim=1).mean()),
+    }
+    if exact_end is not None:
+        exact_end = check_points(exact_end, s.dim, name="exact_end")
+        m = len(exact_end)
+        if m > len(x0):
+            raise ValueError(f"exact_end has {m} rows, more than x0's {len(x0)}")
+        for key, x in (("N=1", one), (top, many)):
+            out[f"paired to exact, {key}"] = float((x[:m] - exact_end).double().norm(dim=1).mean())
+    if mixture is not None:
+        out["off-mode, N=1"], out[f"off-mode, {top}"] = (
+            off_mode_fraction(one, mixture),
+            off_mode_fraction(many, mixture),
+        )
+    return out
+
+
+def off_mode_fraction(x: Tensor, mixture: Distribution, sds: float = 3.0) -> float:
+    """Fraction of the points x farther than `sds` standard deviations (Mahalanobis) from every component of a
+    Gaussian mixture: the mass in the bridges between modes (data: P(chi_2 > sds) = exp(-sds^2 / 2) in 2D)."""
+    x = check_points(x).double()
+    if not (hasattr(mixture, "means") and hasattr(mixture, "covs")):
+        raise TypeError(f"mixture must be a fmtoy GaussianMixture (means, covs), got {type(mixture).__name__}")
+    sds = check_positive("sds", sds)
+    means, covs = mixture.means.double().to(x.device), mixture.covs.double().to(x.device)
+    diff = x[:, None, :] - means[None]  # (n, K, dim)
+    maha = torch.einsum("nki,kij,nkj->nk", diff, torch.linalg.inv(covs), diff)
+    return float((maha.min(1).values > sds**2).double().mean())
 
 
 # ----------------------------------------------------------------------------------------------- exact shortcut
@@ -366,26 +435,51 @@ class ExactShortcut:
         return out
 
 
-def shortcut_error_map(
-    s: Shortcut, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, max_steps: int = 128, substeps: int = 4
-) -> list[tuple[Tensor, Tensor]]:
-    """RMS error sqrt(mean |s(x, t, d) - s*(x, t, d)|^2) over x ~ p_t at every grid (t, d), d = 2^-l, t in d N.
-
-    One RK4 trajectory of the exact field from x0 ~ p_0 (M * substeps steps) gives x_t ~ p_t on the 1/M grid and
-    s*(x_t, t, d) = (x_{t+d} - x_t) / d for every (t, d). Returns, per level l = 0 ... log2 M, (t starts, errors).
-    """
+def exact_grid_trajectory(
+    field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, max_steps: int = 128, substeps: int = 4
+) -> Tensor:
+    """The exact flow phi_{0,t}(x0) at t = 0, 1/M, ..., 1, shape (M + 1, n, dim): RK4 with M * substeps steps."""
     max_steps = check_max_steps(max_steps)
     substeps = check_positive_int("substeps", substeps)
     x0 = check_points(x0, name="x0")
-    traj = integrate(field, x0, max_steps * substeps, "rk4", return_trajectory=True)[::substeps]
+    return integrate(field, x0, max_steps * substeps, "rk4", return_trajectory=True)[::substeps]
+
+
+def shortcut_error_map(
+    s: Shortcut,
+    field: Callable[[Tensor, Tensor], Tensor] | None,
+    x0: Tensor | None,
+    max_steps: int = 128,
+    substeps: int = 4,
+    trajectory: Tensor | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """RMS error sqrt(mean |s(x, t, d) - s*(x, t, d)|^2) over x ~ p_t at every grid (t, d), d = 2^-l, t in d N.
+
+    One RK4 trajectory of the exact field from x0 ~ p_0 (exact_grid_trajectory; or `trajectory`, one computed
+    before, with field and x0 None) gives x_t ~ p_t on the 1/M grid and s*(x_t, t, d) = (x_{t+d} - x_t) / d for
+    every (t, d). Returns, per level l = 0 ... log2 M, (t starts, errors).
+    """
+    max_steps = check_max_steps(max_steps)
+    if trajectory is None:
+        if field is None or x0 is None:
+            raise ValueError("give the exact field and x0, or a precomputed trajectory")
+        traj = exact_grid_trajectory(field, x0, max_steps, substeps)
+    else:
+        traj = trajectory
+        if not isinstance(traj, Tensor) or traj.ndim != 3 or traj.shape[0] != max_steps + 1:
+            shape = tuple(traj.shape) if isinstance(traj, Tensor) else type(traj).__name__
+            raise ValueError(
+                f"trajectory must have shape (max_steps + 1, n, dim) = ({max_steps + 1}, n, dim), got {shape}"
+            )
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), thread_policy(None, traj.device) as tuner:  # one model call per cell: a loop to tune
         for level in range(n_levels(max_steps)):
             stride = max_steps >> level
             starts = torch.arange(0, max_steps, stride)
             d = stride / max_steps
             errs = []
             for a in starts.tolist():
+                tuner.tick()
                 xa = traj[a]
                 truth = (traj[a + stride] - xa) / d
                 pred = s(xa, xa.new_full((len(xa),), a / max_steps), xa.new_full((len(xa),), d)).to(xa.dtype)
@@ -413,5 +507,9 @@ __all__ = [
     "sample_shortcut",
     "exact_shortcut",
     "ExactShortcut",
+    "exact_grid_trajectory",
     "shortcut_error_map",
+    "self_paired_error",
+    "one_step_yardsticks",
+    "off_mode_fraction",
 ]

@@ -5,28 +5,31 @@ q_phi(z | x_0, x_1, x_t, t) = N(mu, diag exp(logvar)). Loss (ch. 7, Eq. eq-ch7-l
     ||v_theta(x_t, t, z) - (x_1 - x_0)||^2 + kl_weight KL(q_phi || p)  =  kl_weight (-ELBO) + const,
 the negative ELBO of the decoder variance sigma^2 = kl_weight / 2 (Thm thm-ch7-elbo). Sampling: z ~ p(z) once per
 trajectory, held fixed while the ODE dx/dt = v_theta(x, t, z) is integrated (Prop prop-ch7-fixed-z). Also: the
-paper's synthetic settings and the exact distribution p(v | x_t, t) of the velocity for Gaussian-mixture source and
-target (the ground truth, Prop prop-ch7-velocity-posterior).
+paper's synthetic settings, the exact distribution p(v | x_t, t) of the velocity for Gaussian-mixture source and
+target (the ground truth, Prop prop-ch7-velocity-posterior), and the chapter's seed study: train_and_score gives one
+seed's scores (mean log q and energy distance per NFE), fmtoy.metrics.across_seeds turns them into Spreads, and
+seed_verdict names a winner only when every seed agrees.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
 from ..data import Distribution, GaussianMixture, StandardNormal, circle_mixture, eight_gaussians
-from ..device import resolve_device
+from ..device import make_generator, resolve_device
 from ..losses import _check_pair, cfm_loss
-from ..marginal import _check_models, posterior_weights
+from ..marginal import ExactField, _check_models, posterior_weights
+from ..metrics import Spread, energy_distance
 from ..models import VelocityMLP, _check_model_time
 from ..paths import CondOTPath, GaussianPath
 from ..solvers import integrate
-from ..threads import check_threads
+from ..threads import check_threads, under_policy
 from ..train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_config, fit, pair_sampler, run_config
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
@@ -343,6 +346,34 @@ def velocity_spread(
     return v.var(dim=0).sum(-1).sqrt()
 
 
+@torch.no_grad()
+def endpoint_switch(model: nn.Module, z: Tensor, steps: int = 20) -> tuple[float, float]:
+    """From x_0 = 0 (1D) with latents z: (fraction of endpoints > 0, accuracy of the best single threshold on z . d),
+    d the unit difference of the mean latents that end above and below 0 (sample_vrfm, Euler)."""
+    z = check_points(z, _latent_dim(model) or None, name="z")
+    end = sample_vrfm(model, z.new_zeros(len(z), 1), steps, z=z)[:, 0]
+    up = end > 0
+    if up.all() or not up.any():
+        return float(up.double().mean()), 1.0
+    d = z[up].mean(0) - z[~up].mean(0)
+    order = torch.argsort(z @ (d / d.norm()))
+    above = up[order].double()
+    # a threshold after the k lowest projections predicts "below" for those, "above" for the rest
+    correct = (1 - above).cumsum(0) + (above.sum() - above.cumsum(0))
+    best = max(float(above.sum()), float(correct.max()))
+    return float(up.double().mean()), best / len(z)
+
+
+@torch.no_grad()
+def mode_fractions(
+    model: nn.Module, x0: Tensor, modes: Tensor, steps: int = 20, generator: torch.Generator | None = None
+) -> Tensor:
+    """Fraction of the rows of x0 (one prior z each, sample_vrfm) whose endpoint is nearest to each of the modes."""
+    end = sample_vrfm(model, x0, steps, generator=generator)
+    nearest = torch.cdist(end.double(), modes.double()).argmin(1)
+    return torch.bincount(nearest, minlength=len(modes)).double() / len(x0)
+
+
 # ----------------------------------------------------------------------------------------------- ground truth
 class VelocityPosterior(NamedTuple):
     """p(v | x_t = x, t) = sum_P weights[:, P] N(v; means[:, P], covs[P]) for each row x (pairs P = i * K1 + j)."""
@@ -408,8 +439,8 @@ class VRFMConfig:
     The paper's toy recipe (App. D.1): loss MSE + kl_weight KL with one reparametrised sample, t ~ U(0, 1),
     latent 4 (1D) / 8 (2D), KL weight 1.0 (1D) / 0.1 (2D), AdamW, lr 1e-3, batch 1000, 20k iterations:
     VRFMConfig.paper(setting). The defaults keep AdamW and batch 1000 but train 2000 iterations with lr 3e-3
-    decayed to 0 by a cosine (10x fewer steps: the chapter's time budget; at lr 1e-3 constant, 2000 steps leave
-    even the RFM baseline far from converged).
+    decayed to 0 by a cosine (10x fewer steps; at lr 1e-3 constant, 2000 steps leave even the RFM baseline far from
+    converged). Chapter 7 trains cheaper still, to afford three seeds: 1000 steps of batch 128 at lr 6e-3.
     latent_dim / kl_weight = None take the setting's values.
     """
 
@@ -533,3 +564,103 @@ def train_vrfm(config: VRFMConfig, progress: bool = False) -> FitResult:
     setting = get_setting(config.setting)
     model, encoder = build_vrfm(config, setting.dim)
     return run_config(fit_vrfm, config, model, encoder, setting.target, setting.source, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation over seeds
+EXACT, DATA, REDRAWN = "exact u_t", "data", ", z redrawn"  # reference rows and the suffix of a z-redrawn row
+EVAL_SEED, Z_SEED, FRESH_SEED = 10_000, 20_000, 30_000  # generator offsets: evaluation draws never share a stream
+
+
+def eval_draws(setting: VRFMSetting, n: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(x_0 ~ source, reference ~ target), n points each, from make_generator(EVAL_SEED + seed): one seed's test set."""
+    n = check_positive_int("n", n)
+    g = make_generator(EVAL_SEED + seed)
+    return setting.source.sample(n, g), setting.target.sample(n, g)
+
+
+def _mean_distance(x: Tensor, y: Tensor, same: bool) -> float:
+    """Mean |x_i - y_j| over all pairs (over i != j when x is y), in float64: a term of the energy distance."""
+    total = sum(float(torch.cdist(b, y, compute_mode="donot_use_mm_for_euclid_dist").sum()) for b in x.split(2048))
+    return total / (len(x) * (len(x) - 1)) if same else total / (len(x) * len(y))
+
+
+class EnergyToReference:
+    """x -> energy_distance(x, reference) (fmtoy.metrics' unbiased U-statistic) with E|Y - Y'| computed once."""
+
+    def __init__(self, reference: Tensor) -> None:
+        self.reference = check_points(reference, name="reference").detach().double()
+        if len(self.reference) < 2:
+            raise ValueError(f"the reference needs at least 2 points, got {len(self.reference)}")
+        self.self_term = _mean_distance(self.reference, self.reference, True)
+
+    @under_policy
+    def __call__(self, x: Tensor) -> float:
+        """2 E|X - Y| - E|X - X'| - E|Y - Y'| for the rows of x (at least 2) against the reference."""
+        x = check_points(x, self.reference.shape[1], name="x").detach().double().to(self.reference.device)
+        if len(x) < 2:
+            raise ValueError(f"x needs at least 2 points, got {len(x)}")
+        return 2 * _mean_distance(x, self.reference, False) - _mean_distance(x, x, True) - self.self_term
+
+
+def sample_scores(target: GaussianMixture, x1: Tensor, reference: Tensor | EnergyToReference) -> dict[str, float]:
+    """{"ll": mean log q(x1) under the exact target (not a proper score), "ed": energy distance of x1 to reference}."""
+    ed = reference(x1) if isinstance(reference, EnergyToReference) else energy_distance(x1, reference)
+    return {"ll": float(target.log_prob(x1.to(torch.float64)).mean()), "ed": ed}
+
+
+@torch.no_grad()
+def scores_vs_nfe(
+    model: Callable,
+    target: GaussianMixture,
+    x0: Tensor,
+    reference: Tensor | EnergyToReference,
+    nfes: Sequence[int],
+    seed: int = 0,
+    resample_z: bool = False,
+) -> dict[tuple[str, int], float]:
+    """{(metric, nfe): sample_scores} of sample_vrfm(model, x0, nfe), Euler, z from make_generator(Z_SEED + seed)."""
+    out: dict[tuple[str, int], float] = {}
+    for n in nfes:
+        x1 = sample_vrfm(model, x0, n, generator=make_generator(Z_SEED + seed), resample_z=resample_z)
+        out.update({(k, n): v for k, v in sample_scores(target, x1, reference).items()})
+    return out
+
+
+def train_and_score(
+    runs: Mapping[tuple[str, str], VRFMConfig],
+    seed: int,
+    nfes: Sequence[int],
+    n: int = 2000,
+    redraw: Sequence[tuple[str, str]] = (),
+    reference_rows: bool = True,
+) -> tuple[dict[tuple[str, str], FitResult], dict[tuple[str, str, str, int], float]]:
+    """One seed of a study: train runs {(setting, name): config} with config.seed = seed, then score every run, the
+    runs in `redraw` with z redrawn at every step (name + REDRAWN) and, if reference_rows, the exact field (EXACT,
+    Euler in float64) and a fresh target sample (DATA), all on eval_draws(setting, n, seed). Returns (fits,
+    {(setting, name, metric, nfe): value}), the per-seed half of fmtoy.metrics.across_seeds."""
+    fits = {key: train_vrfm(replace(cfg, seed=seed)) for key, cfg in runs.items()}
+    scores: dict[tuple[str, str, str, int], float] = {}
+    for s in dict.fromkeys(s for s, _ in runs):
+        st = get_setting(s)
+        x0, ref = eval_draws(st, n, seed)
+        ref = EnergyToReference(ref)
+        rows = {name: (fits[s, name].model, x0, False) for s2, name in runs if s2 == s}
+        rows.update({name + REDRAWN: (fits[s, name].model, x0, True) for s2, name in redraw if s2 == s})
+        if reference_rows:
+            rows[EXACT] = (ExactField(CondOTPath(), st.target, st.source), x0.double(), False)
+        for name, (model, start, again) in rows.items():
+            got = scores_vs_nfe(model, st.target, start, ref, nfes, seed, resample_z=again)
+            scores.update({(s, name, k, nfe): v for (k, nfe), v in got.items()})
+        if reference_rows:
+            fresh = sample_scores(st.target, st.target.sample(n, make_generator(FRESH_SEED + seed)), ref)
+            scores.update({(s, DATA, k, nfe): v for k, v in fresh.items() for nfe in nfes})
+    return fits, scores
+
+
+def seed_verdict(a: Spread, b: Spread, higher_is_better: bool, names: tuple[str, str] = ("A", "B")) -> str:
+    """names[0] if a beats b for every seed, names[1] if b beats a for every seed, else "split" (Spread.below/above)."""
+    if a.above(b) if higher_is_better else a.below(b):
+        return names[0]
+    if b.above(a) if higher_is_better else b.below(a):
+        return names[1]
+    return "split"
