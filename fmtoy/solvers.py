@@ -90,7 +90,7 @@ def integrate(
     grad: bool = False,
     threads: str | int | None = None,
 ) -> Tensor:
-    """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow psi_t (chapter 1, the flow ODE).
+    """Solve dx/dt = v_t(x) from x(t0) = x0 to t1 (backwards if t1 < t0): the flow phi_t (chapter 1, the flow ODE).
 
     Returns x(t1), shape (n, d), or the trajectory x(t_0..t_steps), shape (steps + 1, n, d).
     Runs under torch.no_grad unless grad=True, with fmtoy's CPU thread policy (fmtoy.threads).

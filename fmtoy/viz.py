@@ -113,7 +113,7 @@ def plot_samples(
     title: str | None = None,
     **kwargs,
 ) -> Axes:
-    """Scatter plot of samples x ~ p (n, 2), e.g. x_1 = psi_1(x_0) (the flow ODE, chapter 1); returns the Axes."""
+    """Scatter plot of samples x ~ p (n, 2), e.g. x_1 = phi_1(x_0) (the flow ODE, chapter 1); returns the Axes."""
     x = _as_array(x, 2, "x", "(n, 2)")
     ax = _axes(ax)
     ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color, linewidths=0, **kwargs)

@@ -123,7 +123,9 @@ class GradeReport:
 
 # ------------------------------------------------------------------------------------------- the student's notebook
 @dataclass
-class _Submission:
+class Submission:
+    """What a student's notebook holds: its solution cells by grade_id and what is wrong with them."""
+
     answers: dict[str, list[str]] = field(default_factory=dict)  # grade_id -> sources (more than one: duplicated)
     labels: set[str] = field(default_factory=set)  # exercise labels the notebook's graded cells name
     problems: dict[str, str] = field(default_factory=dict)  # exercise label -> what is wrong with its solution
@@ -143,10 +145,10 @@ def _text(source) -> str | None:
     return None
 
 
-def read_submission(path: Path) -> _Submission:
+def read_submission(path: Path) -> Submission:
     """The solution cells of a student's notebook, read as plain JSON (no validation that could raise): whatever is
     malformed becomes a problem of the exercise it belongs to, or a note."""
-    sub = _Submission()
+    sub = Submission()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
@@ -225,7 +227,7 @@ def book_chapters(book_dir: Path = BOOK_DIR) -> dict[str, tuple[Path, set[str]]]
     return out
 
 
-def _instructor_source(sub: _Submission, source, chapter: str | None):
+def _instructor_source(sub: Submission, source, chapter: str | None):
     """The instructor notebook to grade against. The instructor chooses it: `source` (a chapter .md, an instructor
     .ipynb or a notebook object), or `chapter` (a name checked against the book), or else the one book chapter whose
     exercise ids the notebook holds. Nothing in the student's notebook is ever used as a path."""

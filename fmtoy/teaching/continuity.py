@@ -58,7 +58,7 @@ def _flux(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float) -> Tens
 def continuity_terms(
     log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
 ) -> tuple[Tensor, Tensor]:
-    """(d/dt p_t(x), div(p_t u_t)(x)) by central differences, each of shape (n,), float64 (Eq. (CE))."""
+    """(d/dt p_t(x), div(p_t u_t)(x)) by central differences, each of shape (n,), float64 (FM Eq. 26)."""
     _check_callable("log_prob_fn", log_prob_fn)
     _check_callable("velocity", velocity)
     x = check_points(x).to(torch.float64)
@@ -75,13 +75,13 @@ def continuity_terms(
 def continuity_residual(
     log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
 ) -> tuple[Tensor, Tensor]:
-    """(r, scale): r = d/dt p_t + div(p_t u_t) at x (Eq. (CE)) and scale = |d/dt p_t| + |div(p_t u_t)|, shape (n,)."""
+    """(r, scale): r = d/dt p_t + div(p_t u_t) at x (FM Eq. 26) and scale = |d/dt p_t| + |div(p_t u_t)|, shape (n,)."""
     dp_dt, div = continuity_terms(log_prob_fn, velocity, x, t, h)
     return dp_dt + div, dp_dt.abs() + div.abs()
 
 
 def relative_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3) -> float:
-    """max_x |d/dt p_t + div(p_t u_t)| / max_x (|d/dt p_t| + |div(p_t u_t)|) over the points x (Eq. (CE))."""
+    """max_x |d/dt p_t + div(p_t u_t)| / max_x (|d/dt p_t| + |div(p_t u_t)|) over the points x (FM Eq. 26)."""
     r, scale = continuity_residual(log_prob_fn, velocity, x, t, h)
     top = float(scale.max())
     if top == 0.0:
