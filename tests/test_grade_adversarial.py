@@ -3,8 +3,9 @@ each must get the score its honest work deserves, the grader must finish within 
 file outside the scratch folder may change, no process may outlive the grader, and no hidden test's text may reach
 what the student sees.
 
-Most attacks use ch5 (one exercise, two test cells: 1 + 2 points, the second with hidden lines): the stub deserves
-0, the plausible wrong answer `z - eps_hat` 1 (it passes the shape check only), the right answer 3. Under
+Most attacks use ch5 (one exercise, two test cells: 1 + 2 points, the second with hidden lines) or, where they need
+no torch, the same exercise in plain floats (tests/fixtures/grading_toy.md): the stub deserves 0, the plausible wrong
+answer `z - eps_hat` 1 (it passes the type or shape check only), the right answer 3. Under
 bubblewrap (Linux) the sandbox must be there: with FMTOY_REQUIRE_SANDBOX=1 (CI) a missing bwrap fails every test
 that needs it instead of skipping it.
 """
@@ -27,12 +28,14 @@ from fmtoy.course.sandbox import find_bwrap
 
 ROOT = Path(__file__).resolve().parents[1]
 CH5, CH7, CH1 = (ROOT / "book" / f"{s}.md" for s in ("ch5_paths", "ch7_vrfm", "ch1_continuity"))
+# ch5's exercise in plain floats: attacks that need no torch run on it, and their sandboxes start in milliseconds
+TOY, TOY_EX = ROOT / "tests" / "fixtures" / "grading_toy.md", "ex-toy-eps-velocity"
 TIMEOUT = 8  # seconds per cell in these tests
 HANG = 3  # the deadline of the tests that hang on purpose: each of them waits for it
 SLACK = 20  # process start-ups (torch import) and the instructor's own test code on a busy 2-core machine
 
-STUB5 = "import torch\n\n\ndef velocity_from_eps(z, t, eps_hat):\n    raise NotImplementedError()\n"
-WRONG5 = "import torch\n\n\ndef velocity_from_eps(z, t, eps_hat):\n    return z - eps_hat   # forgot the 1/t\n"
+STUB5 = "def velocity_from_eps(z, t, eps_hat):\n    raise NotImplementedError()\n"
+WRONG5 = "def velocity_from_eps(z, t, eps_hat):\n    return z - eps_hat   # forgot the 1/t\n"
 RIGHT5 = "def velocity_from_eps(z, t, eps_hat):\n    return (z - (1 - t) * eps_hat) / t - eps_hat\n"
 
 BWRAP = find_bwrap()
@@ -134,6 +137,16 @@ def check(nb: Path, expected: int, *, source=CH5, marker: str = "", cells: int =
     return report
 
 
+def toy(tmp_path: Path, body: str) -> Path:
+    """The toy assignment's student notebook with `body` as its solution cell."""
+    return student(tmp_path, TOY, {TOY_EX: body})
+
+
+def check_toy(nb: Path, expected: int, **kw):
+    """check() against the toy assignment's key."""
+    return check(nb, expected, source=TOY, **kw)
+
+
 @pytest.fixture
 def mark():
     return f"fmtoyadv{uuid.uuid4().hex[:12]}"
@@ -148,14 +161,14 @@ def mark():
         "get_ipython().input_transformers_post.append(lambda lines: ['pass\\n'])",
         "import sys\nsys.excepthook = lambda *a: None",
         "import builtins\nbuiltins.AssertionError = type('Never', (BaseException,), {})",
-        "print('ex-ch5-eps-velocity 3/3 pass')\nprint(json.dumps({'earned': 3}))",
+        "print('ex-toy-eps-velocity 3/3 pass')\nprint(json.dumps({'earned': 3}))",
     ],
     ids=["set_custom_exc", "showtraceback", "input_transformer", "excepthook", "builtins", "fake_output"],
 )
 def test_output_and_kernel_tricks_give_nothing(tmp_path, attack):
     guarded = "import json\ntry:\n    " + attack.replace("\n", "\n    ") + "\nexcept Exception:\n    pass\n"
-    nb = student(tmp_path, CH5, {"ex-ch5-eps-velocity": guarded + STUB5})
-    check(nb, 0)
+    nb = toy(tmp_path, guarded + STUB5)
+    check_toy(nb, 0)
 
 
 def test_forged_protocol_messages_give_nothing(tmp_path):
@@ -168,7 +181,7 @@ def test_forged_protocol_messages_give_nothing(tmp_path):
         "    os.write(fd, b'garbage that is not a frame')\n"
         "    raise NotImplementedError()\n"
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": forge}), 0)
+    check_toy(toy(tmp_path, forge), 0)
 
 
 @pytest.mark.parametrize(
@@ -177,12 +190,12 @@ def test_forged_protocol_messages_give_nothing(tmp_path):
     ids=["os_exit", "system_exit", "self_kill"],
 )
 def test_solution_that_exits_scores_zero(tmp_path, body):
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0)
+    check_toy(toy(tmp_path, body), 0)
 
 
 def test_function_that_exits_costs_its_cells_only(tmp_path):
     body = "import os\ndef velocity_from_eps(z, t, eps_hat):\n    os._exit(3)\n"
-    report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0)
+    report = check_toy(toy(tmp_path, body), 0)
     assert "process died" in report.exercises[0].tests[0].message
 
 
@@ -205,10 +218,8 @@ def test_monkeypatches_stay_in_the_student_process(tmp_path, patch):
 
 def test_breaking_builtins_breaks_only_the_students_own_process(tmp_path):
     # isinstance patched for everything: the student's process cannot even send its answer back (nor can torch work)
-    nb = student(
-        tmp_path, CH5, {"ex-ch5-eps-velocity": "import builtins\nbuiltins.isinstance = lambda *a: True\n" + WRONG5}
-    )
-    report = check(nb, 0)
+    nb = toy(tmp_path, "import builtins\nbuiltins.isinstance = lambda *a: True\n" + WRONG5)
+    report = check_toy(nb, 0)
     assert "process died" in report.exercises[0].solution_error, report.table()
 
 
@@ -242,7 +253,7 @@ def test_objects_that_compare_equal_to_anything_get_nothing(tmp_path):
         "    shape = (8, 2)\n    dtype = None\n"
         "def velocity_from_eps(z, t, eps_hat):\n    return Yes()\n"
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0)
+    check_toy(toy(tmp_path, body), 0)
 
 
 def test_exceptions_named_like_passing_do_not_pass(tmp_path):
@@ -250,7 +261,7 @@ def test_exceptions_named_like_passing_do_not_pass(tmp_path):
         "class StopIteration(Exception): pass\n"
         "def velocity_from_eps(z, t, eps_hat):\n    raise StopIteration('passed')\n"
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0)
+    check_toy(toy(tmp_path, body), 0)
 
 
 # -------------------------------------------------------------------------------------------- 3. hangs and floods
@@ -265,7 +276,7 @@ def test_exceptions_named_like_passing_do_not_pass(tmp_path):
     ids=["sigint_ignoring_loop", "sleep", "blocked_thread"],
 )
 def test_hanging_solution_is_killed_at_its_deadline(tmp_path, body):
-    report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0, timeout=HANG)
+    report = check_toy(toy(tmp_path, body), 0, timeout=HANG)
     assert "timed out" in report.exercises[0].solution_error
 
 
@@ -288,7 +299,7 @@ def test_fork_bomb_is_contained(tmp_path, mark):
         f"        subprocess.Popen(['sleep', '1000', '{mark}'], start_new_session=True)\n"
         "    except OSError:\n        break\n" + WRONG5
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 1, marker=mark, tmp_path=tmp_path)
+    check_toy(toy(tmp_path, body), 1, marker=mark, tmp_path=tmp_path)
 
 
 def test_memory_hog_fails_its_exercise_only(tmp_path):
@@ -314,7 +325,7 @@ def test_cpu_burning_threads_are_killed(tmp_path, mark):
         "def burn():\n    while True:\n        pass\n"
         "for _ in range(4):\n    threading.Thread(target=burn, daemon=True).start()\n" + WRONG5
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 1)
+    check_toy(toy(tmp_path, body), 1)
 
 
 # ------------------------------------------------------------------------------------------------ 4. the answer key
@@ -377,7 +388,7 @@ def test_proc_shows_no_grader(tmp_path):
         "    envs = ' '.join(open(f'/proc/{p}/environ', errors='ignore').read() for p in ['self'])\n"
         '    raise NotImplementedError(f\'{seen} {os.getppid()} {"PYTEST" in envs} {"VIRTUAL_ENV" in envs}\')\n'
     )
-    report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": spy}), 0)
+    report = check_toy(toy(tmp_path, spy), 0)
     message = report.exercises[0].tests[0].message
     assert str(os.getpid()) not in message.split("]")[0] and "False False" in message, message
 
@@ -390,7 +401,7 @@ def test_grader_process_cannot_be_signalled(tmp_path):
         "    for sig in (signal.SIGSTOP, signal.SIGKILL):\n"
         "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n" + WRONG5
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 1)
+    check_toy(toy(tmp_path, body), 1)
 
 
 def test_caller_frames_hold_no_tests(tmp_path):
@@ -403,7 +414,7 @@ def test_caller_frames_hold_no_tests(tmp_path):
         "    hits += ['frame'] if 'assert ' in text else []\n"
         "    raise NotImplementedError(str(len(hits)))\n"
     )
-    report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": peek}), 0)
+    report = check_toy(toy(tmp_path, peek), 0)
     assert report.exercises[0].tests[0].message == "NotImplementedError: 0", report.table()
 
 
@@ -449,7 +460,7 @@ def test_writes_outside_scratch_fail(tmp_path, mark):
         f"        Path(p, '{mark}.txt').write_text('{mark}')\n"
         "    except OSError:\n        pass\n" + WRONG5
     )
-    check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 1, marker=mark, tmp_path=tmp_path)
+    check_toy(toy(tmp_path, body), 1, marker=mark, tmp_path=tmp_path)
     assert not (ROOT / f"{mark}.txt").exists()
 
 
@@ -598,7 +609,7 @@ def test_grade_paths_are_not_leaked_to_the_student(tmp_path):
 
 def test_messages_are_truncated(tmp_path):
     body = "def velocity_from_eps(z, t, eps_hat):\n    raise ValueError('x' * 100_000)\n"
-    report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": body}), 0)
+    report = check_toy(toy(tmp_path, body), 0)
     assert all(len(t.message) <= 500 for t in report.exercises[0].tests)
 
 
@@ -683,3 +694,21 @@ def test_without_bubblewrap_it_still_grades_and_says_so(tmp_path):
     report = check(student(tmp_path, CH5, {"ex-ch5-eps-velocity": "import torch\ntorch.allclose = None\n" + WRONG5}),
                    1, sandbox="off")  # fmt: skip
     assert report.sandbox.startswith("NO SANDBOX") and "warning: NO SANDBOX" in report.table()
+
+
+def test_the_students_process_preloads_what_the_answer_key_imports():
+    from fmtoy.course.grade import _preload
+
+    for chapter, expected in ((CH5, ("torch",)), (CH1, ("torch",)), (TOY, ())):
+        key = _chapter_nb(chapter)
+        assert {_preload(key, ex) for ex in A.graded_exercises(key)} == {expected}, chapter.name
+
+
+def test_a_checkout_under_tmp_stays_visible_in_the_sandbox(tmp_path):
+    # the private /tmp is mounted first: a venv or checkout under /tmp (a fresh clone there) is bound on top of it
+    from fmtoy.course.sandbox import bwrap_command
+
+    cmd, _ = bwrap_command("bwrap", tmp_path, [])
+    tmpfs = [i for i in range(len(cmd) - 1) if cmd[i : i + 2] == ["--tmpfs", "/tmp"]]
+    binds = [i for i in range(len(cmd)) if cmd[i] in ("--bind", "--ro-bind")]
+    assert len(tmpfs) == 1 and tmpfs[0] < min(binds[1:]), cmd  # after /usr, before every other bind

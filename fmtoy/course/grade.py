@@ -20,6 +20,7 @@ Malformed notebooks cost the exercise concerned (score 0 and one line saying wha
 
 from __future__ import annotations
 
+import ast
 import builtins
 import json
 import os
@@ -317,6 +318,27 @@ def sandbox_mode(sandbox: str) -> str | None:
     return bwrap
 
 
+def _preload(instructor, ex) -> tuple[str, ...]:
+    """The heavy modules (sandbox.PRELOADABLE) that the answer key's cells of exercise `ex` import: the student's
+    process imports them before the student's code runs, so that their import time is not billed to the student."""
+    from .sandbox import PRELOADABLE
+
+    found: set[str] = set()
+    for i in [*ex.solution_cells, *ex.test_cells]:
+        source = _text(instructor.cells[i].source) or ""
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            found.update(m for m in PRELOADABLE if re.search(rf"\b(import|from)\s+{m}\b", source))
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+    return tuple(m for m in PRELOADABLE if m in found)
+
+
 class _Exercise:
     """Grades one exercise: solution in a fresh student process, test cells here."""
 
@@ -336,7 +358,8 @@ class _Exercise:
             shutil.copyfile(self.notebook, scratch / self.notebook.name, follow_symlinks=False)
         except OSError:
             pass
-        self.proc = StudentProcess(scratch, limits=self.limits, bwrap=self.bwrap, hide=self.hide)
+        self.proc = StudentProcess(scratch, limits=self.limits, bwrap=self.bwrap, hide=self.hide,
+                                   preload=_preload(self.instructor, self.ex))  # fmt: skip
         names, error = {}, ""
         for k, source in enumerate(self.sources):
             self.proc.deadline, self.proc.timeout_s = time.monotonic() + self.timeout, self.timeout

@@ -30,6 +30,7 @@ from . import _student
 
 RUNNER = Path(_student.__file__).resolve()
 NOBODY = 65534
+PRELOADABLE = ("numpy", "torch")  # what the student's process may import before the student's code (grade._preload)
 _BWRAP_OK: dict[str, bool] = {}
 
 
@@ -133,6 +134,7 @@ def bwrap_command(bwrap: str, scratch: Path, hide: list[Path]) -> tuple[list[str
         elif top.is_dir():
             cmd += ["--ro-bind", str(top), str(top)]
             roots.append(top)
+    cmd += ["--tmpfs", "/tmp"]  # first: a checkout or a venv under /tmp is bound on top of the private /tmp
     parents = sorted({a for _, d in binds for a in d.parents if a != Path("/") and not _under(a, roots)}, key=str)
     for a in parents:
         cmd += ["--perms", "0755", "--dir", str(a)]
@@ -143,7 +145,7 @@ def bwrap_command(bwrap: str, scratch: Path, hide: list[Path]) -> tuple[list[str
         if h.exists() and _under(h, roots):
             cmd += ["--tmpfs", str(h)] if h.is_dir() else ["--ro-bind", "/dev/null", str(h)]
     home = "/home/student"
-    cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--perms", "0755", "--dir", "/home"]
+    cmd += ["--dev", "/dev", "--proc", "/proc", "--perms", "0755", "--dir", "/home"]
     cmd += ["--bind", str(scratch), home, "--chdir", home, "--clearenv"]
     for k, v in _child_env(home).items():
         cmd += ["--setenv", k, v]
@@ -351,7 +353,8 @@ def _remote_grad():
 class StudentProcess:
     """One student process: started fresh for an exercise, killed (with everything it started) by close()."""
 
-    def __init__(self, scratch: Path, *, limits: Limits, bwrap: str | None, hide: list[Path], startup_s: float = 60):
+    def __init__(self, scratch: Path, *, limits: Limits, bwrap: str | None, hide: list[Path], startup_s: float = 60,
+                 preload: tuple[str, ...] = ("torch",)):  # fmt: skip
         self.scratch, self.limits, self.bwrap = scratch, limits, bwrap
         self.callbacks: dict[int, object] = {}
         self.cb_graphs: dict[int, tuple] = {}
@@ -372,6 +375,7 @@ class StudentProcess:
         runner = [
             sys.executable, "-I", str(RUNNER), str(t2s_r), str(s2t_w),
             str(limits.memory_mb), str(limits.cpu_s), str(nproc), str(limits.fsize_mb),
+            ",".join(m for m in preload if m in PRELOADABLE),
         ]  # fmt: skip
         if bwrap:
             prefix, home = bwrap_command(bwrap, scratch, hide)
