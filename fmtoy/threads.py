@@ -152,14 +152,15 @@ def thread_policy(threads: str | int | None = None, device: torch.device | str =
 @contextmanager
 def follow_policy(threads: str | int | None = None) -> Iterator[int]:
     """The policy for a one-shot computation (no steps to time): a fixed choice as in thread_policy, under "auto" the
-    count the latest loop measured (torch's own count before any loop has); nothing inside another fmtoy loop."""
+    count the latest loop measured, or 1 thread before any loop has (it cannot stall on a busy core: seen, chapter 1's
+    grid checks took minutes on torch's 2 threads beside one busy process); nothing inside another fmtoy loop."""
     saved = n = torch.get_num_threads()
     if not _nested(threads):  # resolved only here: inside a loop (every ODE step's field call) this costs nothing
         mode, candidates = resolve_threads(threads)
         if mode == "fixed":
             n = candidates[0]
-        elif mode == "auto" and _VERDICT["threads"]:
-            n = int(_VERDICT["threads"])
+        elif mode == "auto":
+            n = int(_VERDICT["threads"]) or candidates[0]
     if n != saved:
         torch.set_num_threads(n)
     with _restoring(saved):

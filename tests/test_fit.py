@@ -285,11 +285,19 @@ def test_one_shot_computations_follow_the_latest_measured_verdict(monkeypatch):
     monkeypatch.setattr(TH, "_IMPORT_THREADS", 2)  # as on a machine with 2 cores
     monkeypatch.setenv(TH.ENV, "auto")
     x = torch.randn(50, 2)
-    for verdict, want in ((0, 1), (2, 2), (1, 1)):  # no loop yet: torch's count (1 in this session)
+    for verdict, want in ((0, 1), (2, 2), (1, 1)):  # no loop yet: 1 thread, which cannot stall on a busy core
         monkeypatch.setattr(TH, "_VERDICT", {"threads": verdict, "until": 0.0})
         seen.clear()
         metrics.energy_distance(x, x + 1)
         assert set(seen) == {want} and torch.get_num_threads() == 1, (verdict, seen)
+    torch.set_num_threads(2)  # torch's own count 2, as on a 2-core machine: still 1 thread before any loop
+    try:
+        monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0})
+        seen.clear()
+        metrics.energy_distance(x, x + 1)
+        assert set(seen) == {1} and torch.get_num_threads() == 2, seen
+    finally:
+        torch.set_num_threads(1)
     monkeypatch.setattr(TH, "_VERDICT", {"threads": 2, "until": 0.0})
     frames = []
 
@@ -307,7 +315,15 @@ def test_one_shot_computations_follow_the_latest_measured_verdict(monkeypatch):
     seen.clear()
     metrics.energy_distance(x, x + 1)
     assert set(seen) == {3} and torch.get_num_threads() == 1
-    assert all(hasattr(f, "__wrapped__") for f in (marginal._evaluate, objectives.gradient_agreement))
+    from fmtoy.teaching import continuity
+
+    one_shot = (
+        marginal._evaluate,
+        objectives.gradient_agreement,
+        continuity.relative_residual,
+        continuity.continuity_terms,
+    )
+    assert all(hasattr(f, "__wrapped__") for f in one_shot)
 
 
 def _sigint_at(steps: set[int], times: int = 1):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._checks import check_points, check_positive, check_positive_int
 from ..solvers import integrate, log_likelihood
+from ..threads import under_policy
 
 LogProb = Callable[[Tensor, float], Tensor]  # log p_t(x): x (n, d), t float -> (n,)
 Velocity = Callable[[Tensor, Tensor], Tensor]  # u_t(x): x (n, d), t (n,) -> (n, d)
@@ -54,6 +55,7 @@ def _flux(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float) -> Tens
     return _log_density(log_prob_fn, x, t).exp()[:, None] * v.to(torch.float64)
 
 
+@under_policy
 @torch.no_grad()
 def continuity_terms(
     log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
@@ -72,6 +74,7 @@ def continuity_terms(
     return dp_dt, div
 
 
+@under_policy
 def continuity_residual(
     log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3
 ) -> tuple[Tensor, Tensor]:
@@ -80,6 +83,7 @@ def continuity_residual(
     return dp_dt + div, dp_dt.abs() + div.abs()
 
 
+@under_policy
 def relative_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3) -> float:
     """max_x |d/dt p_t + div(p_t u_t)| / max_x (|d/dt p_t| + |div(p_t u_t)|) over the points x (FM Eq. 26)."""
     r, scale = continuity_residual(log_prob_fn, velocity, x, t, h)
