@@ -465,7 +465,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
     out = Path(args.json) if args.json else None
     if out is not None and not out.parent.is_dir():
         raise UsageError(f"--json: folder {str(out.parent)!r} does not exist")
-    limits = Limits(memory_mb=args.memory, cpu_s=args.timeout * 8 + 60)
+    limits = Limits.for_timeout(args.timeout, memory_mb=args.memory)
     # grade() returns once every student process is dead: nothing of theirs can write after this point
     report = grade(args.notebook, args.source, chapter=args.chapter, timeout=args.timeout, limits=limits,
                    sandbox=args.sandbox)  # fmt: skip

@@ -249,14 +249,21 @@ def leaked_lines(student, solution) -> list[str]:
     return sorted(secret & student_lines)
 
 
-def chapters_with_exercises(book_dir: str | Path) -> list[Path]:
-    """The chapters (book/*.md with code cells) that have at least one graded exercise."""
-    out = []
+def graded_chapters(book_dir: str | Path) -> dict[Path, list[GradedExercise]]:
+    """{chapter: its graded exercises} for the chapters (book/*.md with code cells) that have at least one."""
+    out = {}
     for path in sorted(Path(book_dir).glob("*.md")):
         text = path.read_text(encoding="utf-8")
-        if "{code-cell}" in text and "exercise:" in text and graded_exercises(read_chapter(path)):
-            out.append(path)
+        if "{code-cell}" in text and "exercise:" in text:
+            exercises = graded_exercises(read_chapter(path))
+            if exercises:
+                out[path] = exercises
     return out
+
+
+def chapters_with_exercises(book_dir: str | Path) -> list[Path]:
+    """The chapters (book/*.md with code cells) that have at least one graded exercise."""
+    return list(graded_chapters(book_dir))
 
 
 def write_assignments(book_dir: str | Path, out_dir: str | Path) -> dict[str, dict]:

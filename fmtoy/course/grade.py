@@ -36,6 +36,7 @@ from .assignments import (
     BEGIN_HIDDEN,
     END_HIDDEN,
     AssignmentError,
+    graded_chapters,
     graded_exercises,
     instructor_notebook,
     read_chapter,
@@ -218,14 +219,7 @@ def read_submission(path: Path) -> Submission:
 # --------------------------------------------------------------------------------------------- the instructor's key
 def book_chapters(book_dir: Path = BOOK_DIR) -> dict[str, tuple[Path, set[str]]]:
     """stem -> (chapter .md, its exercise labels) for the book's chapters with graded exercises."""
-    out = {}
-    for path in sorted(Path(book_dir).glob("*.md")):
-        text = path.read_text(encoding="utf-8")
-        if "{code-cell}" in text and "exercise:" in text:
-            labels = {ex.label for ex in graded_exercises(read_chapter(path))}
-            if labels:
-                out[path.stem] = (path, labels)
-    return out
+    return {path.stem: (path, {ex.label for ex in exs}) for path, exs in graded_chapters(book_dir).items()}
 
 
 def _instructor_source(sub: Submission, source, chapter: str | None):
@@ -456,7 +450,7 @@ def grade(
     if not path.is_file() and not path.is_symlink():
         raise FileNotFoundError(f"no notebook at {path}")
     bwrap = sandbox_mode(sandbox)
-    limits = limits or Limits(cpu_s=int(timeout * 8) + 60)
+    limits = limits or Limits.for_timeout(timeout)
     sub = read_submission(path)
     instructor = _instructor_source(sub, source, chapter)
     try:

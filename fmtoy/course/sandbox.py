@@ -68,6 +68,11 @@ class Limits:
     nproc: int = 64  # RLIMIT_NPROC (threads count): only under bubblewrap, where it counts the sandbox's processes
     fsize_mb: int = 256  # RLIMIT_FSIZE: largest file it may write
 
+    @classmethod
+    def for_timeout(cls, timeout: float, **limits) -> Limits:
+        """The limits for a grading run of `timeout` seconds per cell: CPU time 8 cells' worth plus a minute."""
+        return cls(cpu_s=int(timeout * 8) + 60, **limits)
+
 
 def find_bwrap() -> str | None:
     """The bubblewrap executable, if installed and able to create a sandbox here (user namespaces may be off)."""

@@ -336,12 +336,17 @@ def sample_shortcut(
     return integrate_average(s, x0, check_sampling_steps(steps, max_steps), return_trajectory)
 
 
+def _mean_gap(a: Tensor, b: Tensor) -> float:
+    """mean_i |a_i - b_i| in float64: the distance between paired samples (the same noise, two samplers)."""
+    return float((a - b).double().norm(dim=1).mean())
+
+
 def self_paired_error(s: Shortcut, x0: Tensor, steps: int = 1, max_steps: int | None = None) -> float:
     """mean_i |x_i^(steps) - x_i^(M)|: `steps` shortcut steps against M of the same model from the same noise (M its
     max_steps), the gap part 4 of ch. 6's theorem says perfect self-consistency closes."""
     max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
     few, many = sample_shortcut(s, x0, steps, max_steps), sample_shortcut(s, x0, max_steps, max_steps)
-    return float((few - many).double().norm(dim=1).mean())
+    return _mean_gap(few, many)
 
 
 def one_step_yardsticks(
@@ -364,7 +369,7 @@ def one_step_yardsticks(
     out = {
         "ED, N=1": energy_distance(one, reference),
         f"ED, {top}": energy_distance(many, reference),
-        "self-paired": float((one - many).double().norm(dim=1).mean()),
+        "self-paired": _mean_gap(one, many),
     }
     if exact_end is not None:
         exact_end = check_points(exact_end, s.dim, name="exact_end")
@@ -372,7 +377,7 @@ def one_step_yardsticks(
         if m > len(x0):
             raise ValueError(f"exact_end has {m} rows, more than x0's {len(x0)}")
         for key, x in (("N=1", one), (top, many)):
-            out[f"paired to exact, {key}"] = float((x[:m] - exact_end).double().norm(dim=1).mean())
+            out[f"paired to exact, {key}"] = _mean_gap(x[:m], exact_end)
     if mixture is not None:
         out["off-mode, N=1"], out[f"off-mode, {top}"] = (
             off_mode_fraction(one, mixture),

@@ -25,7 +25,7 @@ from ..data import Distribution, GaussianMixture, StandardNormal, circle_mixture
 from ..device import make_generator, resolve_device
 from ..losses import _check_pair, cfm_loss
 from ..marginal import ExactField, _check_models, posterior_weights
-from ..metrics import Spread, energy_distance
+from ..metrics import Spread, _mean_pairwise, energy_distance
 from ..models import VelocityMLP, _check_model_time
 from ..paths import CondOTPath, GaussianPath
 from ..solvers import integrate
@@ -578,12 +578,6 @@ def eval_draws(setting: VRFMSetting, n: int = 2000, seed: int = 0) -> tuple[Tens
     return setting.source.sample(n, g), setting.target.sample(n, g)
 
 
-def _mean_distance(x: Tensor, y: Tensor, same: bool) -> float:
-    """Mean |x_i - y_j| over all pairs (over i != j when x is y), in float64: a term of the energy distance."""
-    total = sum(float(torch.cdist(b, y, compute_mode="donot_use_mm_for_euclid_dist").sum()) for b in x.split(2048))
-    return total / (len(x) * (len(x) - 1)) if same else total / (len(x) * len(y))
-
-
 class EnergyToReference:
     """x -> energy_distance(x, reference) (fmtoy.metrics' unbiased U-statistic) with E|Y - Y'| computed once."""
 
@@ -591,7 +585,7 @@ class EnergyToReference:
         self.reference = check_points(reference, name="reference").detach().double()
         if len(self.reference) < 2:
             raise ValueError(f"the reference needs at least 2 points, got {len(self.reference)}")
-        self.self_term = _mean_distance(self.reference, self.reference, True)
+        self.self_term = _mean_pairwise(self.reference, self.reference, True)
 
     @under_policy
     def __call__(self, x: Tensor) -> float:
@@ -599,7 +593,7 @@ class EnergyToReference:
         x = check_points(x, self.reference.shape[1], name="x").detach().double().to(self.reference.device)
         if len(x) < 2:
             raise ValueError(f"x needs at least 2 points, got {len(x)}")
-        return 2 * _mean_distance(x, self.reference, False) - _mean_distance(x, x, True) - self.self_term
+        return 2 * _mean_pairwise(x, self.reference, False) - _mean_pairwise(x, x, True) - self.self_term
 
 
 def sample_scores(target: GaussianMixture, x1: Tensor, reference: Tensor | EnergyToReference) -> dict[str, float]:
