@@ -197,6 +197,80 @@ def eight_gaussians(radius: float = 4.0, std: float = 0.5) -> GaussianMixture:
     return circle_mixture(8, radius, std, name="eight_gaussians")
 
 
+class LabelledMixture(GaussianMixture):
+    """A Gaussian mixture whose components carry class labels: q(x) = sum_c p(c) q(x | c), q(x | c) the mixture of
+    the components labelled c (weights renormalised), p(c) the total weight of class c (chapter 8)."""
+
+    def __init__(self, weights, means, covs, labels, name: str = "labelled_mixture") -> None:
+        super().__init__(weights, means, covs, name=name)
+        try:
+            raw = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"labels must be integers 0 ... C-1, one per component; got {labels!r}") from e
+        if not np.all(np.isfinite(raw)) or not np.array_equal(raw, np.round(raw)):
+            raise ValueError(f"labels must be integers 0 ... C-1, one per component; got {raw.tolist()}")
+        lab = torch.as_tensor(raw.astype(np.int64))
+        if lab.shape != (self.n_components,):
+            raise ValueError(f"labels must have one entry per component ({self.n_components}), got {tuple(lab.shape)}")
+        classes = int(lab.max()) + 1 if lab.numel() else 0
+        if lab.min() < 0 or sorted(set(lab.tolist())) != list(range(classes)) or classes < 2:
+            raise ValueError(f"labels must use every class 0 ... C-1 with C >= 2, got {lab.tolist()}")
+        self.labels, self.n_classes = lab, classes
+        self.class_prior = torch.zeros(classes, dtype=torch.float64).index_add_(0, lab, self.weights)  # p(c)
+
+    @classmethod
+    def from_points(cls, points: Tensor, labels=None, name: str = "empirical") -> LabelledMixture:
+        """Labelled point masses (1/N) sum_i delta_{x_i} with one label per point (no density)."""
+        if labels is None:
+            raise TypeError("LabelledMixture.from_points(points, labels) needs one class label per point")
+        points = check_points(points, name="points")
+        n, d = points.shape
+        return cls(torch.ones(n), points, torch.zeros(n, d, d), labels, name=name)
+
+    def check_class(self, c: int) -> int:
+        """c if it is a class of this mixture (an int in [0, C-1]), else ValueError."""
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.n_classes:
+            raise ValueError(f"class must be an int in [0, {self.n_classes - 1}], got {c!r}")
+        return c
+
+    def conditional(self, c: int) -> GaussianMixture:
+        """q(x | c): the components labelled c, their weights renormalised."""
+        keep = self.labels == self.check_class(c)
+        return GaussianMixture(self.weights[keep], self.means[keep], self.covs[keep], name=f"{self.name} | c={c}")
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
+        """(x, c): n iid draws of (x, label) from q(x, c) = p(c) q(x | c); x float32 (n, dim), c int64 (n,)."""
+        n = check_positive_int("n", n)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        dev = resolve_device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
+        check_generator(generator, dev, what="samples were requested")
+        weights, roots, means = self._float32_on(dev)
+        idx = torch.multinomial(weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=torch.float32)
+        return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0], self.labels.to(dev)[idx]
+
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """log q(x | c) for every class, shape (n, C), in the dtype of x."""
+        x = check_points(x, self.dim)
+        return torch.stack([self.conditional(c).log_prob(x) for c in range(self.n_classes)], dim=1)
+
+    def __repr__(self) -> str:
+        return (
+            f"LabelledMixture(name={self.name!r}, dim={self.dim}, n_components={self.n_components}, "
+            f"n_classes={self.n_classes})"
+        )
+
+
+def labelled_gaussians(std: float = 0.5, overlap: float = 0.7) -> LabelledMixture:
+    """Two classes of three Gaussians each: class 0 at (-3, 0), (0, 3) and (overlap, 0), class 1 at their mirror
+    images (3, 0), (0, -3), (-overlap, 0); the two inner components overlap (chapter 8's labelled target)."""
+    std, overlap = check_positive("std", std), check_positive("overlap", overlap, allow_zero=True)
+    means = torch.tensor([[-3.0, 0.0], [0.0, 3.0], [overlap, 0.0], [3.0, 0.0], [0.0, -3.0], [-overlap, 0.0]])
+    covs = std**2 * torch.eye(2).expand(6, 2, 2)
+    return LabelledMixture(torch.ones(6), means, covs, [0, 0, 0, 1, 1, 1], name="labelled_gaussians")
+
+
 class Checkerboard(Distribution):
     """Uniform on the black squares (i + j even) of a squares x squares grid on [-h, h]^2; log p = -inf elsewhere."""
 
@@ -346,6 +420,7 @@ DATASETS: dict[str, Callable[..., Distribution]] = {
     "spirals": spirals,
     "standard_normal": StandardNormal,
     "gaussian_mixture": GaussianMixture,
+    "labelled_gaussians": labelled_gaussians,
 }
 
 

@@ -24,7 +24,7 @@ from fmtoy.data import (
 )
 from fmtoy.device import make_generator
 
-NAMES = ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal"]
+NAMES = ["eight_gaussians", "checkerboard", "two_moons", "rings", "spirals", "standard_normal", "labelled_gaussians"]
 
 # Midpoint grid on [-7, 7]^2 with h = 0.1. Every smooth density here has std >= 0.25 = 2.5 h, so the midpoint
 # rule is spectrally accurate (aliasing error ~ exp(-2 pi^2 std^2 / h^2) < 1e-50); the mass outside the box is

@@ -179,3 +179,84 @@ def test_cross_check_paths_catches_drift():
     errors = S.cross_check_paths([paths.VPPath(beta_min=0.5, beta_max=10.0), Drifted()], n=16, seed=1)
     assert max(v for k, v in errors.items() if k.startswith("0:")) < 1e-9
     assert errors["1:vp/conditional_velocity"] > 1e-4 and errors["1:vp/alpha"] < 1e-9
+
+
+# --- chapter 8: the velocity-score conversion, guidance and the tilt (fmtoy.symbolic.guidance) ------------------
+
+
+def _guidance_module():
+    from fmtoy.symbolic import guidance
+
+    return guidance
+
+
+def test_condot_score_coefficients():
+    SG = _guidance_module()
+    a, b = SG.path_score_coefficients("ot")
+    assert sp.simplify(a - 1 / t) == 0
+    assert sp.simplify(b - (1 - (1 - S.sigma_min) * t) / t) == 0
+    assert sp.simplify(b - (1 - t) / t) != 0  # sigma_min enters b: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("name", ["ot", "vp", "ve"])
+def test_score_coefficients_match_the_numeric_ones(name):
+    torch = pytest.importorskip("torch")
+    from fmtoy.methods.guidance import score_coefficients
+    from fmtoy.paths import CondOTPath, VEPath, VPPath
+
+    SG = _guidance_module()
+    paths = {
+        "ot": [CondOTPath(), CondOTPath(sigma_min=0.1)],
+        "vp": [VPPath(), VPPath(beta_min=0.5, beta_max=10.0)],
+        "ve": [VEPath(), VEPath(sigma_min=0.05, sigma_max=4.0)],
+    }[name]
+    a_sym, b_sym = SG.path_score_coefficients(name)
+    for path in paths:
+        values = {p: getattr(path, p.name) for p in S.PATH_PARAMS[name]}
+        a_f, b_f = (sp.lambdify(t, e.subs(values), "math") for e in (a_sym, b_sym))
+        for tv in (0.1, 0.37, 0.8, 0.95):
+            a, b = score_coefficients(path, tv)
+            assert float(a) == pytest.approx(a_f(tv), rel=1e-10, abs=1e-12), (path, tv)
+            assert float(b) == pytest.approx(b_f(tv), rel=1e-10, abs=1e-12), (path, tv)
+        ts = torch.tensor([0.2, 0.6], dtype=torch.float64)
+        a, b = score_coefficients(path, ts)
+        assert [float(v) for v in b[:, 0]] == pytest.approx([b_f(0.2), b_f(0.6)], rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ot", "vp", "ve"])
+def test_conversion_and_guidance_identities(name):
+    SG = _guidance_module()
+    conv = SG.all_zero(SG.conversion_residuals(name))
+    assert set(conv) == {"u_t(x)", "u_t(x | 0)", "u_t(x | 1)"} and all(conv.values()), conv
+    for c in (0, 1):
+        guid = SG.all_zero(SG.guidance_residuals(name, c))
+        assert len(guid) == 2 and all(guid.values()), (c, guid)
+
+
+@pytest.mark.parametrize("name", ["ot", "vp"])
+def test_wrong_guidance_fields_are_caught(name):
+    SG = _guidance_module()
+    m = SG.two_class_mixture(name)
+    a, b = SG.score_coefficients(m.alpha, m.sigma)
+    cfg = (1 - SG.w) * m.u + SG.w * m.u_c[0]
+    log_cls = sp.log(SG.pi0 * m.p_c[0] / m.p)
+    doubled = m.u + SG.w * 2 * b * sp.diff(log_cls, x)  # the classifier term with b doubled
+    right = m.u + SG.w * b * sp.diff(log_cls, x)
+    assert SG.all_zero({"right": right - cfg, "doubled": doubled - cfg}) == {"right": True, "doubled": False}
+    wrong_a = m.u - ((a + 1) * x + b * sp.diff(sp.log(m.p), x))  # the conversion with a_t off by one
+    assert SG.all_zero({"a + 1": wrong_a}) == {"a + 1": False}
+    assert not S.is_zero(m.u_c[1] - (a * x + b * sp.diff(sp.log(m.p_c[0]), x)), method="points")  # wrong class
+
+
+def test_tilt_is_not_the_path_of_the_tilted_target():
+    SG = _guidance_module()
+    tilt, path_of_tilt = SG.tilt_vs_path()
+    diff = tilt - path_of_tilt
+    assert sp.simplify(diff.subs(t, 0)) == 0 and sp.simplify(diff.subs(t, 1)) == 0
+    v, big_v = sp.symbols("v V", positive=True)
+    mid = sp.simplify(diff.subs({t: sp.Rational(1, 2), SG.w: 2}))
+    assert mid != 0
+    assert sp.simplify(mid.subs(big_v, v)) == 0  # equal variances: the tilt is trivial, no gap
+    assert abs(float(mid.subs({v: sp.Rational(1, 4), big_v: 4}))) > 0.1
+    for w_ in (0, 1):  # w = 0 and w = 1 are the unguided paths themselves
+        assert sp.simplify(diff.subs(SG.w, w_)) == 0
