@@ -61,6 +61,12 @@ WRONG = {
         "    return 0.5 * (logvar.exp() + mu.square() - 1.0).sum(dim=1)   # forgot -logvar"
     ),
     "ex-ch7-reparam": "def sample_z(mu, logvar, eps):\n    return mu + logvar.exp() * eps   # variance, not std",
+    "ex-ch8-score": "def score_from_velocity(u, x, t):\n    return (u - x / t) * t   # forgot b_t's (1 - t)",
+    "ex-ch8-classifier": (
+        "def classifier(log_px_given_c, log_prior):\n"
+        "    p = (log_px_given_c + log_prior).exp()\n"
+        "    return p / p.sum(1, keepdim=True)   # underflows to 0/0 in the tails"
+    ),
 }
 
 
