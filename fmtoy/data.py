@@ -141,11 +141,15 @@ class GaussianMixture(Distribution):
             cache[dev] = tuple(a.float().to(dev) for a in (self.weights, self._root, self.means))
         return cache[dev]
 
-    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    def _draw(self, n: int, g: torch.Generator | None, dev: torch.device) -> tuple[Tensor, Tensor]:
+        """n samples and the index of the component each came from."""
         weights, roots, means = self._float32_on(dev)
         idx = torch.multinomial(weights, n, replacement=True, generator=g)
         z = torch.randn(n, self.dim, generator=g, device=dev, dtype=torch.float32)
-        return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0]
+        return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0], idx
+
+    def _sample(self, n: int, g: torch.Generator | None, dev: torch.device) -> Tensor:
+        return self._draw(n, g, dev)[0]
 
     def _log_prob(self, x: Tensor) -> Tensor:
         if self._singular:
@@ -245,10 +249,8 @@ class LabelledMixture(GaussianMixture):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         dev = resolve_device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
         check_generator(generator, dev, what="samples were requested")
-        weights, roots, means = self._float32_on(dev)
-        idx = torch.multinomial(weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=torch.float32)
-        return means[idx] + (roots[idx] @ z[:, :, None])[:, :, 0], self.labels.to(dev)[idx]
+        x, idx = self._draw(n, generator, dev)
+        return x, self.labels.to(dev)[idx]
 
     def class_log_probs(self, x: Tensor) -> Tensor:
         """log q(x | c) for every class, shape (n, C), in the dtype of x."""

@@ -610,3 +610,21 @@ def test_guidance_config_defaults():
     assert (config.data, config.p_uncond, config.path) == ("labelled_gaussians", 0.2, "ot")
     with pytest.raises(TypeError, match="GuidanceConfig"):
         train_guidance(object())
+
+
+def test_training_draws_t_inside_the_paths_interval(monkeypatch):
+    import fmtoy.methods.guidance as G
+    from fmtoy.methods.guidance import fit_guidance
+    from fmtoy.paths import AffinePath
+
+    seen, real = [], G.cfg_training_loss
+
+    def spy(model, path, x0, x1, labels, t, p_uncond, generator=None):
+        seen.append(t.detach().clone())
+        return real(model, path, x0, x1, labels, t, p_uncond, generator)
+
+    monkeypatch.setattr(G, "cfg_training_loss", spy)
+    path = AffinePath(lambda t: t, lambda t: 1 - t, t_min=0.2, t_max=0.6)  # CondOT restricted to [0.2, 0.6]
+    fit_guidance(ClassConditionalMLP(2, hidden=16), path, TARGET, steps=5, batch_size=256, threads=1)
+    t = torch.cat(seen)
+    assert len(seen) == 5 and t.min() >= 0.2 and t.max() <= 0.6 and t.max() - t.min() > 0.3

@@ -319,7 +319,7 @@ def fit_guidance(
     **options,
 ) -> FitResult:
     """Train v_theta(x, t, c) with cfg_training_loss on fmtoy.train.fit: (x_1, c) ~ q(x, c), x_0 ~ N(0, I),
-    t ~ U[0, 1]; options are fit's (steps, batch_size, lr, seed, ...)."""
+    t ~ U[path.t_min, path.t_max]; options are fit's (steps, batch_size, lr, seed, ...)."""
     target = _check_target(target)
     if not isinstance(model, ClassConditionalMLP):
         raise TypeError(f"model must be a ClassConditionalMLP, got {type(model).__name__}")
@@ -327,12 +327,13 @@ def fit_guidance(
         raise ValueError(f"the model has {model.n_classes} classes, the target {target.n_classes}")
     p_uncond = check_probability("p_uncond", p_uncond)
     source = StandardNormal(target.dim)
+    t_min, t_max = float(path.t_min), float(path.t_max)  # where the path's fields are finite (fmtoy.paths)
     config = fit_options(options, steps=2000, batch_size=256, lr=3e-3)
 
     def loss_fn(ctx: FitContext) -> Tensor:
         x1, c = target.sample_labelled(ctx.batch_size, ctx.generator, ctx.device)
         x0 = source.sample(ctx.batch_size, ctx.generator, ctx.device)
-        t = torch.rand(ctx.batch_size, generator=ctx.generator, device=ctx.device)
+        t = torch.rand(ctx.batch_size, generator=ctx.generator, device=ctx.device).mul_(t_max - t_min).add_(t_min)
         return cfg_training_loss(model, path, x0, x1, c, t, p_uncond, ctx.generator)
 
     return fit(model, loss_fn, config, name="guidance", progress=progress)
