@@ -127,17 +127,21 @@ class GuidedField:
         self.target, self.path = _check_target(target), get_path("ot") if path is None else path
         self.c, self.w, self.interval = target.check_class(c), check_weight(w), check_interval(interval)
 
-    def weight_at(self, t: float) -> float:
+    def weight_at(self, t: float | Tensor) -> float:
         """w inside the guidance interval, 1 outside."""
-        lo, hi = self.interval
-        return self.w if lo <= t <= hi else 1.0
+        return weight_at(t, self.w, self.interval)
 
     def __call__(self, x: Tensor, t: float | Tensor) -> Tensor:
-        t0 = float(t) if not isinstance(t, Tensor) else float(t.reshape(-1)[0])
-        return cfg_velocity(x, t, self.path, self.target, self.c, self.weight_at(t0))
+        return cfg_velocity(x, t, self.path, self.target, self.c, self.weight_at(t))
 
     def __repr__(self) -> str:
         return f"GuidedField(c={self.c}, w={self.w:g}, interval={self.interval}, target={self.target!r})"
+
+
+def weight_at(t: float | Tensor, w: float, interval: tuple[float, float]) -> float:
+    """The guidance weight at time t (a float, or a solver's time vector: its first entry): w inside, 1 outside"""
+    t0 = float(t) if not isinstance(t, Tensor) else float(t.reshape(-1)[0])
+    return w if interval[0] <= t0 <= interval[1] else 1.0
 
 
 def check_interval(interval: Sequence[float]) -> tuple[float, float]:
@@ -272,12 +276,11 @@ class ClassConditionalMLP(nn.Module):
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """The learned CFG field (1 - w) v(x, t, null) + w v(x, t, c) (w = 1 inside `interval` only), one forward pass
         of 2n rows."""
-        c, w, (lo, hi) = int(self._labels(c, 1, torch.device("cpu"))[0]), check_weight(w), check_interval(interval)
+        c, w, interval = int(self._labels(c, 1, torch.device("cpu"))[0]), check_weight(w), check_interval(interval)
 
         def field(x: Tensor, t: float | Tensor) -> Tensor:
             n = x.shape[0]
-            t0 = float(t) if not isinstance(t, Tensor) else float(t.reshape(-1)[0])
-            wt = w if lo <= t0 <= hi else 1.0
+            wt = weight_at(t, w, interval)
             if wt == 1.0:
                 return self(x, t, c)
             tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
