@@ -4,8 +4,11 @@ Tiny networks on few cores: torch's OpenMP workers spin and wait for each other,
 core a step with 2 threads can stall 5-10x, while 1 thread is immune but slower on an idle machine. No fixed count
 wins both, so the default policy "auto" measures: a loop times a few steps with 1 thread and with torch's default
 count, keeps the faster, and measures again after RECHECK seconds (the verdict is shared by the loops that follow).
-While the same count keeps winning the interval doubles up to RECHECK_MAX, and a probe whose step is ABORT times
-slower than the count already timed stops at once: under load, a probe of the stalling count is itself the cost.
+While the same count keeps winning the interval doubles up to RECHECK_MAX, and a probe whose step (its warm-up step:
+WARM_ABORT times) is ABORT times slower than the count already timed stops at once: under load, a probe of the stalling
+count is itself the cost. That cost is bounded too: the next measurement waits at least until the time the losing
+probe lost is at most PROBE_SHARE of the time since (a loop of long steps, such as an exact likelihood, stalls for
+seconds per probe step on a busy core; seen, chapter 1 took 11 minutes instead of 1 re-measuring every 64 s).
 
 An explicit choice always wins, in this order: the `threads` argument or config field ("auto" or N), the environment
 variable FMTOY_THREADS ("auto" or N), then a setting the user made to torch itself (OMP_NUM_THREADS or
@@ -28,6 +31,8 @@ PROBE = 4  # timed steps per candidate (after one warm-up step)
 RECHECK = 2.0  # seconds until the first re-measurement, and after the winner changes
 RECHECK_MAX = 64.0  # the interval doubles up to this while the same count keeps winning
 ABORT = 3.0  # a probe step this many times the median of a count already timed ends that probe (it lost)
+WARM_ABORT = 10.0  # the same for a probe's warm-up step (the first after a change of count, a little slower idle)
+PROBE_SHARE = 0.05  # the time a probe lost to the winner is at most this share of the time until the next probe
 _IMPORT_THREADS = torch.get_num_threads()  # torch's own choice, unless the user changed it before importing fmtoy
 _VERDICT: dict[str, float] = {"threads": 0, "until": 0.0, "interval": RECHECK}  # last winner, until when, and the
 # interval it was given
@@ -80,7 +85,8 @@ class ThreadTuner:
     def __init__(self, mode: str, candidates: tuple[int, ...], probe: int = PROBE, recheck: float = RECHECK) -> None:
         self.mode, self.candidates, self.probe, self.recheck = mode, candidates, probe, recheck
         self.counts: dict[int, int] = {}
-        self.samples: dict[int, list[float]] = {}
+        self.samples: dict[int, list[float]] = {}  # timed steps of the probe under way, per count
+        self.spent: dict[int, list[float]] = {}  # [time, steps] of all its steps per count, warm-up included
         self.queue: list[int] = []
         self.last: float | None = None
         self.warm = True
@@ -93,6 +99,17 @@ class ThreadTuner:
             torch.set_num_threads(n)
             self.current, self.warm = n, True
 
+    def _judge(self, now: float) -> None:
+        """Keep the count with the shortest median step until the next probe, which waits longer while the same count
+        wins and until the time this probe lost (the losers' steps minus the winner's) is PROBE_SHARE of the wait."""
+        med = {n: statistics.median(v) for n, v in self.samples.items()}
+        best = min(med, key=med.get)
+        same = best == _VERDICT["threads"]
+        interval = min(2 * _VERDICT.get("interval", self.recheck), RECHECK_MAX) if same else self.recheck
+        lost = sum(t - k * med[best] for n, (t, k) in self.spent.items() if n != best)
+        wait = max(interval, lost / PROBE_SHARE)
+        _VERDICT.update(threads=best, until=now + wait, interval=interval)
+
     def tick(self) -> None:
         """Account the step that just ended to the current count and choose the count for the next one."""
         if self.mode != "auto":
@@ -100,21 +117,22 @@ class ThreadTuner:
             return
         now = time.perf_counter()
         if self.queue and self.last is not None:
-            if self.warm:
+            step, warm = now - self.last, self.warm
+            spent = self.spent.setdefault(self.current, [0.0, 0])
+            spent[0], spent[1] = spent[0] + step, spent[1] + 1
+            if warm:
                 self.warm = False
             else:
-                self.samples.setdefault(self.current, []).append(now - self.last)
+                self.samples.setdefault(self.current, []).append(step)
             timed = [statistics.median(v) for n, v in self.samples.items() if n != self.current]
             mine = self.samples.get(self.current, ())
-            if len(mine) >= self.probe or (timed and mine and mine[-1] > ABORT * min(timed)):
+            stalled = timed and step > (WARM_ABORT if warm else ABORT) * min(timed)
+            if len(mine) >= self.probe or stalled:
                 self.queue.pop(0)
                 if not self.queue:  # every candidate timed: keep the fastest (median step time) for a while
-                    best = min(self.samples, key=lambda n: statistics.median(self.samples[n]))
-                    same = best == _VERDICT["threads"]
-                    interval = min(2 * _VERDICT.get("interval", self.recheck), RECHECK_MAX) if same else self.recheck
-                    _VERDICT.update(threads=best, until=now + interval, interval=interval)
+                    self._judge(now)
         if not self.queue and now >= _VERDICT["until"]:
-            self.queue, self.samples = list(self.candidates), {}
+            self.queue, self.samples, self.spent = list(self.candidates), {}, {}
         self._set(self.queue[0] if self.queue else int(_VERDICT["threads"]))
         self.counts[self.current] = self.counts.get(self.current, 0) + 1
         self.last = time.perf_counter()

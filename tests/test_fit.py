@@ -185,6 +185,50 @@ def test_the_tuner_backs_off_while_the_verdict_holds_and_cuts_a_stalling_probe_s
     assert TH._VERDICT["threads"] == 2 and TH._VERDICT["interval"] == TH.RECHECK  # ... and the interval resets
 
 
+@pytest.mark.parametrize("stall", [12.0, 60.0])  # a 2-thread step of an exact likelihood beside a busy process
+def test_probing_long_stalling_steps_costs_at_most_a_few_percent(monkeypatch, stall):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
+    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+    step_time = {1: 0.3, 2: 0.3 * stall}
+    wasted, seen = 0.0, []
+    while clock["now"] < 600.0:  # ten minutes of one-thread work in loops of 50 steps (one ODE solve each)
+        tuner = TH.ThreadTuner("auto", (1, 2))
+        for _ in range(50):
+            tuner.tick()
+            seen.append(tuner.current)
+            wasted += step_time[tuner.current] - step_time[1]
+            clock["now"] += step_time[tuner.current]
+    assert TH._VERDICT["threads"] == 1
+    first = 0.3 * (stall - 1)  # the first probe of 2 threads: its warm-up step alone (10x slower: cut short there)
+    assert seen.count(2) <= 1 + clock["now"] * TH.PROBE_SHARE / first
+    assert wasted <= first + TH.PROBE_SHARE * clock["now"]  # without the bound: one probe every 64 s, ~30-90 s each
+
+
+def test_a_probe_that_stalls_in_its_warm_up_step_stops_there(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
+    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+    tuner = TH.ThreadTuner("auto", (1, 2))
+    step_time, seen = {1: 0.01, 2: 0.01 * (TH.WARM_ABORT + 1)}, []
+    for _ in range(20):
+        tuner.tick()
+        seen.append(tuner.current)
+        clock["now"] += step_time[tuner.current]
+    assert seen[: TH.PROBE + 2] == [1] * (TH.PROBE + 1) + [2] and set(seen[TH.PROBE + 2 :]) == {1}
+    assert TH._VERDICT["threads"] == 1
+    step_time[2] = 0.01 * (TH.WARM_ABORT - 1)  # slower but not past the warm-up bound: its timed step decides
+    clock["now"] = TH._VERDICT["until"]
+    seen.clear()
+    for _ in range(20):
+        tuner.tick()
+        seen.append(tuner.current)
+        clock["now"] += step_time[tuner.current]
+    assert seen.count(2) == 2 and TH._VERDICT["threads"] == 1  # warm-up, one timed step (ABORT times slower)
+
+
 def test_resolution_order_and_bad_values(monkeypatch):
     monkeypatch.delenv(TH.ENV, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
