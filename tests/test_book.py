@@ -329,3 +329,74 @@ def test_write_atomically_replaces_the_file_and_leaves_no_temporary(fmbook, tmp_
     target.write_text("old")
     fmbook.write_atomically(target, "new\n")
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+# --- (5) kernel replies: a missed zmq wake-up costs at most one poll slice, not the 600 s cell timeout ----------
+
+
+class MissedWakeUp:
+    """A zmq socket whose message arrived but whose wake-up was missed: each poll lasts its whole timeout (on a fake
+    clock) and only its final check sees a message, as in jupyter/nbclient#312."""
+
+    def __init__(self, clock: dict, arrives_at: float | None) -> None:
+        self.clock, self.arrives_at, self.polls = clock, arrives_at, []
+
+    async def poll(self, timeout_ms):
+        self.polls.append(timeout_ms)
+        self.clock["now"] += timeout_ms / 1000
+        return int(self.arrives_at is not None and self.clock["now"] >= self.arrives_at)
+
+
+@pytest.fixture
+def sliced(fmbook, monkeypatch):
+    """poll_in_slices installed on jupyter_client's async channel for one test (the class is restored after it)."""
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", AsyncZMQSocketChannel.get_msg)
+    clock = {"now": 0.0}
+    fake = lambda: clock["now"]  # noqa: E731
+    fmbook.poll_in_slices(clock=fake)
+    fmbook.poll_in_slices(clock=fake)  # installing twice wraps once
+
+    def channel(arrives_at):
+        ch = AsyncZMQSocketChannel.__new__(AsyncZMQSocketChannel)
+        ch.socket = MissedWakeUp(clock, arrives_at)
+
+        async def recv(**kwargs):
+            return {"content": "reply", "at": clock["now"]}
+
+        ch._recv = recv
+        return ch
+
+    return channel, clock
+
+
+def test_a_missed_wake_up_costs_one_poll_slice_not_the_cell_timeout(sliced, fmbook):
+    import asyncio
+
+    channel, clock = sliced
+    ch = channel(arrives_at=0.0)  # the reply is there at once; unsliced, the poll would last the 600 s timeout
+    msg = asyncio.run(ch.get_msg(timeout=600))
+    assert msg["content"] == "reply" and msg["at"] <= fmbook.POLL_SLICE
+    assert ch.socket.polls == [fmbook.POLL_SLICE * 1000]
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    assert not hasattr(AsyncZMQSocketChannel.get_msg.fmbook_whole, "fmbook_slice")  # wrapped once
+
+
+def test_sliced_polls_keep_the_timeout_and_wait_without_one(sliced, fmbook):
+    import asyncio
+    from queue import Empty
+
+    channel, clock = sliced
+    ch = channel(arrives_at=None)  # nothing ever comes: Empty after the whole timeout, not after one slice
+    with pytest.raises(Empty):
+        asyncio.run(ch.get_msg(timeout=2.5))
+    assert clock["now"] == pytest.approx(2.5) and max(ch.socket.polls) <= fmbook.POLL_SLICE * 1000
+    clock["now"] = 0.0
+    ch = channel(arrives_at=7.2)  # timeout=None waits as long as it takes, in slices
+    assert asyncio.run(ch.get_msg(timeout=None))["at"] == pytest.approx(8.0)
+    ch = channel(arrives_at=None)
+    with pytest.raises(Empty):  # timeout=0: one non-blocking check, as before
+        asyncio.run(ch.get_msg(timeout=0))
+    assert ch.socket.polls == [0]

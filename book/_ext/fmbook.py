@@ -26,6 +26,45 @@ EXECUTED = "fmbook_executed"  # key in myst-nb's env.nb_metadata[docname]: execu
 _READ_START: dict[str, float] = {}
 
 
+POLL_SLICE = 1.0  # seconds: the longest a kernel message waits unseen (see poll_in_slices)
+
+
+def poll_in_slices(slice_s: float = POLL_SLICE, clock=time.monotonic) -> None:
+    """Make the build's kernel clients wait for a message in polls of at most `slice_s` seconds.
+
+    nbclient waits for a cell's reply with one asyncio poll of the zmq socket lasting the whole cell timeout. The
+    zmq file descriptor is edge-triggered, and now and then (about one widget cell in 60 beside a busy process,
+    measured) the wake-up is missed: the reply sits in the socket until the poll times out, whose last non-blocking
+    check then finds it, so the cell "succeeds" after exactly the 600 s timeout (jupyter/nbclient#312; pyzmq#1558).
+    Polling in slices bounds such a miss to `slice_s`; timeouts and messages are otherwise unchanged."""
+    from queue import Empty
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    if getattr(AsyncZMQSocketChannel.get_msg, "fmbook_slice", None) == (slice_s, clock):
+        return
+    whole = getattr(AsyncZMQSocketChannel.get_msg, "fmbook_whole", AsyncZMQSocketChannel.get_msg)
+
+    async def get_msg(self, timeout: float | None = None):
+        deadline = None if timeout is None else clock() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - clock())
+            try:
+                return await whole(self, slice_s if left is None else min(slice_s, left))
+            except Empty:
+                if left is not None and left <= slice_s:
+                    raise
+
+    get_msg.fmbook_slice, get_msg.fmbook_whole = (slice_s, clock), whole
+    get_msg.__doc__ = whole.__doc__
+    AsyncZMQSocketChannel.get_msg = get_msg
+
+
+def wait_for_kernels_in_slices(app, config) -> None:
+    """Install poll_in_slices in the build process, which runs the chapters' kernels (myst-nb, nbclient)."""
+    poll_in_slices()
+
+
 def literal_docstrings(app, what, name, obj, options, lines: list[str]) -> None:
     """fmtoy's docstrings are plain text with math-like notation (|x|, *args, p_t): show them verbatim in the API
     appendix instead of parsing them as reStructuredText."""
@@ -194,6 +233,7 @@ def setup(app):
     app.connect("autodoc-process-docstring", literal_docstrings)
     app.connect("config-inited", launch_buttons_need_a_repository)
     app.connect("config-inited", share_trainings_within_the_build)
+    app.connect("config-inited", wait_for_kernels_in_slices)
     app.connect("html-page-context", offer_notebook_download, priority=500)
     app.connect("html-page-context", drop_unused_thebe_scripts, priority=900)
     app.connect("env-before-read-docs", forget_earlier_executions)
