@@ -7,10 +7,11 @@
 
 The core modules, one concept each, flat at the top: data (target distributions), paths (conditional probability
 paths and their schedules), marginal (the exact marginal field, Theorem 1), models, losses, train (fit: the one
-training loop), solvers, metrics, viz, widgets, threads (the CPU thread policy), device, cli. The families, in
-subpackages: methods (shortcut and meanflow, chapter 6; vrfm, chapter 7), teaching (chapter-only helpers),
-symbolic (SymPy derivations, one module per topic), course (assignments and the autograder). The plotting names
-(plot_samples, ...) load matplotlib on first use.
+training loop), solvers, metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at once, one
+process per core), device, cli. The families, in subpackages: methods (shortcut and meanflow, chapter 6; vrfm,
+chapter 7; guidance, chapter 8), teaching (chapter-only helpers), symbolic (SymPy derivations, one module per
+topic), course (assignments and the autograder). The plotting names (plot_samples, ...) load matplotlib on first
+use.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
 from .train import FitConfig, FitResult, TrainConfig, TrainingDiverging, TrainingInterrupted, fit, fit_cfm, train_flow
+from .workers import run_jobs, train_many
 
 _VIZ = (
     "plot_samples",
@@ -97,5 +99,7 @@ __all__ = [
     "save_run",
     "fit_cfm",
     "train_flow",
+    "train_many",
+    "run_jobs",
     *_VIZ,
 ]

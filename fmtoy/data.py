@@ -8,6 +8,7 @@ is an integral over the curve parameter, evaluated by composite Gauss-Legendre q
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -384,17 +385,24 @@ def rings(radii: Sequence[float] = (1.0, 2.5, 4.0), std: float = 0.25) -> Rings:
     return Rings(radii, std)
 
 
+def _moon(u: Tensor, scale: float, upper: bool) -> Tensor:
+    """A point of the upper half circle of two_moons, or of the lower one (its reflection through 0)."""
+    c, s = torch.cos(math.pi * u), torch.sin(math.pi * u)
+    return scale * (torch.stack([c - 0.5, s - 0.25], dim=-1) if upper else torch.stack([0.5 - c, 0.25 - s], dim=-1))
+
+
 def two_moons(scale: float = 2.5, std: float = 0.25, panels: int | None = None) -> CurveNoise:
     """sklearn-style two moons (half circles of radius `scale`, centred at 0) + N(0, std^2 I) noise."""
     s = check_positive("scale", scale)
+    curves = [partial(_moon, scale=s, upper=True), partial(_moon, scale=s, upper=False)]  # picklable: workers
+    return CurveNoise(curves, [1.0, 1.0], std, name="two_moons", panels=panels)
 
-    def upper(u: Tensor) -> Tensor:
-        return s * torch.stack([torch.cos(math.pi * u) - 0.5, torch.sin(math.pi * u) - 0.25], dim=-1)
 
-    def lower(u: Tensor) -> Tensor:
-        return s * torch.stack([0.5 - torch.cos(math.pi * u), 0.25 - torch.sin(math.pi * u)], dim=-1)
-
-    return CurveNoise([upper, lower], [1.0, 1.0], std, name="two_moons", panels=panels)
+def _spiral_arm(u: Tensor, radius: float, th0: float, th1: float, shift: float) -> Tensor:
+    """A point of one arm of spirals: theta^2 uniform in [th0^2, th1^2], r = radius theta / th1."""
+    th = torch.sqrt(th0**2 + (th1**2 - th0**2) * u)
+    r = radius * th / th1
+    return torch.stack([r * torch.cos(th + shift), r * torch.sin(th + shift)], dim=-1)
 
 
 def spirals(radius: float = 4.0, turns: float = 1.5, std: float = 0.25, panels: int | None = None) -> CurveNoise:
@@ -402,16 +410,8 @@ def spirals(radius: float = 4.0, turns: float = 1.5, std: float = 0.25, panels: 
     radius, std = check_positive("radius", radius), check_positive("std", std)
     th1 = 2 * math.pi * check_positive("turns", turns)
     th0 = min(math.pi / 4, th1 / 2)
-
-    def arm(shift: float) -> Callable[[Tensor], Tensor]:
-        def curve(u: Tensor) -> Tensor:
-            th = torch.sqrt(th0**2 + (th1**2 - th0**2) * u)
-            r = radius * th / th1
-            return torch.stack([r * torch.cos(th + shift), r * torch.sin(th + shift)], dim=-1)
-
-        return curve
-
-    return CurveNoise([arm(0.0), arm(math.pi)], [1.0, 1.0], std, name="spirals", panels=panels)
+    arms = [partial(_spiral_arm, radius=radius, th0=th0, th1=th1, shift=shift) for shift in (0.0, math.pi)]
+    return CurveNoise(arms, [1.0, 1.0], std, name="spirals", panels=panels)
 
 
 DATASETS: dict[str, Callable[..., Distribution]] = {

@@ -258,6 +258,8 @@ PLAYER_STATE_JS = """(i) => {
 
 
 def test_pages_in_a_browser(site, server, browser):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     external: list[str] = []
     context = browser.new_context(viewport={"width": 1200, "height": 900})
@@ -308,7 +310,15 @@ def test_pages_in_a_browser(site, server, browser):
             if stepped["value"] != before["value"] + 1 or stepped["src"] == before["src"]:
                 problems.append(f"{page_name}: player {i} did not advance on 'Next frame' ({before} -> {stepped})")
             player.locator("button[title='Play']").click()
-            page.wait_for_timeout(1600)
+            try:  # a frame every 100-700 ms: wait for the first one that moves (not a fixed 1.6 s per player)
+                page.wait_for_function(
+                    "([i, v]) => parseInt(document.querySelectorAll('div.animation')[i]"
+                    ".querySelector('input.anim-slider').value) !== v",
+                    arg=[i, stepped["value"]],
+                    timeout=5000,
+                )
+            except PlaywrightTimeout:
+                pass  # reported below: the player did not move
             player.locator("button[title='Pause']").click()
             played = page.evaluate(PLAYER_STATE_JS, i)
             if played["value"] == stepped["value"]:

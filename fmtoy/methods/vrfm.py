@@ -31,6 +31,7 @@ from ..paths import CondOTPath, GaussianPath
 from ..solvers import integrate
 from ..threads import check_threads, under_policy
 from ..train import LR_SCHEDULES, FitConfig, FitContext, FitResult, check_config, fit, pair_sampler, run_config
+from ..workers import train_many
 
 POSTERIOR_INPUTS = ("x0", "x1", "xt", "t")
 METHODS = ("rfm", "vrfm")
@@ -628,11 +629,12 @@ def train_and_score(
     redraw: Sequence[tuple[str, str]] = (),
     reference_rows: bool = True,
 ) -> tuple[dict[tuple[str, str], FitResult], dict[tuple[str, str, str, int], float]]:
-    """One seed of a study: train runs {(setting, name): config} with config.seed = seed, then score every run, the
+    """One seed of a study: train runs {(setting, name): config} with config.seed = seed (in worker processes,
+    fmtoy.workers.train_many), then score every run, the
     runs in `redraw` with z redrawn at every step (name + REDRAWN) and, if reference_rows, the exact field (EXACT,
     Euler in float64) and a fresh target sample (DATA), all on eval_draws(setting, n, seed). Returns (fits,
     {(setting, name, metric, nfe): value}), the per-seed half of fmtoy.metrics.across_seeds."""
-    fits = {key: train_vrfm(replace(cfg, seed=seed)) for key, cfg in runs.items()}
+    fits = dict(zip(runs, train_many(train_vrfm, [replace(cfg, seed=seed) for cfg in runs.values()])))
     scores: dict[tuple[str, str, str, int], float] = {}
     for s in dict.fromkeys(s for s, _ in runs):
         st = get_setting(s)
