@@ -505,3 +505,13 @@ def test_train_and_score_trains_each_run_with_the_seed_and_scores_every_row():
     assert again == scores  # the same seed: the same runs and the same evaluation draws
     _, other = train_and_score(runs, seed=4, nfes=(1, 4), n=64)
     assert other["two_modes_1d", "vrfm", "ed", 4] != scores["two_modes_1d", "vrfm", "ed", 4]
+    from fmtoy.methods.vrfm import train_seeds
+
+    trained = train_seeds(runs, (3, 4))  # all seeds at once, then scored: the same as training seed by seed
+    assert {seed: {k: f.config.seed for k, f in fs.items()} for seed, fs in trained.items()} == {
+        seed: dict.fromkeys(runs, seed) for seed in (3, 4)
+    }
+    _, given = train_and_score(runs, seed=3, nfes=(1, 4), n=64, redraw=[("two_modes_1d", "vrfm")], fits=trained[3])
+    assert given == scores
+    with pytest.raises(ValueError, match="fits must hold the runs"):
+        train_and_score(runs, seed=3, nfes=(1,), n=64, fits={("two_modes_1d", "vrfm"): fits["two_modes_1d", "vrfm"]})

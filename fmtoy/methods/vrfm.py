@@ -628,13 +628,19 @@ def train_and_score(
     n: int = 2000,
     redraw: Sequence[tuple[str, str]] = (),
     reference_rows: bool = True,
+    fits: Mapping[tuple[str, str], FitResult] | None = None,
 ) -> tuple[dict[tuple[str, str], FitResult], dict[tuple[str, str, str, int], float]]:
     """One seed of a study: train runs {(setting, name): config} with config.seed = seed (in worker processes,
     fmtoy.workers.train_many), then score every run, the
     runs in `redraw` with z redrawn at every step (name + REDRAWN) and, if reference_rows, the exact field (EXACT,
     Euler in float64) and a fresh target sample (DATA), all on eval_draws(setting, n, seed). Returns (fits,
-    {(setting, name, metric, nfe): value}), the per-seed half of fmtoy.metrics.across_seeds."""
-    fits = dict(zip(runs, train_many(train_vrfm, [replace(cfg, seed=seed) for cfg in runs.values()])))
+    {(setting, name, metric, nfe): value}), the per-seed half of fmtoy.metrics.across_seeds. `fits`: these runs,
+    already trained with this seed (train_seeds), instead of training them here."""
+    if fits is None:
+        fits = dict(zip(runs, train_many(train_vrfm, [replace(cfg, seed=seed) for cfg in runs.values()])))
+    elif set(fits) != set(runs):
+        raise ValueError(f"fits must hold the runs {sorted(runs)}, got {sorted(fits)}")
+    fits = dict(fits)
     scores: dict[tuple[str, str, str, int], float] = {}
     for s in dict.fromkeys(s for s, _ in runs):
         st = get_setting(s)
@@ -651,6 +657,19 @@ def train_and_score(
             fresh = sample_scores(st.target, st.target.sample(n, make_generator(FRESH_SEED + seed)), ref)
             scores.update({(s, DATA, k, nfe): v for k, v in fresh.items() for nfe in nfes})
     return fits, scores
+
+
+def train_seeds(
+    runs: Mapping[tuple[str, str], VRFMConfig], seeds: Sequence[int]
+) -> dict[int, dict[tuple[str, str], FitResult]]:
+    """{seed: {key: train_vrfm(config with that seed)}} for every run and seed, all trained side by side in worker
+    processes (fmtoy.workers.train_many): the `fits` of train_and_score when a study has fewer runs than cores."""
+    keys = [(seed, key) for seed in seeds for key in runs]
+    done = train_many(train_vrfm, [replace(runs[key], seed=seed) for seed, key in keys])
+    out: dict[int, dict[tuple[str, str], FitResult]] = {seed: {} for seed in seeds}
+    for (seed, key), result in zip(keys, done):
+        out[seed][key] = result
+    return out
 
 
 def seed_verdict(a: Spread, b: Spread, higher_is_better: bool, names: tuple[str, str] = ("A", "B")) -> str:
