@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -113,7 +114,7 @@ def run_jobs(jobs: Iterable[Callable[[], object]], workers: int | None = None) -
         return [job() for job in jobs]
     ex = _executor(n)
     try:
-        return list(ex.map(_call, jobs))
+        return _collect(ex.map(_call, jobs))
     except BrokenProcessPool as err:
         shutdown(now=True)
         raise RuntimeError(
@@ -125,8 +126,21 @@ def run_jobs(jobs: Iterable[Callable[[], object]], workers: int | None = None) -
         raise
 
 
-def _call(job: Callable[[], object]) -> object:
-    return job()
+def _call(job: Callable[[], object]) -> tuple[object, list[Warning]]:
+    """job() in a worker, with the warnings it raised (re-raised in the parent, under the parent's filters)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = job()
+    return result, [w.message for w in caught]
+
+
+def _collect(done: Iterable[tuple[object, list[Warning]]]) -> list:
+    results = []
+    for result, raised in done:
+        for message in raised:
+            warnings.warn(message, stacklevel=3)
+        results.append(result)
+    return results
 
 
 def train_many(train: Callable[..., object], configs: Sequence[object], workers: int | None = None, **kwargs) -> list:

@@ -31,6 +31,14 @@ def test_jobs_in_workers_give_the_serial_results_in_order():
     assert [r.config.seed for r in parallel] == [0, 1, 2]
 
 
+def test_a_warning_raised_in_a_worker_is_raised_here():
+    import warnings
+
+    with pytest.warns(UserWarning, match="from a worker") as record:
+        assert workers.run_jobs([partial(warnings.warn, f"from a worker, job {i}") for i in range(3)], 2) == [None] * 3
+    assert sorted(str(w.message) for w in record) == [f"from a worker, job {i}" for i in range(3)]
+
+
 def test_workers_use_one_thread_unless_the_user_chose(monkeypatch):
     assert TH.user_setting() is not None  # the session fixture pinned torch to 1 thread: passed on as it is
     [run, _] = workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
