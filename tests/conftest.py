@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,28 +34,61 @@ def solutions(request) -> dict[str, object]:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_BUILD: dict[str, object] = {}  # the site build started beside the other tests: its process, log file and output
+
+
+def _build_command(out: Path) -> list[str]:
+    """The same command as `make book`, writing into `out`."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    return [str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-n", "-W", "--keep-going"]
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that need the built site run last, and the build starts now in a subprocess, beside the other tests
+    (their CPU-bound work makes it a build on a busy machine): the suite takes about the longer of the two, not their
+    sum. FMTOY_SITE=<html folder> checks an existing build instead."""
+    needs = [item for item in items if "site" in getattr(item, "fixturenames", ())]
+    if not needs:
+        return
+    items[:] = [item for item in items if item not in needs] + needs
+    if os.environ.get("FMTOY_SITE") or config.option.collectonly:
+        return
+    out = config._tmp_path_factory.mktemp("site")
+    log = open(out / "build.log", "w")
+    _BUILD.update(out=out, log=log)
+    _BUILD["proc"] = subprocess.Popen(
+        _build_command(out), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A build still running when the session ends (an early stop) is ended with its kernels."""
+    proc = _BUILD.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def site(tmp_path_factory) -> Path:
-    """The built HTML folder, once per test session (tests/test_site.py, tests/test_theorem_refs.py): built here with
-    the same command as `make book` (zero warnings), or FMTOY_SITE=_build/html to check an existing build."""
+    """The built HTML folder, once per test session (tests/test_site.py, tests/test_theorem_refs.py): built with the
+    same command as `make book` (zero warnings), started at collection beside the other tests, or FMTOY_SITE=
+    _build/html to check an existing build."""
     if os.environ.get("FMTOY_SITE"):
         html = Path(os.environ["FMTOY_SITE"]).resolve()
         assert (html / "index.html").is_file(), f"FMTOY_SITE={html} holds no built book"
         return html
-    out = tmp_path_factory.mktemp("site")
-    exe = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run(
-        [str(exe), "build", str(ROOT), "--path-output", str(out), "--all", "-n", "-W", "--keep-going"],
-        capture_output=True,
-        text=True,
-    )
-    log = proc.stdout + proc.stderr
-    (out / "build.log").write_text(log)
+    if "proc" not in _BUILD:  # not started at collection (a test that asked for the fixture itself)
+        out = tmp_path_factory.mktemp("site")
+        with open(out / "build.log", "w") as log:
+            code = subprocess.run(_build_command(out), stdout=log, stderr=subprocess.STDOUT, text=True).returncode
+    else:
+        out, code = _BUILD["out"], _BUILD["proc"].wait()
+        _BUILD["log"].close()
+    log = (out / "build.log").read_text()
     warnings = [line for line in log.splitlines() if "WARNING" in line]  # ipykernel 6: no TCP warning either
-    assert proc.returncode == 0 and not warnings, (
-        f"the book build failed (exit {proc.returncode}); warnings/errors:\n"
-        + "\n".join(warnings[:30])
-        + "\n"
-        + log[-3000:]
+    assert code == 0 and not warnings, (
+        f"the book build failed (exit {code}); warnings/errors:\n" + "\n".join(warnings[:30]) + "\n" + log[-3000:]
     )
     return out / "_build" / "html"
