@@ -78,12 +78,13 @@ def check_job(index: int, job: object) -> None:
 
 
 def _executor(workers: int) -> ProcessPoolExecutor:
-    """The pool of `workers` spawned processes, kept for later calls with the same count and thread setting."""
-    key = (workers, worker_threads())
+    """The pool of `workers` spawned processes, kept for later calls with the same count, thread setting and FMTOY_*
+    environment (a worker keeps the environment it started with: the run cache, the thread choice)."""
+    key = (workers, worker_threads(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FMTOY_"))))
     if _POOL["key"] != key:
         shutdown(now=True)
         ctx = multiprocessing.get_context("spawn")
-        _POOL["executor"] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=key[1:])
+        _POOL["executor"] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=key[1:2])
         _POOL["key"] = key
     return _POOL["executor"]  # type: ignore[return-value]
 

@@ -84,7 +84,8 @@ def test_the_book_build_gives_its_kernels_a_cache_in_the_build_folder(tmp_path, 
     spec = importlib.util.spec_from_file_location("fmbook", ROOT / "book" / "_ext" / "fmbook.py")
     fmbook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fmbook)
-    monkeypatch.delenv(runcache.ENV, raising=False)
+    monkeypatch.setenv(runcache.ENV, "x")  # recorded as it was before the test (unset, normally) ...
+    monkeypatch.delenv(runcache.ENV)  # ... so that the variable the hook sets is undone too (it leaked before)
     fmbook.share_trainings_within_the_build(types.SimpleNamespace(outdir=str(tmp_path / "_build" / "html")), None)
     assert runcache.folder() == tmp_path / "_build" / "fmtoy-runs"
     monkeypatch.setenv(runcache.ENV, str(tmp_path / "mine"))  # the user's own setting wins

@@ -1,5 +1,6 @@
 """fmtoy.workers: training runs side by side in spawned worker processes, with the serial results."""
 
+import os
 from functools import partial
 
 import pytest
@@ -15,8 +16,24 @@ CONFIGS = [TrainConfig(steps=STEPS, batch_size=64, hidden=32, depth=2, seed=s, d
 
 @pytest.fixture(autouse=True, scope="module")
 def stop_workers():
-    yield
+    """No run cache (a cached run would make every comparison below trivial), fresh workers, stopped at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FMTOY_RUN_CACHE", raising=False)
+        workers.shutdown(now=True)
+        yield
     workers.shutdown()
+
+
+def test_a_change_of_the_fmtoy_environment_starts_fresh_workers(monkeypatch, tmp_path):
+    workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
+    first = workers._POOL["executor"]
+    workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
+    assert workers._POOL["executor"] is first  # kept while nothing changed
+    monkeypatch.setenv("FMTOY_RUN_CACHE", str(tmp_path))  # a worker would keep the environment it started with
+    [a, _] = workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
+    assert workers._POOL["executor"] is not first and not a.cached
+    [b, _] = workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
+    assert b.cached and list(tmp_path.glob("*.pt"))  # the new workers use the cache
 
 
 def same_run(a, b) -> bool:
@@ -97,13 +114,24 @@ def test_one_job_one_worker_or_a_gpu_run_here(monkeypatch):
         workers.run_jobs([local_function] * 3, workers=0)
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (exists and is not a zombie); not Process.is_alive(), which reads "alive" when
+    the pool's own thread reaped the process first."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 def test_shutdown_ends_the_worker_processes():
     workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)
     procs = list(workers._POOL["executor"]._processes.values())
-    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    assert len(procs) == 2 and all(running(p.pid) for p in procs)
     workers.shutdown()  # waits for the idle workers to exit
-    assert not any(p.is_alive() for p in procs) and workers._POOL["executor"] is None
+    assert not any(running(p.pid) for p in procs) and workers._POOL["executor"] is None
     workers.train_many(train_flow, CONFIGS[:2], workers=2, progress=False)  # a fresh pool ...
     procs = list(workers._POOL["executor"]._processes.values())
     workers.shutdown(now=True)  # ... ended at once, as after Ctrl-C
-    assert not any(p.is_alive() for p in procs)
+    assert not any(running(p.pid) for p in procs)
