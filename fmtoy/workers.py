@@ -45,9 +45,7 @@ def worker_threads() -> str:
     OMP/MKL variable, torch.set_num_threads()), else 1."""
     if os.environ.get(_threads.ENV):
         return os.environ[_threads.ENV]
-    if any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
-        return str(torch.get_num_threads())
-    return str(torch.get_num_threads()) if _threads.user_setting() else "1"
+    return str(torch.get_num_threads()) if _threads.user_setting() else "1"  # user_setting: OMP/MKL vars too
 
 
 def _start_worker(threads: str) -> None:
@@ -80,11 +78,12 @@ def check_job(index: int, job: object) -> None:
 def _executor(workers: int) -> ProcessPoolExecutor:
     """The pool of `workers` spawned processes, kept for later calls with the same count, thread setting and FMTOY_*
     environment (a worker keeps the environment it started with: the run cache, the thread choice)."""
-    key = (workers, worker_threads(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FMTOY_"))))
+    threads = worker_threads()
+    key = (workers, threads, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FMTOY_"))))
     if _POOL["key"] != key:
         shutdown(now=True)
         ctx = multiprocessing.get_context("spawn")
-        _POOL["executor"] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=key[1:2])
+        _POOL["executor"] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(threads,))
         _POOL["key"] = key
     return _POOL["executor"]  # type: ignore[return-value]
 

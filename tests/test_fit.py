@@ -138,11 +138,18 @@ def test_auto_measures_both_counts_and_keeps_the_faster(observed, monkeypatch):
     assert torch.get_num_threads() == 1
 
 
-def test_the_tuner_picks_the_candidate_with_the_shorter_steps(monkeypatch):
-    clock = {"now": 0.0}
-    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0})
+@pytest.fixture
+def clock(monkeypatch) -> dict:
+    """A fake perf_counter for ThreadTuner ({"now": seconds}, advanced by the test), no verdict yet, and
+    torch.set_num_threads a no-op: the tuner's decisions on made-up step times."""
+    now = {"now": 0.0}
+    monkeypatch.setattr(TH.time, "perf_counter", lambda: now["now"])
+    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
     monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+    return now
+
+
+def test_the_tuner_picks_the_candidate_with_the_shorter_steps(clock):
     tuner = TH.ThreadTuner("auto", (1, 2))
     step_time = {1: 0.010, 2: 0.004}  # idle machine: 2 threads faster
     for _ in range(12):
@@ -157,11 +164,7 @@ def test_the_tuner_picks_the_candidate_with_the_shorter_steps(monkeypatch):
     assert TH._VERDICT["threads"] == 1 and tuner.current == 1
 
 
-def test_the_tuner_backs_off_while_the_verdict_holds_and_cuts_a_stalling_probe_short(monkeypatch):
-    clock = {"now": 0.0}
-    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
-    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+def test_the_tuner_backs_off_while_the_verdict_holds_and_cuts_a_stalling_probe_short(clock):
     tuner = TH.ThreadTuner("auto", (1, 2))
     step_time = {1: 0.010, 2: 0.200}  # under load: the 2-thread step stalls 20x
     seen, intervals = [], []
@@ -186,11 +189,7 @@ def test_the_tuner_backs_off_while_the_verdict_holds_and_cuts_a_stalling_probe_s
 
 
 @pytest.mark.parametrize("stall", [12.0, 60.0])  # a 2-thread step of an exact likelihood beside a busy process
-def test_probing_long_stalling_steps_costs_at_most_a_few_percent(monkeypatch, stall):
-    clock = {"now": 0.0}
-    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
-    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+def test_probing_long_stalling_steps_costs_at_most_a_few_percent(clock, stall):
     step_time = {1: 0.3, 2: 0.3 * stall}
     wasted, seen = 0.0, []
     while clock["now"] < 600.0:  # ten minutes of one-thread work in loops of 50 steps (one ODE solve each)
@@ -206,11 +205,7 @@ def test_probing_long_stalling_steps_costs_at_most_a_few_percent(monkeypatch, st
     assert wasted <= first + TH.PROBE_SHARE * clock["now"]  # without the bound: one probe every 64 s, ~30-90 s each
 
 
-def test_a_probe_that_stalls_in_its_warm_up_step_stops_there(monkeypatch):
-    clock = {"now": 0.0}
-    monkeypatch.setattr(TH.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(TH, "_VERDICT", {"threads": 0, "until": 0.0, "interval": TH.RECHECK})
-    monkeypatch.setattr(TH.torch, "set_num_threads", lambda n: None)
+def test_a_probe_that_stalls_in_its_warm_up_step_stops_there(clock):
     tuner = TH.ThreadTuner("auto", (1, 2))
     step_time, seen = {1: 0.01, 2: 0.01 * (TH.WARM_ABORT + 1)}, []
     for _ in range(20):
