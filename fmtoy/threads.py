@@ -27,7 +27,9 @@ from typing import Iterator
 import torch
 
 ENV = "FMTOY_THREADS"
-PROBE = 4  # timed steps per candidate (after one warm-up step)
+PROBE = 4  # timed steps per candidate (after one warm-up step) ...
+PROBE_SECONDS = 0.02  # ... or fewer (at least 2) that last this long in all: the scheduler's jitter is ~1 ms, so long
+# steps need fewer (an exact likelihood's ODE step: 3 steps per count instead of 5, on a 32-step solve)
 RECHECK = 2.0  # seconds until the first re-measurement, and after the winner changes
 RECHECK_MAX = 64.0  # the interval doubles up to this while the same count keeps winning
 ABORT = 3.0  # a probe step this many times the median of a count already timed ends that probe (it lost)
@@ -127,7 +129,8 @@ class ThreadTuner:
             timed = [statistics.median(v) for n, v in self.samples.items() if n != self.current]
             mine = self.samples.get(self.current, ())
             stalled = timed and step > (WARM_ABORT if warm else ABORT) * min(timed)
-            if len(mine) >= self.probe or stalled:
+            enough = len(mine) >= self.probe or (len(mine) >= 2 and sum(mine) >= PROBE_SECONDS)
+            if enough or stalled:
                 self.queue.pop(0)
                 if not self.queue:  # every candidate timed: keep the fastest (median step time) for a while
                     self._judge(now)

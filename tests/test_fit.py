@@ -127,14 +127,14 @@ def test_auto_measures_both_counts_and_keeps_the_faster(observed, monkeypatch):
     res = _cfm(eight_gaussians(), steps=40, threads="auto")
     assert set(res.threads) == {1, most} and sum(res.threads.values()) == 40
     assert TH._VERDICT["threads"] in (1, most) and TH._VERDICT["until"] > 0
-    probe = TH.PROBE + 1  # warm-up step + timed steps per candidate
     seen = observed["threads"]
-    assert seen[:probe] == [1] * probe  # one warm-up and PROBE timed steps on 1 thread, then the other count:
+    probe = seen.index(most)  # one warm-up and PROBE timed steps on 1 thread (2 when they last PROBE_SECONDS) ...
+    assert 3 <= probe <= TH.PROBE + 1 and seen[:probe] == [1] * probe  # ... then the other count:
     if TH._VERDICT["threads"] == most:  # it won: kept until the next measurement
         assert set(seen[probe:]) == {most}
-    else:  # its warm-up and PROBE timed steps, or fewer when a step stalled (cut short: its warm-up step alone when
+    else:  # its warm-up and timed steps, or fewer when a step stalled (cut short: its warm-up step alone when
         second = seen.index(1, probe) - probe  # that one took WARM_ABORT times the 1-thread step); then 1 thread
-        assert 1 <= second <= probe and set(seen[probe + second :]) == {1}
+        assert 1 <= second <= TH.PROBE + 1 and set(seen[probe + second :]) == {1}
     assert torch.get_num_threads() == 1
 
 
@@ -205,16 +205,30 @@ def test_probing_long_stalling_steps_costs_at_most_a_few_percent(clock, stall):
     assert wasted <= first + TH.PROBE_SHARE * clock["now"]  # without the bound: one probe every 64 s, ~30-90 s each
 
 
+@pytest.mark.parametrize("step,timed", [(0.002, (4, 4)), (0.004, (3, 4)), (0.015, (2, 2))])
+def test_long_steps_end_a_probe_sooner(clock, step, timed):
+    """Each count's probe: a warm-up step, then timed ones until PROBE of them or PROBE_SECONDS in all (at least 2):
+    an ODE step of an exact likelihood lasts ~15-25 ms, a training step ~2-5 ms."""
+    tuner, seen = TH.ThreadTuner("auto", (1, 2)), []
+    for _ in range(20):
+        tuner.tick()
+        seen.append(tuner.current)
+        clock["now"] += step * (1.8 if tuner.current == 1 else 1.0)  # idle: 2 threads 1.8x faster
+    ones, twos = 1 + timed[0], 1 + timed[1]
+    assert seen == [1] * ones + [2] * (20 - ones) and TH._VERDICT["threads"] == 2
+    assert TH._VERDICT["until"] == pytest.approx(ones * 1.8 * step + twos * step + TH.RECHECK)
+
+
 def test_a_probe_that_stalls_in_its_warm_up_step_stops_there(clock):
     tuner = TH.ThreadTuner("auto", (1, 2))
-    step_time, seen = {1: 0.01, 2: 0.01 * (TH.WARM_ABORT + 1)}, []
+    step_time, seen = {1: 0.004, 2: 0.004 * (TH.WARM_ABORT + 1)}, []  # short steps: PROBE timed ones
     for _ in range(20):
         tuner.tick()
         seen.append(tuner.current)
         clock["now"] += step_time[tuner.current]
     assert seen[: TH.PROBE + 2] == [1] * (TH.PROBE + 1) + [2] and set(seen[TH.PROBE + 2 :]) == {1}
     assert TH._VERDICT["threads"] == 1
-    step_time[2] = 0.01 * (TH.WARM_ABORT - 1)  # slower but not past the warm-up bound: its timed step decides
+    step_time[2] = 0.004 * (TH.WARM_ABORT - 1)  # slower but not past the warm-up bound: its timed step decides
     clock["now"] = TH._VERDICT["until"]
     seen.clear()
     for _ in range(20):
