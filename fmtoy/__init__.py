@@ -6,8 +6,9 @@
     fmtoy.energy_distance(x1, fmtoy.get_dataset("eight_gaussians").sample(2000))
 
 The core modules, one concept each, flat at the top: data (target distributions), paths (conditional probability
-paths and their schedules), marginal (the exact marginal field, Theorem 1), models, losses, train (fit: the one
-training loop), solvers, metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at once, one
+paths and their schedules), marginal (the exact marginal field, Theorem 1, and its score), models, losses, train
+(fit: the one training loop), solvers, sde (the four readings of a model and the SDEs with its marginals, chapter 9),
+metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at once, one
 process per core), device, cli. The families, in subpackages: methods (shortcut and meanflow, chapter 6; vrfm,
 chapter 7; guidance, chapter 8), teaching (chapter-only helpers), symbolic (SymPy derivations, one module per
 topic), course (assignments and the autograder). The plotting names (plot_samples, ...) load matplotlib on first
@@ -21,10 +22,11 @@ from .checkpoints import load_checkpoint, save_checkpoint, save_run
 from .data import GaussianMixture, StandardNormal, eight_gaussians, get_dataset, list_datasets
 from .device import make_generator, resolve_device
 from .losses import cfm_loss
-from .marginal import ExactField, marginal_log_prob, marginal_velocity
+from .marginal import ExactField, marginal_log_prob, marginal_score, marginal_velocity
 from .metrics import energy_distance, mmd, nll, nll_gap, w2
 from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
+from .sde import MarginalSDE, convert, euler_maruyama
 from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
 from .train import FitConfig, FitResult, TrainConfig, TrainingDiverging, TrainingInterrupted, fit, fit_cfm, train_flow
@@ -68,6 +70,10 @@ __all__ = [
     "ExactField",
     "marginal_log_prob",
     "marginal_velocity",
+    "marginal_score",
+    "MarginalSDE",
+    "convert",
+    "euler_maruyama",
     "energy_distance",
     "mmd",
     "nll",

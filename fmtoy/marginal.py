@@ -1,4 +1,5 @@
-"""Closed-form marginal path p_t and marginal field u_t for Gaussian-mixture source and target (the ground truth).
+"""Closed-form marginal path p_t, marginal field u_t and score grad log p_t for Gaussian-mixture source and target
+(the ground truth).
 
 Independent coupling x_0 ~ p = sum_i a_i N(m0_i, S0_i), x_1 ~ q = sum_j b_j N(m1_j, S1_j) (S1_j = 0 allowed:
 GaussianMixture.from_points), any GaussianPath x_t = alpha_t x_1 + sigma_t x_0. Given the pair (i, j),
@@ -120,7 +121,11 @@ def _pairs(
                 + _contract((w * dsg - wr * sg).sum(2), m0)
             )
 
-        return logits, velocity
+        def score(w: Tensor) -> Tensor:  # sum_ij w_ij (mu_ij - x) / c_ij
+            wc = w / c
+            return -wc.sum((1, 2))[:, None] * x + _contract((wc * al).sum(1), m1) + _contract((wc * sg).sum(2), m0)
+
+        return logits, velocity, score
     al, sg, dal, dsg = (v[..., None, None] for v in (al, sg, dal, dsg))  # (T, 1, 1, 1, 1)
     mu = (al * m1[None, None, :, :, None] + sg * m0[None, :, None, :, None])[..., 0]  # (T, K0, K1, d)
     resid = x[:, None, None, :] - mu  # (n, K0, K1, d)
@@ -133,7 +138,7 @@ def _pairs(
     logits = log_ab - 0.5 * ((resid * prec_r[..., 0]).sum(-1) + log_det + d * LOG_2PI)
     mean_v = (dal * m1[None, None, :, :, None] + dsg * m0[None, :, None, :, None])[..., 0]
     ev = mean_v + ((al * dal * S1 + sg * dsg * S0) * prec_r.transpose(-1, -2)).sum(-1)  # E[xdot | x_t = x, i, j]
-    return logits, lambda w: (w[..., None] * ev).sum((1, 2))
+    return logits, lambda w: (w[..., None] * ev).sum((1, 2)), lambda w: -(w[..., None] * prec_r[..., 0]).sum((1, 2))
 
 
 @under_policy
@@ -146,7 +151,7 @@ def _evaluate(
     what: str,
     force_general: bool = False,
 ) -> Tensor:
-    """Chunked driver: what = "log_prob" (n,), "weights" (n, K0 K1) or "velocity" (n, d), in x's dtype."""
+    """Chunked driver: what = "log_prob" (n,), "weights" (n, K0 K1), "velocity" or "score" (n, d), in x's dtype."""
     source = _check_models(path, target, source)
     x = check_points(x, target.dim)
     n, d = x.shape
@@ -161,14 +166,14 @@ def _evaluate(
     out = []
     for start in range(0, n, rows):
         tc = t64 if t64.shape[0] == 1 else t64[start : start + rows]
-        logits, velocity = _pairs(x64[start : start + rows], tc, path, target, source, force_general)
+        logits, velocity, score = _pairs(x64[start : start + rows], tc, path, target, source, force_general)
         flat = logits.flatten(1)
         log_p = torch.logsumexp(flat, dim=1)
         if what == "log_prob":
             out.append(log_p)
             continue
         w = (flat - log_p[:, None]).exp()  # posterior responsibilities (torch.softmax is slow on some CPU builds)
-        out.append(w if what == "weights" else velocity(w.view_as(logits)))
+        out.append(w if what == "weights" else (velocity if what == "velocity" else score)(w.view_as(logits)))
     return torch.cat(out).to(x.device, x.dtype)
 
 
@@ -184,6 +189,13 @@ def marginal_velocity(
 ) -> Tensor:
     """u_t(x) = sum_ij w_ij(x) E[xdot | x_t = x, i, j] (FM paper Thm 1 / Eq. 8 for a N(0, I) source); (n, d)."""
     return _evaluate(x, t, path, target, source, "velocity")
+
+
+def marginal_score(
+    x: Tensor, t: float | Tensor, path: GaussianPath, target: GaussianMixture, source: GaussianMixture | None = None
+) -> Tensor:
+    """grad log p_t(x) = sum_ij w_ij(x) C_ij^{-1} (mu_ij - x), the score of the mixture p_t (chapter 9); (n, d)."""
+    return _evaluate(x, t, path, target, source, "score")
 
 
 def posterior_weights(
@@ -223,6 +235,10 @@ class ExactField:
     def log_prob(self, x: Tensor, t: float | Tensor) -> Tensor:
         """log p_t(x) (FM paper Eq. 6), shape (n,)."""
         return marginal_log_prob(x, t, self.path, self.target, self.source)
+
+    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """grad log p_t(x) in closed form (chapter 9), shape (n, d)."""
+        return marginal_score(x, t, self.path, self.target, self.source)
 
     def distribution(self, t: float | Tensor) -> GaussianMixture:
         """p_t as a GaussianMixture."""

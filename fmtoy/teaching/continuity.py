@@ -1,5 +1,6 @@
 """Numeric checks of the continuity equation d/dt p_t + div(p_t u_t) = 0 and of the instantaneous change of
-variables log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (book chapter 1, thm-continuity and thm-inst-cov).
+variables log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt (book chapter 1, thm-continuity and thm-inst-cov), and
+of its stochastic form, the Fokker-Planck equation d/dt p_t + div(p_t f_t) - (g^2 / 2) Lap p_t = 0 (chapter 9).
 
 Derivatives are central finite differences in float64 with step h: the truncation error is O(h^2) and the
 round-off error O(eps / h), so h ~ 1e-3 resolves a residual down to ~1e-6 of the size of its terms.
@@ -84,9 +85,46 @@ def continuity_residual(
 
 
 @under_policy
-def relative_residual(log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3) -> float:
-    """max_x |d/dt p_t + div(p_t u_t)| / max_x (|d/dt p_t| + |div(p_t u_t)|) over the points x (FM Eq. 26)."""
-    r, scale = continuity_residual(log_prob_fn, velocity, x, t, h)
+@torch.no_grad()
+def fokker_planck_terms(
+    log_prob_fn: LogProb, drift: Velocity, g: float, x: Tensor, t: float, h: float = 1e-3
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d/dt p_t, div(p_t f_t), (g^2 / 2) Lap p_t) at x by central differences, each (n,), float64 (eq-ch9-fp): the
+    Fokker-Planck equation of dX = f_t(X) dt + g dW is first + second - third = 0. Lap p: O(h^2) truncation, O(eps/h^2)
+    round-off (h = 1e-3: ~1e-10 of p)."""
+    g = check_positive("g", g, allow_zero=True)
+    dp_dt, div = continuity_terms(log_prob_fn, drift, x, t, h)
+    x = check_points(x).to(torch.float64)
+    t, h = _check_t_h(t, h)
+    p = _log_density(log_prob_fn, x, t).exp()
+    lap = torch.zeros_like(p)
+    for i in range(x.shape[1]):
+        e = torch.zeros_like(x[0])
+        e[i] = h
+        lap += (_log_density(log_prob_fn, x + e, t).exp() - 2 * p + _log_density(log_prob_fn, x - e, t).exp()) / h**2
+    return dp_dt, div, 0.5 * g**2 * lap
+
+
+@under_policy
+def fokker_planck_residual(
+    log_prob_fn: LogProb, drift: Velocity, g: float, x: Tensor, t: float, h: float = 1e-3
+) -> tuple[Tensor, Tensor]:
+    """(r, scale): r = d/dt p_t + div(p_t f_t) - (g^2 / 2) Lap p_t at x (eq-ch9-fp) and scale = the sum of the three
+    terms' absolute values, shape (n,); g = 0 is continuity_residual."""
+    dp_dt, div, diffusion = fokker_planck_terms(log_prob_fn, drift, g, x, t, h)
+    return dp_dt + div - diffusion, dp_dt.abs() + div.abs() + diffusion.abs()
+
+
+@under_policy
+def relative_residual(
+    log_prob_fn: LogProb, velocity: Velocity, x: Tensor, t: float, h: float = 1e-3, g: float = 0.0
+) -> float:
+    """max_x |d/dt p_t + div(p_t u_t)| / max_x (|d/dt p_t| + |div(p_t u_t)|) over the points x (FM Eq. 26); with
+    g > 0, the same for the Fokker-Planck residual of the drift `velocity` and noise g (eq-ch9-fp)."""
+    if g == 0.0:
+        r, scale = continuity_residual(log_prob_fn, velocity, x, t, h)
+    else:
+        r, scale = fokker_planck_residual(log_prob_fn, velocity, g, x, t, h)
     top = float(scale.max())
     if top == 0.0:
         raise ValueError("both terms of the continuity equation vanish at every point; choose points where p_t > 0")
