@@ -198,6 +198,15 @@ def quality_vs_nfe(
 
 
 # ----------------------------------------------------------------------------------------------- likelihood
+def cross_entropy(samples: Tensor, target) -> float:
+    """-mean log q(x) of samples under the true density q (target.log_prob), in nats: H(q) for samples of q up to
+    sampling noise, more for samples that spread, less for samples that shrink onto the modes (chapter 9)."""
+    samples = check_points(samples, name="samples")
+    if not hasattr(target, "log_prob"):
+        raise TypeError(f"target must have .log_prob(x) (a fmtoy Distribution), got {type(target).__name__}")
+    return -float(target.log_prob(samples).mean())
+
+
 def nll(velocity: Velocity, x: Tensor, source, steps: int = 50, method: str = "rk4") -> float:
     """Mean negative log-likelihood -1/n sum_i log p_1(x_i) of the flow (instantaneous change of variables,
     thm-inst-cov)."""

@@ -255,32 +255,63 @@ def euler_maruyama(
     return torch.stack(trajectory) if return_trajectory else x
 
 
-def quality_vs_nfe_sde(
+def sampler_scores(
     sde: MarginalSDE,
     x0: Tensor,
     reference: Tensor,
     nfes: tuple[int, ...] | list[int],
     seed: int = 0,
-    metric: Callable[[Tensor, Tensor], float] | None = None,
     langevin: int = 0,
     langevin_step: float = 0.01,
-) -> dict[int, float]:
-    """{nfe: metric(X_1, reference)} for Euler-Maruyama runs spending nfe model calls: nfe / (1 + langevin) steps
-    (an nfe that is not a multiple of 1 + langevin is skipped), the noise of each run drawn from
-    make_generator(seed). fmtoy.metrics.quality_vs_nfe for the SDE samplers of chapter 9."""
+    target=None,
+) -> dict:
+    """{nfe: energy distance to reference} of Euler-Maruyama runs spending nfe model calls, nfe / (1 + langevin) steps
+    (an nfe that is not a multiple of 1 + langevin is skipped), the noise of each run drawn from make_generator(seed);
+    with a target also "xent", the cross-entropy -mean log q of the largest nfe's samples (fmtoy.metrics.cross_entropy).
+    fmtoy.metrics.quality_vs_nfe for the SDE samplers of chapter 9."""
     from .device import make_generator
-    from .metrics import energy_distance
+    from .metrics import cross_entropy, energy_distance
 
-    metric = energy_distance if metric is None else metric
-    x0 = check_points(x0, name="x0")
-    out = {}
-    for n in nfes:
+    x0, out = check_points(x0, name="x0"), {}
+    for n in sorted(nfes):
         steps, rest = divmod(check_positive_int("nfe", n), 1 + langevin)
         if rest:
             continue
-        gen = make_generator(seed, x0.device)
-        out[n] = metric(euler_maruyama(sde, x0, steps, gen, langevin=langevin, langevin_step=langevin_step), reference)
+        x = euler_maruyama(
+            sde, x0, steps, make_generator(seed, x0.device), langevin=langevin, langevin_step=langevin_step
+        )
+        out[n] = energy_distance(x, reference)
+    if target is not None and out:
+        out["xent"] = cross_entropy(x, target)
     return out
+
+
+def strong_errors(
+    sde: MarginalSDE,
+    x0: Tensor,
+    steps: tuple[int, ...] | list[int],
+    fine: int,
+    generator: torch.Generator | None = None,
+) -> dict[int, float]:
+    """{N: mean |X_1^(N) - X_1^(fine)|}: Euler-Maruyama with N steps against `fine` steps on the same Brownian path
+    (the coarse increments are sums of the fine ones, coarsen), the pathwise (strong) error of chapter 9."""
+    x0 = check_points(x0, name="x0")
+    fine = check_positive_int("fine", fine)
+    bad = [n for n in steps if check_positive_int("steps", n) > fine or fine % n]
+    if bad:
+        raise ValueError(f"every entry of steps must divide fine = {fine}, got {bad}")
+    z = brownian_increments(fine, *x0.shape, generator, dtype=x0.dtype)
+    end = euler_maruyama(sde, x0, fine, noise=z)
+    return {n: float((euler_maruyama(sde, x0, n, noise=coarsen(z, fine // n)) - end).norm(dim=1).mean()) for n in steps}
+
+
+def fitted_order(errors: dict[int, float]) -> float:
+    """The least-squares slope of log error against log h = log(1 / N): the observed order of convergence."""
+    if len(errors) < 2 or any(not (e > 0) for e in errors.values()):
+        raise ValueError(f"fitted_order needs at least 2 positive errors, got {errors}")
+    pts = [(math.log(1.0 / n), math.log(e)) for n, e in errors.items()]
+    mx, my = (sum(v) / len(v) for v in zip(*pts))
+    return sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
 
 
 __all__ = [
@@ -293,5 +324,7 @@ __all__ = [
     "brownian_increments",
     "coarsen",
     "euler_maruyama",
-    "quality_vs_nfe_sde",
+    "sampler_scores",
+    "strong_errors",
+    "fitted_order",
 ]

@@ -62,6 +62,10 @@ WRONG = {
     ),
     "ex-ch7-reparam": "def sample_z(mu, logvar, eps):\n    return mu + logvar.exp() * eps   # variance, not std",
     "ex-ch8-score": "def score_from_velocity(u, x, t):\n    return (u - x / t) * t   # forgot b_t's (1 - t)",
+    "ex-ch9-em-step": (
+        "import math\ndef em_step(x, u, score, g, h, z):\n"
+        "    return x + h * (u + g**2 * score) + g * math.sqrt(h) * z   # the reverse-time factor g^2"
+    ),
     "ex-ch8-classifier": (
         "def classifier(log_px_given_c, log_prior):\n"
         "    p = (log_px_given_c + log_prior).exp()\n"

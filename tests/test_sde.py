@@ -208,3 +208,42 @@ def test_sympy_fokker_planck_holds_for_every_g_and_not_for_the_wrong_factor():
     res = SS.marginal_sde_residuals()
     assert res["u, g = 0"] == 0 and res["u + g^2/2 score"] == 0
     assert res["u + g^2 score"] != 0 and not SS.is_zero(res["u + g^2 score"], method="points")
+
+
+# ----------------------------------------------------------------------------------------------- study helpers
+def test_sampler_scores_count_the_corrector_calls_and_add_the_cross_entropy():
+    from fmtoy.sde import sampler_scores
+
+    path, x0 = CondOTPath(), torch.randn(200, 2, generator=make_generator(0), dtype=torch.float64)
+    ref = TARGET.sample(200, make_generator(1)).double()
+    sde = MarginalSDE(ExactField(path, TARGET), path, 1.0)
+    got = sampler_scores(sde, x0, ref, (3, 4, 8), seed=2, langevin=1, target=TARGET)
+    assert set(got) == {4, 8, "xent"}  # 3 calls cannot be spent as steps of 1 + 1 calls
+    x8 = euler_maruyama(sde, x0, 4, make_generator(2), langevin=1)
+    assert got[8] == energy_distance(x8, ref) and got["xent"] == -float(TARGET.log_prob(x8).mean())
+
+
+def test_fitted_order_is_the_slope_and_strong_errors_need_dividing_steps():
+    from fmtoy.sde import fitted_order, strong_errors
+
+    assert fitted_order({8: 0.5, 16: 0.25, 32: 0.125}) == pytest.approx(1.0)
+    assert fitted_order({8: 0.64, 16: 0.16, 32: 0.04}) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least 2 positive errors"):
+        fitted_order({8: 0.0, 16: 0.1})
+    path = CondOTPath()
+    sde = MarginalSDE(ExactField(path, TARGET), path, 1.0)
+    with pytest.raises(ValueError, match="must divide fine = 64"):
+        strong_errors(sde, torch.zeros(4, 2), (8, 48), 64)
+    errs = strong_errors(
+        sde, torch.randn(300, 2, generator=make_generator(3), dtype=torch.float64), (8, 16, 32), 256, make_generator(4)
+    )
+    assert errs[8] > errs[16] > errs[32] and 0.7 < fitted_order(errs) < 1.4  # strong order 1 for additive noise
+
+
+def test_cross_entropy_is_the_mean_negative_log_density():
+    from fmtoy.metrics import cross_entropy
+
+    x = TARGET.sample(500, make_generator(5))
+    assert cross_entropy(x, TARGET) == pytest.approx(-float(TARGET.log_prob(x).mean()))
+    with pytest.raises(TypeError, match="target must have .log_prob"):
+        cross_entropy(x, object())
