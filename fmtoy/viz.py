@@ -147,6 +147,41 @@ def plot_over_reference(
     return ax
 
 
+def plot_vs_nfe(
+    rows: dict,
+    floor: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    *,
+    title: str | None = None,
+    ylabel: str = "energy distance",
+) -> Axes:
+    """A quality-vs-cost figure: rows {label: {nfe: value or Spread}} as lines over NFE (log 2 axis), a Spread's sd as
+    error bars, and the noise floor (mean, sd) as a grey band of mean +- 3 sd (chapters 5-9's tables, drawn)."""
+    ax = _axes(ax, figsize=(5.5, 3.8))
+    for label, by_nfe in rows.items():
+        nfes = sorted(n for n in by_nfe if isinstance(n, int))
+        if not nfes:
+            raise ValueError(f"row {label!r} has no integer NFE keys, got {list(by_nfe)}")
+        vals = [by_nfe[n] for n in nfes]
+        ax.errorbar(
+            nfes,
+            [float(v) for v in vals],
+            yerr=[getattr(v, "sd", 0.0) for v in vals],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label=label,
+        )
+    if floor is not None:
+        ax.axhspan(floor[0] - 3 * floor[1], floor[0] + 3 * floor[1], color="0.85", zorder=0, label="noise floor ± 3 sd")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="NFE", ylabel=ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def markdown_table(
     header: Sequence[object], rows: Sequence[Sequence[object]], fmt: str = ".3f", align: str | None = None
 ) -> str:

@@ -246,3 +246,18 @@ def test_markdown_table_formats_numbers_and_refuses_ragged_rows():
         markdown_table(["a", "b"], [[1]])
     with pytest.raises(ValueError, match="align must have one of l, r, c per column"):
         markdown_table(["a", "b"], [[1, 2]], align="x")
+
+
+def test_plot_vs_nfe_draws_the_means_the_spreads_and_the_floor_band():
+    from fmtoy.metrics import Spread
+    from fmtoy.viz import plot_vs_nfe
+
+    rows = {"a": {4: Spread([1.0, 3.0]), 8: Spread([0.5, 0.7]), "xent": 3.5}, "b": {4: 0.2, 8: 0.1}}
+    ax = plot_vs_nfe(rows, floor=(0.0, 0.01))
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar container per row
+    assert list(lines["a"].get_xdata()) == [4, 8] and list(lines["a"].get_ydata()) == [2.0, 0.6]  # "xent" skipped
+    assert list(lines["b"].get_ydata()) == [0.2, 0.1] and ax.get_xscale() == "log"
+    band = [p for p in ax.patches if p.get_label() == "noise floor ± 3 sd"]
+    assert len(band) == 1
+    with pytest.raises(ValueError, match="no integer NFE keys"):
+        plot_vs_nfe({"c": {"xent": 1.0}})
