@@ -402,7 +402,14 @@ def test_ctrl_c_saves_the_run_so_far_marked_interrupted(tmp_path):
     out = tmp_path / "r"
     env = {k: v for k, v in os.environ.items() if k != "FMTOY_RUN_CACHE"}
     args = [sys.executable, "-m", "fmtoy", "train", "--steps", "10000000", "--hidden", "16", "--depth", "1"]
-    proc = subprocess.Popen(args + ["--out", str(out)], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(  # Ctrl-C's default action in the child, also when this run inherited SIGINT ignored (a
+        args + ["--out", str(out)],  # background job of a script, nohup): otherwise the signal is lost, and it hangs
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = ""
     while "train:" not in seen:  # the progress bar: training has begun
         seen += proc.stderr.read(1)
