@@ -363,11 +363,11 @@ def _ul_items(u: dict) -> dict[str, Callable[[str | int], tuple[float, dict]]]:
         """A chapter widget's redraws (ch6's draw on its first call, ch5's sampling), widget_redraws of them as a
         student moving a slider: each trains a tiny model for a few hundred steps, samples it with Euler and
         scatters the samples over the data with the energy distance as title. Redraws per second."""
-        start, counts = time.perf_counter(), {}
-        for seed in range(u.get("widget_redraws", 1)):
+        start, counts, redraws = time.perf_counter(), {}, u.get("widget_redraws", 1)
+        for seed in range(redraws):
             for n, k in redraw(threads, seed).items():
                 counts[n] = counts.get(n, 0) + k
-        return u.get("widget_redraws", 1) / (time.perf_counter() - start), counts
+        return redraws / (time.perf_counter() - start), counts
 
     def redraw(threads, seed):
         r = train_flow(

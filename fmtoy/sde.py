@@ -7,7 +7,7 @@ prediction eps_hat = E[x_0 | x_t = x] and the score grad log p_t(x) = -eps_hat /
 tied by the 2x2 linear system
     x = alpha x1_hat + sigma eps_hat,    v = alpha' x1_hat + sigma' eps_hat,
 of determinant alpha sigma' - sigma alpha' (-1 on CondOT): every conversion goes through the pair (x1_hat, eps_hat)
-and divides by one schedule quantity on each side (DIVISORS); it raises where that quantity vanishes.
+and divides by one schedule quantity on each side; it raises, naming that quantity, where it vanishes.
 
 For dX = f_t(X) dt + g_t dW the density obeys the Fokker-Planck equation d/dt p = -div(f p) + (g^2 / 2) Lap p. The
 drift f = u_t + (g_t^2 / 2) grad log p_t keeps the marginals p_t of the flow for every g_t (chapter 9), since
@@ -37,13 +37,6 @@ from .threads import thread_policy
 
 Model = Callable[[Tensor, Tensor], Tensor]  # model(x, t): x (n, d), t (n,) -> (n, d)
 PARAMETRISATIONS = ("velocity", "x1", "eps", "score")
-# what each reading divides by: to the pair (x1_hat, eps_hat), and from it
-DIVISORS = {
-    "velocity": ("alpha sigma' - sigma alpha'", None),
-    "x1": ("sigma", None),
-    "eps": ("alpha", None),
-    "score": ("alpha", "sigma"),
-}
 
 
 def _coefficients(path: GaussianPath, t: float | Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -316,7 +309,6 @@ def fitted_order(errors: dict[int, float]) -> float:
 
 __all__ = [
     "PARAMETRISATIONS",
-    "DIVISORS",
     "convert",
     "Reparametrised",
     "check_diffusion",

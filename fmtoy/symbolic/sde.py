@@ -21,7 +21,6 @@ READING = {  # the symbol of each given reading, as the chapter writes it
     "eps": sp.Symbol(r"\hat{\varepsilon}", real=True),
     "score": sp.Symbol("s", real=True),
 }
-_pred = READING
 _x1, _eps = sp.Dummy("x1", real=True), sp.Dummy("eps", real=True)  # the unknown pair (x1_hat, eps_hat)
 
 
@@ -50,7 +49,7 @@ def conversions(a: sp.Expr = alpha, s: sp.Expr = sigma) -> Conversions:
     readings = _system(a, s)
     pair, divisor, conversion = {}, {}, {}
     for frm in KINDS:
-        eqs = [sp.Eq(x, a * _x1 + s * _eps), sp.Eq(_pred[frm], readings[frm])]
+        eqs = [sp.Eq(x, a * _x1 + s * _eps), sp.Eq(READING[frm], readings[frm])]
         sol = sp.solve(eqs, [_x1, _eps], dict=True)
         if len(sol) != 1:
             raise ValueError(f"no unique (x1_hat, eps_hat) from the {frm} reading")
@@ -67,8 +66,8 @@ def round_trips(c: Conversions | None = None) -> dict[tuple[str, str], sp.Expr]:
     out = {}
     for (frm, to), e in c.conversion.items():
         if frm != to:
-            back = c.conversion[to, frm].subs(_pred[to], e)
-            out[frm, to] = sp.simplify(back - _pred[frm])
+            back = c.conversion[to, frm].subs(READING[to], e)
+            out[frm, to] = sp.simplify(back - READING[frm])
     return out
 
 
@@ -132,7 +131,7 @@ def check_conversions() -> dict[str, bool]:
     ok = {f"{frm} -> {to} -> {frm}": r == 0 for (frm, to), r in round_trips(c).items()}
     a_t, b_t = score_coefficients(alpha, sigma)
     ok["velocity = a_t x + b_t score (chapter 8)"] = is_zero(
-        c.conversion["score", "velocity"] - (a_t * x + b_t * _pred["score"]), method="points"
+        c.conversion["score", "velocity"] - (a_t * x + b_t * READING["score"]), method="points"
     )
     return ok
 
