@@ -24,6 +24,18 @@ def _check_model_time(t: float | Tensor, n: int, like: Tensor) -> Tensor:
     return t.reshape(-1, 1).expand(n, 1)
 
 
+def time_frequencies(time_features: int) -> Tensor:
+    """2 pi f_k for time_features / 2 geometric frequencies f_k from 0.5 to 32 cycles per unit time: smooth enough for
+    coarse ODE steps."""
+    return 2 * math.pi * torch.logspace(math.log10(0.5), math.log10(32.0), time_features // 2)
+
+
+def fourier_time(t: Tensor, freqs: Tensor) -> Tensor:
+    """gamma(t) = [t, sin(2 pi f t), cos(2 pi f t)] for t of shape (n, 1); shape (n, 1 + 2 len(freqs))."""
+    a = t * freqs
+    return torch.cat([t, a.sin(), a.cos()], dim=1)
+
+
 class VelocityMLP(nn.Module):
     """v_theta(x, t, c) = MLP([x, gamma(t), e(c)]), gamma(t) = (t, sin(2 pi f_k t), cos(2 pi f_k t)): the CFM
     regressor."""
@@ -41,11 +53,7 @@ class VelocityMLP(nn.Module):
         if isinstance(cond_dim, bool) or not isinstance(cond_dim, int) or cond_dim < 0:
             raise ValueError(f"cond_dim must be an integer >= 0 (0: no conditioning input), got {cond_dim!r}")
         self.cond_dim = cond_dim
-        # Geometric frequencies 0.5 ... 32 cycles per unit time: smooth enough for coarse ODE steps.
-        half = time_features // 2
-        self.register_buffer(
-            "freqs", 2 * math.pi * torch.logspace(math.log10(0.5), math.log10(32.0), half), persistent=False
-        )
+        self.register_buffer("freqs", time_frequencies(time_features), persistent=False)
         cond_width = time_features if cond_dim else 0
         self.cond_embed = (
             nn.Sequential(nn.Linear(cond_dim, cond_width), nn.SiLU(), nn.Linear(cond_width, cond_width))
@@ -62,8 +70,7 @@ class VelocityMLP(nn.Module):
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """gamma(t) = [t, sin(2 pi f t), cos(2 pi f t)] for t of shape (n, 1); shape (n, 1 + time_features)."""
-        a = t * self.freqs
-        return torch.cat([t, a.sin(), a.cos()], dim=1)
+        return fourier_time(t, self.freqs)
 
     def forward(self, x: Tensor, t: float | Tensor, cond: Tensor | float | None = None) -> Tensor:
         """Velocity v_theta(x, t[, cond]) of shape (n, dim), in the dtype of x (computed in the weights' dtype)."""

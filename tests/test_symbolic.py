@@ -260,3 +260,87 @@ def test_tilt_is_not_the_path_of_the_tilted_target():
     assert abs(float(mid.subs({v: sp.Rational(1, 4), big_v: 4}))) > 0.1
     for w_ in (0, 1):  # w = 0 and w = 1 are the unguided paths themselves
         assert sp.simplify(diff.subs(SG.w, w_)) == 0
+
+
+def _discrete_module():
+    from fmtoy.symbolic import discrete
+
+    return discrete
+
+
+def test_discrete_check_discrete_all_true():
+    SD = _discrete_module()
+    ok = SD.check_discrete()
+    assert len(ok) == 16 and all(ok.values()), {k: v for k, v in ok.items() if not v}
+    assert set(SD.__all__) <= set(dir(SD))
+
+
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_discrete_wrong_rates_break_kolmogorov(source):
+    SD = _discrete_module()
+    path = SD.mixture_path(3, source)
+    assert path.p.shape == (3, 3 if source == "uniform" else 2) and len(path.rates) == path.p.cols
+    assert SD.kolmogorov_residuals(path).is_zero_matrix
+    wrong = SD.wrong_rates(path)
+    res = SD.kolmogorov_residuals(path, wrong)
+    assert not res.is_zero_matrix
+    assert all(SD.rate_checks(path, wrong).values())  # still a rate matrix, only too slow by the factor 1 - kappa
+    # so its residual is kappa kappa' (delta(y, c) - p_0(y)), zero at t = 0 only
+    expected = sp.Matrix(path.p.rows, path.p.cols, lambda a, c: SD.kappa * SD.dkappa * (int(a == c) - path.p0[a]))
+    assert (res - expected).applyfunc(sp.simplify).is_zero_matrix
+
+
+def test_discrete_rate_checks_catch_non_rate_matrices():
+    SD = _discrete_module()
+    path = SD.mixture_path(3, "generic")
+    negated = [-r for r in path.rates]
+    assert SD.rate_checks(path, negated) == {"rows sum to 0": True, "off-diagonal >= 0": False}
+    no_diagonal = [r - sp.diag(*r.diagonal()) for r in path.rates]
+    assert SD.rate_checks(path, no_diagonal) == {"rows sum to 0": False, "off-diagonal >= 0": True}
+    assert not SD.kolmogorov_residuals(path, no_diagonal).is_zero_matrix
+
+
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_discrete_data_marginal_rates_break_the_marginal_path(source):
+    SD = _discrete_module()
+    right = SD.marginal_kolmogorov_residual(2, source)
+    assert right.residual.shape == (right.p.rows, right.p.rows) == ((2, 2) if source == "uniform" else (3, 3))
+    assert SD.residual_is_zero(right.residual)
+    slip = SD.marginal_kolmogorov_residual(2, source, rates="data marginal")
+    assert not SD.residual_is_zero(slip.residual)
+    assert SD.residual_is_zero(slip.generator * sp.ones(slip.generator.cols, 1))  # still a generator
+    # the slip is right for a product target q(c, d) = q_1(c) q_2(d): the posteriors then factor too
+    r, s_ = sp.symbols("r s", positive=True)
+    product = dict(zip(list(slip.q)[:3], [r * s_, r * (1 - s_), (1 - r) * s_]))
+    assert SD.residual_is_zero(slip.residual.subs(product))
+
+
+def test_discrete_uniform_path_with_kappa_t():
+    SD = _discrete_module()
+    for tokens in (2, 4):
+        p = SD.mixture_path(tokens, "uniform").p.subs(SD.kappa, t)
+        want = sp.Matrix(tokens, tokens, lambda a, c, n=tokens: (1 - t) / n + t * int(a == c))
+        assert (p - want).applyfunc(sp.simplify).is_zero_matrix, tokens
+        assert all(sp.simplify(sum(p[:, c]) - 1) == 0 for c in range(tokens))
+    mask = SD.mixture_path(3, "mask").p.subs(SD.kappa, t)
+    assert mask == sp.Matrix([[t, 0], [0, t], [1 - t, 1 - t]])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "name"),
+    [
+        (lambda SD: SD.mixture_path(1), ValueError, "tokens"),
+        (lambda SD: SD.mixture_path(1.5), ValueError, "tokens"),
+        (lambda SD: SD.mixture_path(True), ValueError, "tokens"),
+        (lambda SD: SD.mixture_path(3, source="foo"), ValueError, "source"),
+        (lambda SD: SD.marginal_kolmogorov_residual(1), ValueError, "values"),
+        (lambda SD: SD.marginal_kolmogorov_residual(2, rates="prior"), ValueError, "rates"),
+        (lambda SD: SD.kolmogorov_residuals("path"), TypeError, "path"),
+        (lambda SD: SD.kolmogorov_residuals(SD.mixture_path(3), [sp.eye(3)]), ValueError, "rates"),
+    ],
+)
+def test_discrete_bad_inputs(call, error, name):
+    SD = _discrete_module()
+    with pytest.raises(error, match=name) as info:
+        call(SD)
+    assert "\n" not in str(info.value)
