@@ -10,9 +10,9 @@ paths and their schedules), marginal (the exact marginal field, Theorem 1, and i
 (fit: the one training loop), solvers, sde (the four readings of a model and the SDEs with its marginals, chapter 9),
 metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at once, one
 process per core), device, cli. The families, in subpackages: methods (shortcut and meanflow, chapter 6; vrfm,
-chapter 7; guidance, chapter 8; discrete, chapter 11), teaching (chapter-only helpers), symbolic (SymPy derivations, one module per
-topic), course (assignments and the autograder). The plotting names (plot_samples, ...) load matplotlib on first
-use.
+chapter 7; guidance, chapter 8; discrete, chapter 11), teaching (chapter-only helpers), symbolic (SymPy
+derivations, one module per topic), course (assignments and the autograder). The plotting names (plot_samples,
+...) load matplotlib on first use.
 """
 
 from __future__ import annotations
