@@ -431,6 +431,100 @@ def animate_trajectories(
     return anim
 
 
+def _grid_image(probs: Tensor | np.ndarray, name: str = "probs") -> np.ndarray:
+    """A (V, V) table as the array imshow draws with origin="lower": rows = the second coordinate."""
+    if not isinstance(probs, (Tensor, np.ndarray)):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (V, V), got {type(probs).__name__}")
+    arr = probs.detach().cpu().double().numpy() if isinstance(probs, Tensor) else np.asarray(probs, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be a square (V, V) table of finite numbers, got shape {arr.shape}")
+    return arr.T
+
+
+def plot_grid_distribution(
+    probs: Tensor | np.ndarray,
+    ax: Axes | None = None,
+    *,
+    lim: float = 5.0,
+    vmax: float | None = None,
+    title: str | None = None,
+    fontsize: float = 9,
+) -> Axes:
+    """A distribution p(a, b) on the V x V grid of [-lim, lim]^2 as an image, cell (a, b) at (c_a, c_b) (chapter 11)."""
+    img = _grid_image(probs)
+    ax = _axes(ax)
+    ax.imshow(
+        img,
+        origin="lower",
+        extent=(-lim, lim, -lim, lim),
+        cmap="Blues",
+        vmin=0.0,
+        vmax=float(img.max()) if vmax is None else vmax,
+        interpolation="nearest",
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+    return ax
+
+
+def animate_chain(
+    dists: Sequence[Tensor | np.ndarray],
+    points: Tensor | np.ndarray,
+    *,
+    lim: float = 5.0,
+    times: Sequence[float] | None = None,
+    interval: int = 200,
+    s: float = 6.0,
+    figsize: tuple[float, float] = (7, 3.6),
+    dpi: int = 72,
+) -> TrajectoryAnimation:
+    """A CTMC sampling chain (chapter 11): left, the exact distribution p_k of the chain after step k (dists, each
+    (V, V)); right, chains' states as points (points (steps + 1, n, 2), NaN for a state not drawn, e.g. masked)."""
+    imgs = [_grid_image(d, "dists[k]") for d in dists]
+    pts = points.detach().cpu().double().numpy() if isinstance(points, Tensor) else np.asarray(points, float)
+    if pts.ndim != 3 or pts.shape[-1] != 2:
+        raise ValueError(f"points must have shape (steps + 1, n, 2), got {pts.shape}")
+    if len(imgs) != len(pts):
+        raise ValueError(f"one distribution per time: got {len(imgs)} distributions and {len(pts)} point sets")
+    times = np.linspace(0.0, 1.0, len(imgs)) if times is None else np.asarray(times, dtype=np.float64)
+    if times.shape != (len(imgs),):
+        raise ValueError(f"times must have one entry per frame ({len(imgs)}), got shape {times.shape}")
+    fig, (left, right) = plt.subplots(1, 2, figsize=figsize, dpi=check_positive_int("dpi", dpi))
+    vmax = max(float(i.max()) for i in imgs)
+    image = left.imshow(
+        imgs[0],
+        origin="lower",
+        extent=(-lim, lim, -lim, lim),
+        cmap="Blues",
+        vmin=0.0,
+        vmax=vmax,
+        interpolation="nearest",
+    )
+    particles = right.scatter(pts[0, :, 0], pts[0, :, 1], s=s, color="C0", linewidths=0)
+    square_axes(right, lim)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    titles = (left.set_title("exact law, t = 0.00", fontsize=9), right.set_title("chains", fontsize=9))
+    fig.tight_layout()
+
+    def update(k: int):
+        image.set_data(imgs[k])
+        particles.set_offsets(pts[k])
+        titles[0].set_text(f"exact law of the chain, t = {times[k]:.2f}")
+        titles[1].set_text(f"{pts.shape[1]} chains, step {k} of {len(imgs) - 1}")
+        return (particles,)
+
+    anim = TrajectoryAnimation(
+        fig, update, frames=len(imgs), interval=check_positive_int("interval (ms)", interval), repeat=True, blit=False
+    )
+    anim._update = update
+    anim.fig, anim.particles, anim.frame_indices, anim.times = fig, particles, np.arange(len(imgs)), times
+    return anim
+
+
 def _check_animation(anim) -> animation.Animation:
     if not isinstance(anim, animation.Animation):
         raise TypeError(

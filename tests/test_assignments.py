@@ -66,6 +66,11 @@ WRONG = {
         "import math\ndef em_step(x, u, score, g, h, z):\n"
         "    return x + h * (u + g**2 * score) + g * math.sqrt(h) * z   # the reverse-time factor g^2"
     ),
+    "ex-ch11-euler": (
+        "import torch\ndef euler_probs(x, post, t, h):\n"
+        "    lam = h   # forgot the 1 / (1 - t) of kappa' / (1 - kappa)\n"
+        "    return (1 - lam) * torch.nn.functional.one_hot(x, post.shape[-1]).to(post.dtype) + lam * post"
+    ),
     "ex-ch8-classifier": (
         "def classifier(log_px_given_c, log_prior):\n"
         "    p = (log_px_given_c + log_prior).exp()\n"

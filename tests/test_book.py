@@ -249,13 +249,15 @@ def test_execution_table_sums_each_budget(fmbook):
         record("book/ch3_cfm", None),
         record("book/ch8_guidance", 41.0),
         record("book/ch9_sde", 39.0),
+        record("book/ch11_discrete", 12.0),
     ]
     markdown, data = fmbook.execution_table(records)
     assert data["budgets"] == [
         {"budget": "playground + chapters 1-7", "seconds": 230.5, "limit": 240.0, "over": False},
         {"budget": "chapter 8", "seconds": 41.0, "limit": 40.0, "over": True},
         {"budget": "chapter 9", "seconds": 39.0, "limit": 40.0, "over": False},
-        {"budget": "whole book", "seconds": 330.5, "limit": 480.0, "over": False},
+        {"budget": "chapter 11", "seconds": 12.0, "limit": 40.0, "over": False},
+        {"budget": "whole book", "seconds": 342.5, "limit": 480.0, "over": False},
     ]
     assert "OVER BUDGET" in budget_line(markdown, "chapter 8")
     assert "| 230.50 | 240 | within budget |" in budget_line(markdown, "playground + chapters 1-7")
@@ -275,7 +277,11 @@ def test_only_the_playground_and_chapters_1_to_7_count_against_the_240_s_budget(
     name, pattern, limit = fmbook.EXECUTION_BUDGETS[0]
     counted = [d for d in toc_files(TOC) if re.fullmatch(pattern, d)]
     assert limit == 240 and fmbook.EXECUTION_BUDGETS[-1][2] == 480
-    assert [(n, lim) for n, _, lim in fmbook.EXECUTION_BUDGETS[1:-1]] == [("chapter 8", 40.0), ("chapter 9", 40.0)]
+    assert [(n, lim) for n, _, lim in fmbook.EXECUTION_BUDGETS[1:-1]] == [
+        ("chapter 8", 40.0),
+        ("chapter 9", 40.0),
+        ("chapter 11", 40.0),
+    ]
     assert counted == ["book/playground"] + sorted(d for d in toc_files(TOC) if re.fullmatch(r"book/ch[1-7]_\w+", d))
     assert len(counted) == 8 and not re.fullmatch(pattern, "book/ch10_more")
 

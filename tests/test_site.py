@@ -171,7 +171,13 @@ def test_the_build_reports_every_notebooks_execution_time(site):
     assert [d for d in seconds if d in NOTEBOOKS] == NOTEBOOKS, f"{js.name} is not in toc order"
     text = table.read_text()
     assert all(f"| {p} |" in text for p in NOTEBOOKS) and "| whole book |" in text
-    assert [b["limit"] for b in data["budgets"]] == [240, 40, 40, 480]  # playground + ch1-7, chapters 8 and 9, book
+    assert [b["limit"] for b in data["budgets"]] == [
+        240,
+        40,
+        40,
+        40,
+        480,
+    ]  # playground + ch1-7, chapters 8, 9, 11, book
 
 
 def test_the_book_kernels_train_under_the_thread_policy(site):

@@ -533,14 +533,22 @@ class DiscreteConfig(RecipeConfig):
         return discretise(self.data, self.values, self.lim), MixturePath(self.values, self.source, self.power)
 
 
-def train_discrete(config: DiscreteConfig, progress: bool = False) -> FitResult:
-    """Build a PosteriorMLP (seeded by config.seed) for config's grid and path and train it with fit_discrete."""
+def initial_model(config: DiscreteConfig) -> PosteriorMLP:
+    """The PosteriorMLP that train_discrete(config) starts from, initialised from torch.manual_seed(config.seed) (the
+    global RNG is left untouched)."""
     check_config(config, DiscreteConfig)
-    target, path = config.build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = PosteriorMLP(path.values, path.tokens, config.hidden, config.depth, config.embed)
-    return run_config(fit_discrete, config, model, target, path, progress=progress)
+        return PosteriorMLP(
+            config.values, config.values + (config.source == "mask"), config.hidden, config.depth, config.embed
+        )
+
+
+def train_discrete(config: DiscreteConfig, progress: bool = False) -> FitResult:
+    """Train initial_model(config) on config's grid and path with fit_discrete: the whole recipe in one call."""
+    check_config(config, DiscreteConfig)
+    target, path = config.build()
+    return run_config(fit_discrete, config, initial_model(config), target, path, progress=progress)
 
 
 __all__ = [
@@ -563,5 +571,6 @@ __all__ = [
     "discrete_fm_loss",
     "fit_discrete",
     "DiscreteConfig",
+    "initial_model",
     "train_discrete",
 ]
