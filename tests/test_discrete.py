@@ -242,3 +242,14 @@ def test_the_masked_loss_ignores_unmasked_coordinates():
     logits = model(half, t)
     want = 0.5 * (F.cross_entropy(logits[0, 0][None], x1[0, :1]) + F.cross_entropy(logits[1, 1][None], x1[1, 1:]))
     assert float(D.discrete_fm_loss(model, x1, half, t, path).detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+
+
+def test_the_monte_carlo_check_sees_rates_of_the_wrong_time():
+    class Late(D.ExactPosterior):
+        def rates(self, x, t):
+            return super().rates(x, t + 0.05)
+
+    path = D.MixturePath(16)
+    right = D.monte_carlo_rate_check(D.ExactPosterior(path, Q), 0.5, 400_000, make_generator(11))
+    wrong = D.monte_carlo_rate_check(Late(path, Q), 0.5, 400_000, make_generator(11))
+    assert 0.9 < right["mean z^2"] < 1.1 and wrong["mean z^2"] > 2

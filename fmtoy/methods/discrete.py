@@ -25,6 +25,7 @@ from .._checks import check_choice, check_positive, check_positive_int
 from ..data import Distribution, get_dataset
 from ..device import resolve_device
 from ..models import _check_model_time, fourier_time, time_frequencies
+from ..threads import thread_policy, under_policy
 from ..train import FitContext, FitResult, RecipeConfig, check_config, fit, fit_options, run_config
 
 SOURCES = ("uniform", "mask")
@@ -293,6 +294,7 @@ def apply_generator(rates: Tensor, p: Tensor) -> Tensor:
     return torch.einsum("ad,adc->cd", p, u[:, :, 0]) + torch.einsum("cb,cbd->cd", p, u[:, :, 1])
 
 
+@under_policy
 def average_conditional_rates(
     path: MixturePath, target: GridDistribution, t: float, n: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -310,18 +312,44 @@ def average_conditional_rates(
     return torch.where(seen, path.rate_factor(t) * (freq - F.one_hot(all_states(tk), tk).double()), 0.0), counts
 
 
-def kolmogorov_solve(exact: ExactPosterior, steps: int, method: str = "midpoint") -> Tensor:
+@under_policy
+def monte_carlo_rate_check(
+    exact: ExactPosterior, t: float, n: int, generator: torch.Generator | None = None, min_count: float = 5.0
+) -> dict[str, float]:
+    """average_conditional_rates against the enumerated rates: each entry's error over its binomial standard error
+    (entries with count p (1 - p) > min_count, where the binomial is near normal). {"entries", "mean z^2" (near 1 if
+    the marginalization trick holds), "largest error" (over all states reached; falls like 1 / sqrt(n))}."""
+    path = exact.path
+    avg, counts = average_conditional_rates(path, exact.target, t, n, generator)
+    states = all_states(path.tokens)
+    rate, f = exact.rates(states, t), path.rate_factor(t)
+    post = path._pad(states, exact(states, t))
+    var, reached = post * (1 - post), counts[:, None, None]
+    ok = reached * var > min_count
+    z = ((avg - rate) / (f * (var / reached.clamp_min(1)).sqrt()))[ok]
+    return {
+        "entries": int(ok.sum()),
+        "mean z^2": float(z.square().mean()),
+        "largest error": float((avg - rate).abs()[counts > 0].max()),
+    }
+
+
+def kolmogorov_solve(
+    exact: ExactPosterior, steps: int, method: str = "midpoint", threads: str | int | None = None
+) -> Tensor:
     """p_1 from p_0 by integrating d/dt p = p Q_t (the exact marginal generator) with `steps` Euler or midpoint
-    steps; neither evaluates the rates at t = 1. (T, T) float64."""
+    steps; neither evaluates the rates at t = 1. (T, T) float64. threads: as propagate."""
     steps, method = check_positive_int("steps", steps), check_choice("method", method, ("euler", "midpoint"))
     s0, h = exact.path.source_probs(), 1.0 / steps
     p = s0[:, None] * s0[None, :]
-    for k in range(steps):
-        t = k * h
-        if method == "euler":
-            p = p + h * exact.flux(t, p)
-        else:
-            p = p + h * exact.flux(t + h / 2, p + h / 2 * exact.flux(t, p))
+    with thread_policy(threads) as tuner:
+        for k in range(steps):
+            t = k * h
+            if method == "euler":
+                p = p + h * exact.flux(t, p)
+            else:
+                p = p + h * exact.flux(t + h / 2, p + h / 2 * exact.flux(t, p))
+            tuner.tick()
     return p
 
 
@@ -355,15 +383,18 @@ def sample_ctmc(
     steps: int,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
+    threads: str | int | None = None,
 ) -> Tensor:
     """Euler sampling of the CTMC (eq-ch11-euler): at t_k = k / steps every coordinate independently draws its next
-    token from P^i(. | x_k); one posterior call per step. (n, 2) long, or (steps + 1, n, 2)."""
+    token from P^i(. | x_k); one posterior call per step. (n, 2) long, or (steps + 1, n, 2). threads: as propagate."""
     post_fn, x = as_posterior(model), _check_states(x0, path.tokens, "x0")
     traj, h = [x], 1.0 / check_positive_int("steps", steps)
-    for t in time_grid(steps):
-        probs = path.euler_step(x, post_fn(x, t), t, h)
-        x = torch.multinomial(probs.reshape(-1, path.tokens).float(), 1, generator=generator).reshape(x.shape)
-        traj.append(x)
+    with thread_policy(threads, x.device) as tuner:
+        for t in time_grid(steps):
+            probs = path.euler_step(x, post_fn(x, t), t, h)
+            x = torch.multinomial(probs.reshape(-1, path.tokens).float(), 1, generator=generator).reshape(x.shape)
+            traj.append(x)
+            tuner.tick()
     return torch.stack(traj) if return_trajectory else x
 
 
@@ -373,29 +404,32 @@ def propagate(
     steps: int,
     joint: bool = False,
     return_all: bool = False,
+    threads: str | int | None = None,
 ) -> Tensor | list[Tensor]:
     """The exact distribution (T, T) of sample_ctmc's output from p_0, by pushing the distribution over all T^2
     states through each step (no sampling): p_{k+1}(c, d) = sum_{a, b} p_k(a, b) P^1(c | a, b) P^2(d | a, b).
     joint=True (an ExactPosterior only): redraw the coordinates from the joint posterior p(x_1 | x_t) instead of
-    the product of its marginals. return_all: [p_0, ..., p_steps]."""
+    the product of its marginals. return_all: [p_0, ..., p_steps]. threads: the CPU thread policy (fmtoy.threads)."""
     post_fn, h = as_posterior(model), 1.0 / check_positive_int("steps", steps)
     if joint and not isinstance(model, ExactPosterior):
         raise TypeError("joint=True needs the ExactPosterior (a per-coordinate model has no joint posterior)")
     states, tk = all_states(path.tokens), path.tokens
     s0 = path.source_probs()
     p, out = s0[:, None] * s0[None, :], []
-    for t in time_grid(steps):
-        out.append(p)
-        post = post_fn(states, t)
-        step = path.euler_step(states, post, t, h).reshape(tk, tk, 2, tk)
-        p = torch.einsum("ab,abc,abd->cd", out[-1], step[:, :, 0], step[:, :, 1])
-        if joint:  # both coordinates jump with probability lam^2: from p(x_1 | x_t), not the product of marginals
-            lam2, pad = (h * path.rate_factor(t)) ** 2, path._pad(states, post).reshape(tk, tk, 2, tk)
-            jp = F.pad(model.joint_posterior_grid(t), (0, tk - path.values, 0, tk - path.values))
-            p = p + lam2 * (
-                torch.einsum("ab,abcd->cd", out[-1], jp)
-                - torch.einsum("ab,abc,abd->cd", out[-1], pad[:, :, 0], pad[:, :, 1])
-            )
+    with thread_policy(threads) as tuner:
+        for t in time_grid(steps):
+            out.append(p)
+            post = post_fn(states, t)
+            step = path.euler_step(states, post, t, h).reshape(tk, tk, 2, tk)
+            p = torch.einsum("ab,abc,abd->cd", out[-1], step[:, :, 0], step[:, :, 1])
+            if joint:  # both coordinates jump with probability lam^2: from p(x_1 | x_t), not the product of marginals
+                lam2, pad = (h * path.rate_factor(t)) ** 2, path._pad(states, post).reshape(tk, tk, 2, tk)
+                jp = F.pad(model.joint_posterior_grid(t), (0, tk - path.values, 0, tk - path.values))
+                p = p + lam2 * (
+                    torch.einsum("ab,abcd->cd", out[-1], jp)
+                    - torch.einsum("ab,abc,abd->cd", out[-1], pad[:, :, 0], pad[:, :, 1])
+                )
+            tuner.tick()
     out.append(p)
     return out if return_all else p
 
@@ -560,6 +594,7 @@ __all__ = [
     "ExactPosterior",
     "apply_generator",
     "average_conditional_rates",
+    "monte_carlo_rate_check",
     "kolmogorov_solve",
     "as_posterior",
     "time_grid",
