@@ -76,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmtoy", description="Flow matching playground on 2D toy data (see `fmtoy list`).")
     p.add_argument("--version", action="version", version=f"fmtoy {__version__}")
     sub = p.add_subparsers(
-        dest="command", metavar="{train,sample,animate,list,assign,grade,student-book}", required=True
+        dest="command", metavar="{train,sample,animate,list,assign,grade,notebooks,student-book}", required=True
     )
 
     t = sub.add_parser("train", help="train a model: conditional flow matching (default), shortcut, meanflow, vrfm")
@@ -178,6 +178,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="bubblewrap: auto (if installed), require (fail without it), off (separate process only)",
     )
+    n = sub.add_parser("notebooks", help="write every chapter as .ipynb, each opening with a cell that installs fmtoy")
+    n.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
+    n.add_argument("--out", default="_build/notebooks", help="output folder (default _build/notebooks)")
+    n.add_argument("--url", default=None, help="git URL the setup cell installs from (default: repository.url)")
+    n.add_argument("--branch", default=None, help="its branch (default: repository.branch, else main)")
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
     b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
     b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
@@ -477,6 +482,14 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    from .course.notebooks import write_notebooks
+
+    written = write_notebooks(args.root, args.out, args.url, args.branch)
+    print(f"{len(written)} notebooks: {Path(args.out)}")
+    return 0
+
+
 def cmd_student_book(args: argparse.Namespace) -> int:
     from .course.assignments import write_student_book
 
@@ -492,6 +505,7 @@ COMMANDS = {
     "list": cmd_list,
     "assign": cmd_assign,
     "grade": cmd_grade,
+    "notebooks": cmd_notebooks,
     "student-book": cmd_student_book,
 }
 

@@ -71,6 +71,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
+def run_cache(tmp_path_factory) -> Path:
+    """The run cache (FMTOY_RUN_CACHE) of the site build started beside the tests, or of FMTOY_SITE's build, else a
+    fresh folder: tests that run whole chapters (tests/test_lab.py, tests/test_notebooks.py) run beside the build
+    and share its trainings, whichever of them trains a recipe first (files are written atomically)."""
+    if "out" in _BUILD:
+        return _BUILD["out"] / "_build" / "fmtoy-runs"
+    if os.environ.get("FMTOY_SITE"):
+        return Path(os.environ["FMTOY_SITE"]).resolve().parent / "fmtoy-runs"
+    return tmp_path_factory.mktemp("fmtoy-runs")
+
+
+@pytest.fixture(scope="session")
 def site(tmp_path_factory) -> Path:
     """The built HTML folder, once per test session (tests/test_site.py, tests/test_theorem_refs.py): built with the
     same command as `make book` (zero warnings), started at collection beside the other tests, or FMTOY_SITE=

@@ -159,6 +159,20 @@ def test_every_chapter_offers_its_notebook(site):
     assert not missing, f"no .ipynb download for {missing}"
 
 
+def test_each_download_is_the_executed_notebook_behind_the_setup_cell(site):
+    """The .ipynb of the download menu: the setup cell of `make notebooks` first, then the chapter with its outputs
+    (also for a chapter taken from the execution cache, which myst-nb writes without them)."""
+    import nbformat
+
+    from fmtoy.course.notebooks import SETUP_TAG
+
+    for p in CHAPTERS:
+        nb = nbformat.read(site / "_sources" / f"{p}.ipynb", as_version=4)
+        assert SETUP_TAG in nb.cells[0].metadata.get("tags", []), f"{p}: no setup cell first"
+        code = [c for c in nb.cells[1:] if c.cell_type == "code"]
+        assert sum(bool(c.outputs) for c in code) >= len(code) // 2, f"{p}: the download has lost its outputs"
+
+
 def test_the_build_reports_every_notebooks_execution_time(site):
     build = site.parent  # _build, next to _build/html (book/_ext/fmbook.py writes it)
     table, js = build / "execution-times.md", build / "execution-times.json"

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -91,15 +90,40 @@ def launch_buttons_need_a_repository(app, config) -> None:
         opts["launch_buttons"] = {**opts.get("launch_buttons", {}), **{k: "" for k in LAUNCH_KEYS}, "thebe": False}
 
 
+def with_outputs(app, nb):
+    """nb with its outputs: myst-nb writes a chapter taken from the execution cache to jupyter_execute/ without them
+    (seen: every cached chapter of an incremental build), so they are merged back from the cache."""
+    if any(c.get("outputs") for c in nb.cells if c.cell_type == "code"):
+        return nb
+    folder = getattr(app.config, "nb_execution_cache_path", "") or str(Path(app.outdir).parent / ".jupyter_cache")
+    try:
+        from jupyter_cache import get_cache
+
+        return get_cache(folder).merge_match_into_notebook(nb)[1]
+    except Exception:  # noqa: BLE001  (no cache, or no record of this notebook: offer it as it is)
+        return nb
+
+
 def offer_notebook_download(app, pagename, templatename, context, doctree) -> None:
     """Put the executed notebook of each MyST-notebook chapter in _sources/ so that the header's download menu
-    offers it as .ipynb (the theme does this itself only when a launch button is configured)."""
+    offers it as .ipynb, opening with the setup cell that installs fmtoy elsewhere (fmtoy.course.notebooks; the
+    same notebooks as `make notebooks`, with their outputs)."""
+    import nbformat
+
+    from fmtoy.course.notebooks import with_setup_cell
+
     executed = Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
-    if context.get("ipynb_source") or not executed.is_file():
+    if not executed.is_file():
         return
+    opts = app.config.html_theme_options
+    nb = with_outputs(app, nbformat.read(executed, as_version=4))
+    nb = with_setup_cell(nb, opts.get("repository_url"), opts.get("repository_branch") or "main")
     target = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(executed, target)
+    text = nbformat.writes(nb) + "\n"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
     context["ipynb_source"] = f"{pagename}.ipynb"
 
 

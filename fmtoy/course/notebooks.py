@@ -1,0 +1,104 @@
+"""The chapters as plain .ipynb files to download and run elsewhere (`make notebooks`, the site's download menu).
+
+Each notebook opens with one setup cell: where fmtoy is importable (this repository's venv, `make lab`) it does
+nothing; elsewhere (Colab, a JupyterHub) it installs fmtoy with the chapters' extra packages from the book's
+repository (`repository.url` and `repository.branch` in _config.yml), or, when no repository is set, stops with a
+one-line message saying how to install it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .._files import write_atomically
+from .assignments import read_chapter
+
+SETUP_TAG = "fmtoy-setup"  # the setup cell's tag: found and replaced by it, never duplicated
+SETUP_WITH_URL = """# Setup: install fmtoy where it is missing (Colab, a JupyterHub); in the book's repository: nothing.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("fmtoy") is None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", {requirement!r}])"""
+SETUP_WITHOUT_URL = """# Setup: fmtoy must be importable; in the book's repository (make lab) it is: nothing to do.
+import importlib.util
+
+if importlib.util.find_spec("fmtoy") is None:
+    raise ModuleNotFoundError(
+        "fmtoy is not installed and this copy of the book names no repository to install it from (repository.url in "
+        "_config.yml): clone the book and run `make lab`, or `pip install -e <clone>[notebooks]`"
+    )"""
+
+
+def book_config(root: str | Path) -> dict:
+    """The book's _config.yml as a dict (ValueError naming the file if it is missing or not YAML)."""
+    path = Path(root) / "_config.yml"
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the book's configuration {str(path)!r}: {e}") from e
+
+
+def setup_source(url: str | None = None, branch: str = "main") -> str:
+    """The setup cell's code: pip install fmtoy[notebooks] from git+url@branch when fmtoy is not importable."""
+    url = (url or "").strip()
+    if not url:
+        return SETUP_WITHOUT_URL
+    if not url.startswith(("https://", "http://", "ssh://", "git@", "file://")):
+        raise ValueError(f"repository.url must be a git URL such as https://github.com/you/book, got {url!r}")
+    return SETUP_WITH_URL.format(requirement=f"fmtoy[notebooks] @ git+{url.removesuffix('/')}@{branch or 'main'}")
+
+
+def with_setup_cell(nb, url: str | None = None, branch: str = "main"):
+    """A copy of notebook `nb` that opens with the setup cell, without jupytext's text-file metadata (a plain .ipynb);
+    a setup cell already there is replaced."""
+    import nbformat
+
+    out = copy.deepcopy(nb)
+    out.cells = [c for c in out.cells if SETUP_TAG not in c.get("metadata", {}).get("tags", [])]
+    out.cells.insert(0, nbformat.v4.new_code_cell(setup_source(url, branch), metadata={"tags": [SETUP_TAG]}))
+    out.metadata.pop("jupytext", None)
+    out.nbformat, out.nbformat_minor = 4, max(5, out.get("nbformat_minor", 5))
+    for i, cell in enumerate(out.cells):  # nbformat 4.5 wants cell ids; these are reproducible ones
+        cell.setdefault("id", f"cell-{i}")
+    out.cells[0]["id"] = SETUP_TAG
+    return out
+
+
+def chapter_notebooks(root: str | Path) -> list[Path]:
+    """The toc's documents that are notebooks (MyST .md with a kernelspec), in toc order."""
+    root = Path(root)
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    files = [toc["root"]] + [c["file"] for c in toc.get("chapters", [])]
+    paths = [root / f"{f}.md" for f in files]
+    return [p for p in paths if p.is_file() and "kernelspec:" in p.read_text(encoding="utf-8").split("\n---", 1)[0]]
+
+
+def write_notebooks(root: str | Path, out: str | Path, url: str | None = None, branch: str | None = None) -> list[Path]:
+    """out/<chapter>.ipynb for every chapter notebook, each with the setup cell (url and branch default to the book's
+    repository.url and repository.branch); every file is written atomically. Returns the paths in toc order."""
+    import nbformat
+
+    root, out = Path(root), Path(out)
+    if not (root / "_toc.yml").is_file():
+        raise ValueError(f"{str(root)!r} is not the book's root (no _toc.yml there)")
+    repo = book_config(root).get("repository") or {}
+    url = repo.get("url") if url is None else url
+    branch = repo.get("branch") or "main" if branch is None else branch
+    setup_source(url, branch)  # a bad URL is reported before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in chapter_notebooks(root):
+        nb = with_setup_cell(read_chapter(path), url, branch)
+        target = out / f"{path.stem}.ipynb"
+        text = nbformat.writes(nb) + "\n"
+        write_atomically(target, lambda f, text=text: f.write(text.encode("utf-8")))
+        written.append(target)
+    return written
+
+
+__all__ = ["SETUP_TAG", "book_config", "setup_source", "with_setup_cell", "chapter_notebooks", "write_notebooks"]
