@@ -6,6 +6,8 @@
 # make book-student           the student edition of the site (solutions removed) in _build/student
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 # make lint   ruff: formatting and lint checks (configured in pyproject.toml); `make format` applies the formatting
+# make lab    start JupyterLab on the book: chapters (.md) open as notebooks on a double-click, widgets live
+# make notebooks  every chapter as .ipynb in _build/notebooks, each opening with a cell that installs fmtoy elsewhere
 # make lock   regenerate constraints.txt (exact versions) in a clean temporary venv; kept only if the fast tests pass
 
 PYTHON ?= python3
@@ -15,7 +17,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fmtoy-installed
 BENCH_STAMP := $(VENV)/.fmtoy-bench-installed
 
-.PHONY: setup book test lint format bench assignments grade book-student lock clean distclean
+.PHONY: setup book test lint format bench lab notebooks assignments grade book-student lock clean distclean
 
 setup: $(STAMP)
 
@@ -54,6 +56,15 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
+
+# JupyterLab from the venv (its python3 kernel is the venv's; nothing is installed for the user), with jupytext's
+# notebook view as the default for .md files (book/_lab/overrides.json, read as the app's settings folder).
+LAB_ARGS = --ServerApp.root_dir="$(CURDIR)" --LabApp.app_settings_dir="$(CURDIR)/book/_lab"
+lab: $(STAMP)
+	$(BIN)/jupyter lab $(LAB_ARGS) --ServerApp.default_url=/lab/tree/book/playground.md
+
+notebooks: $(STAMP)
+	$(BIN)/python -m fmtoy notebooks --out _build/notebooks
 
 assignments: $(STAMP)
 	$(BIN)/python -m fmtoy assign --out assignments
