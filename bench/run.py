@@ -3,7 +3,9 @@ and sample / likelihood quality against the exact marginal field; and "under loa
 (fmtoy.threads, "auto") against a fixed torch-default thread count, idle and beside a competing CPU-bound process.
 Writes bench/results/latest.{md,json}.
 
-Usage: python bench/run.py [--quick] [--only compare|under-load] [--threads N] [--out DIR]
+And "widgets": every chapter widget's redraw time, the chapter run by nbclient, then its first control moved.
+
+Usage: python bench/run.py [--quick] [--only compare|under-load|widgets] [--threads N] [--out DIR]
        (peers: pip install -e '.[bench]', see bench/README.md)
 """
 
@@ -36,7 +38,7 @@ from fmtoy.paths import get_path  # noqa: E402
 from fmtoy.solvers import integrate, log_likelihood  # noqa: E402
 from fmtoy.train import TrainConfig, build_model, fit_cfm, train_flow  # noqa: E402
 
-SECTIONS = ("compare", "under-load")  # --only: the peer comparison and quality sections, or the under-load one
+SECTIONS = ("compare", "under-load", "widgets")  # --only: one of them (the report keeps the others)
 
 NFES = (1, 2, 4, 8, 32)
 DATASETS = ("eight_gaussians", "two_moons")
@@ -101,6 +103,13 @@ UL_ITEMS = {
 }
 UL_UNITS = {"training": "steps/s", "likelihood": "1/s", "widget": "1/s"}
 UL_CONDITIONS = ("idle", "loaded")
+# widgets: each chapter's first control moved `changes` steps, every redraw timed (fmtoy.widgets.redraw_times)
+WIDGETS = dict(changes=5, chapters=None)  # None: every chapter with an interactive_figure, in toc order
+WIDGETS_QUICK = dict(changes=2, chapters=("playground",))
+WIDGET_TARGETS = {"redraw_seconds": 0.5, "block_seconds": 5.0}  # issue 20: redraw <= 0.5 s unless it trains
+WIDGET_PROBE = (
+    "import json\nfrom fmtoy.widgets import redraw_times\nprint('FMTOY-REDRAWS ' + json.dumps(redraw_times({changes})))"
+)
 OTHER_LOAD_WARN = 0.2  # cores used by other processes while measuring above which the report warns
 UL_POLICIES = ("old", "new")
 
@@ -509,6 +518,102 @@ def judge_under_load(ul: dict) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ widgets
+def widget_chapters(names=None) -> list[Path]:
+    """The chapters whose code builds an interactive_figure, in toc order (or the named ones)."""
+    from fmtoy.course.notebooks import chapter_notebooks
+
+    found = [p for p in chapter_notebooks(ROOT) if "interactive_figure(" in p.read_text(encoding="utf-8")]
+    if names is not None:
+        found = [p for p in found if p.stem in names]
+        if len(found) != len(names):
+            raise ValueError(f"no widget chapter among {sorted(set(names) - {p.stem for p in found})}")
+    return found
+
+
+def widget_redraws(w: dict) -> dict:
+    """Each widget chapter run top to bottom by nbclient in a fresh kernel (book/ as its folder, trainings through a
+    run cache of this section), then, in the same kernel, redraw_times(changes): the first control of every widget
+    moved one step at a time, each redraw timed in the kernel (draw and figure, not the browser's rendering)."""
+    import tempfile
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from fmtoy import runcache
+    from fmtoy.course.assignments import read_chapter
+
+    start, rows, runs = time.perf_counter(), [], {}
+    with tempfile.TemporaryDirectory(prefix="fmtoy-bench-runs-") as cache:
+        env = {**os.environ, runcache.ENV: cache}
+        for path in widget_chapters(w["chapters"]):
+            nb = read_chapter(path)
+            nb.cells.append(nbformat.v4.new_code_cell(WIDGET_PROBE.format(changes=w["changes"])))
+            t0 = time.perf_counter()
+            client = NotebookClient(
+                nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+            )
+            client.execute(env=env)
+            runs[path.stem] = time.perf_counter() - t0
+            text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+            line = next(x for x in text.splitlines() if x.startswith("FMTOY-REDRAWS "))
+            rows += [{"chapter": path.stem, **r} for r in json.loads(line.split(" ", 1)[1])]
+    return {"params": w, "rows": rows, "chapter_seconds": runs, "seconds": time.perf_counter() - start}
+
+
+def widget_trains(row: dict) -> bool:
+    """A widget that trains on a change: its median redraw is over the budget and its revisit of a setting it had
+    drawn (cached) is within it."""
+    budget = WIDGET_TARGETS["redraw_seconds"]
+    return row["median"] > budget and row["revisit"] is not None and row["revisit"] <= budget
+
+
+def judge_widgets(wd: dict) -> list[dict]:
+    """Per widget: median redraw <= 0.5 s unless it trains (then its cached revisit must be), and no redraw > 5 s."""
+    t, rows = WIDGET_TARGETS, []
+    for r in wd["rows"]:
+        name, trains = f"{r['chapter']}: {r['control']}", widget_trains(r)
+        value = f"median {r['median']:.2f} s" + (f", trains; cached revisit {r['revisit']:.2f} s" if trains else "")
+        rows.append(
+            dict(
+                target=f"widget redraw <= {t['redraw_seconds']} s unless it trains ({name})",
+                value=value,
+                ok=r["median"] <= t["redraw_seconds"] or trains,
+            )
+        )
+        rows.append(
+            dict(
+                target=f"no redraw blocks the kernel > {t['block_seconds']:.0f} s ({name})",
+                value=f"longest {max(r['seconds']):.2f} s",
+                ok=max(r["seconds"]) <= t["block_seconds"],
+            )
+        )
+    return rows
+
+
+def _markdown_widgets(wd: dict) -> list[str]:
+    """The widgets section of the report."""
+    lines = [
+        "",
+        "## Widgets: redraw times",
+        "",
+        f"Each chapter with a widget run top to bottom by nbclient (section time {wd['seconds']:.0f} s), then in the "
+        f"same kernel the first control of each widget moved {wd['params']['changes']} steps (the next option or "
+        "value, wrapping) and each redraw timed in the kernel: the draw function and its figure, not the browser. "
+        "Revisit: back to the first value, which a widget that caches its training draws again without training.",
+        "",
+        "| chapter | control | median (s) | longest (s) | revisit (s) | trains |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in wd["rows"]:
+        back = f"{r['revisit']:.2f}" if r["revisit"] is not None else "-"
+        lines.append(
+            f"| {r['chapter']} | {r['control']} | {r['median']:.3f} | {max(r['seconds']):.3f} | {back} | "
+            f"{'yes' if widget_trains(r) else 'no'} |"
+        )
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report
 def judge(results: dict) -> list[dict]:
     """Pass/fail of each target (None where it could not be measured, e.g. a peer is not installed)."""
@@ -557,6 +662,8 @@ def judge(results: dict) -> list[dict]:
         rows.append(dict(target="likelihood time on par with flow_matching", value=value, ok=ok))
     if "under_load" in results:
         rows += judge_under_load(results["under_load"])
+    if "widgets" in results:
+        rows += judge_widgets(results["widgets"])
     return rows
 
 
@@ -591,6 +698,8 @@ def markdown(res: dict) -> str:
         lines += _markdown_compare(res)
     if "under_load" in res:
         lines += _markdown_under_load(res["under_load"])
+    if "widgets" in res:
+        lines += _markdown_widgets(res["widgets"])
     return "\n".join(lines) + "\n"
 
 
@@ -766,9 +875,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--only",
         choices=SECTIONS,
         default=None,
-        help="run one section alone: 'compare' (peers, likelihood, quality) or 'under-load' (thread "
-        "policy idle and beside a competing process); the other sections of the report in --out "
-        "are kept",
+        help="run one section alone: 'compare' (peers, likelihood, quality), 'under-load' (thread "
+        "policy idle and beside a competing process) or 'widgets' (every chapter widget's redraw time); the "
+        "other sections of the report in --out are kept",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder (latest.md, latest.json)")
     ap.add_argument(
@@ -790,9 +899,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only is not None:
         prev = _previous(out, args.quick)
         if "compare" not in sections and "throughput" in prev:  # keep the earlier run's header with its sections
-            res = {k: v for k, v in prev.items() if k not in ("targets", "under_load")}
-        elif "under_load" in prev:
-            res["under_load"] = prev["under_load"]
+            res = {k: v for k, v in prev.items() if k not in ("targets", "under_load", "widgets")}
+        for section, key in (("under-load", "under_load"), ("widgets", "widgets")):
+            if section not in sections and key in prev:
+                res[key] = prev[key]
         res["sections"] = {k: v for k, v in prev.get("sections", {}).items() if k not in sections}
     else:
         res["sections"] = {}
@@ -810,6 +920,11 @@ def main(argv: list[str] | None = None) -> dict:
         res["under_load"] = under_load(UNDER_LOAD_QUICK if args.quick else UNDER_LOAD)
         res["sections"]["under-load"] = time.strftime("%Y-%m-%d %H:%M")
         if "compare" in sections or "total_seconds" not in res:
+            res["total_seconds"] = time.perf_counter() - start
+    if "widgets" in sections:
+        res["widgets"] = widget_redraws(WIDGETS_QUICK if args.quick else WIDGETS)
+        res["sections"]["widgets"] = time.strftime("%Y-%m-%d %H:%M")
+        if len(sections) > 1 or "total_seconds" not in res:
             res["total_seconds"] = time.perf_counter() - start
     res["targets"] = judge(res)
     out.mkdir(parents=True, exist_ok=True)

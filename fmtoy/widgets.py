@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import inspect
+import statistics
+import time
+import weakref
 from typing import Callable, Sequence
 
 import ipywidgets as W
 
-from ._checks import check_choice
+from ._checks import check_choice, check_positive_int
 from .data import DATASETS, list_datasets
 from .paths import list_paths
 from .solvers import SOLVERS
 from .threads import follow_policy
 
+_LIVE: list[weakref.ref] = []  # the interactive_figures of this process, oldest first (for redraw_times)
+_REDRAWING = [0]  # > 0 while an interactive_figure's draw runs
 NFE_CHOICES = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256 velocity evaluations
 _STYLE = {"description_width": "initial"}
 
@@ -109,19 +114,72 @@ def interactive_figure(draw_fn: Callable[..., object], **controls: W.ValueWidget
     if bad:
         raise TypeError(f"controls must be ipywidgets value widgets (sliders, dropdowns, ...); not: {bad}")
 
+    seconds: list[float] = []  # every redraw's duration, the first (drawn now) included
+
     def draw(**values) -> None:
         import matplotlib
         import matplotlib.pyplot as plt
 
-        before = set(plt.get_fignums())
-        with follow_policy():
-            draw_fn(**values)
+        before, start = set(plt.get_fignums()), time.perf_counter()
+        _REDRAWING[0] += 1
+        try:
+            with follow_policy():
+                draw_fn(**values)
+        finally:
+            _REDRAWING[0] -= 1
         if matplotlib.get_backend().lower() == "agg":
             for num in set(plt.get_fignums()) - before:  # nothing shows them: don't leak figures
                 plt.close(num)
+        seconds.append(time.perf_counter() - start)
 
     output = W.interactive_output(draw, controls)
-    return W.VBox([W.HBox(list(controls.values())), output])
+    box = W.VBox([W.HBox(list(controls.values())), output])
+    box.fmtoy_controls, box.fmtoy_redraws = controls, seconds
+    _LIVE.append(weakref.ref(box))
+    return box
+
+
+def redrawing() -> bool:
+    """True while a live widget redraws (inside interactive_figure's draw): e.g. train(..., progress=redrawing()) shows
+    a progress bar under a control that trains, and none in the static page."""
+    return _REDRAWING[0] > 0
+
+
+def next_value(control: W.ValueWidget):
+    """The value one step on from the control's current one (wrapping at the end): the next option of a selection
+    (dropdown, selection slider), value + step of a numeric slider, the other state of a checkbox."""
+    if hasattr(control, "options"):
+        values = [o[1] if isinstance(o, tuple) else o for o in control.options]
+        return values[(values.index(control.value) + 1) % len(values)]
+    if isinstance(control, W.Checkbox | W.ToggleButton):
+        return not control.value
+    if hasattr(control, "step") and hasattr(control, "max"):
+        value = control.value + control.step
+        return control.min if value > control.max + 1e-12 else value
+    raise TypeError(f"cannot step a {type(control).__name__}; give redraw_times a selection, slider or checkbox")
+
+
+def redraw_times(changes: int = 5, revisit: bool = True) -> list[dict[str, object]]:
+    """Time the redraws of every live interactive_figure of this process (a chapter's, after running it): its first
+    control moved `changes` steps on (next_value), each redraw timed, then (revisit) back to the first value it had,
+    which a widget that caches its training draws without training. One dict per figure: control, seconds (the
+    changes), median, revisit (seconds or None)."""
+    changes, report = check_positive_int("changes", changes), []
+    for ref in list(_LIVE):
+        box = ref()
+        if box is None:
+            continue
+        name, control = next(iter(box.fmtoy_controls.items()))
+        first, seconds = control.value, []
+        for _ in range(changes):
+            control.value = next_value(control)
+            seconds.append(box.fmtoy_redraws[-1])
+        back = None
+        if revisit and control.value != first:
+            control.value = first
+            back = box.fmtoy_redraws[-1]
+        report.append({"control": name, "seconds": seconds, "median": statistics.median(seconds), "revisit": back})
+    return report
 
 
 def static_sweep(

@@ -165,7 +165,8 @@ def test_quick_run_writes_consistent_report(tmp_path, monkeypatch):
     res = run.main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "latest.json").read_text())
     md = (tmp_path / "latest.md").read_text()
-    n_targets = 2 * 2 + 1 + 2 + 1 + 2 * len(run.UL_ITEMS)
+    n_targets = 2 * 2 + 1 + 2 + 1 + 2 * len(run.UL_ITEMS) + 2  # + the playground widget's two
+    assert [r["chapter"] for r in saved["widgets"]["rows"]] == ["playground"]
     assert saved["quick"] and len(saved["targets"]) == len(res["targets"]) == n_targets
     assert all(r["target"] in md for r in saved["targets"])
     assert set(saved["throughput"]["results"]) == {"fmtoy", *INSTALLED}
@@ -184,6 +185,22 @@ def test_quick_run_writes_consistent_report(tmp_path, monkeypatch):
         != saved["under_load"]["competitor_pids"]
     )
     assert len(merged["targets"]) == n_targets and "## Quality: two_moons" in (tmp_path / "latest.md").read_text()
+
+
+def test_widget_targets_are_judged_from_the_redraw_times():
+    def row(seconds, revisit=None):
+        return {"chapter": "ch", "control": "c", "seconds": seconds, "median": statistics.median(seconds),
+                "revisit": revisit}  # fmt: skip
+
+    flags = lambda r: [t["ok"] for t in run.judge_widgets({"rows": [r]})]  # noqa: E731
+    assert flags(row([0.1, 0.5, 0.2])) == [True, True]  # at the 0.5 s boundary
+    assert flags(row([0.6, 0.7, 0.2])) == [False, True]  # slow, and no cached revisit: it does not train
+    assert flags(row([0.6, 0.7, 0.2], revisit=0.1)) == [True, True] and run.widget_trains(row([0.6, 0.7], 0.1))
+    assert flags(row([0.6, 0.7, 0.2], revisit=0.6)) == [False, True]  # the revisit trains again: no cache
+    assert flags(row([0.1, 5.01, 0.2])) == [True, False]  # one redraw blocked the kernel for over 5 s
+    with pytest.raises(ValueError, match="no widget chapter"):
+        run.widget_chapters(("ch99_none",))
+    assert [p.stem for p in run.widget_chapters()][:2] == ["playground", "ch1_continuity"]
 
 
 # ------------------------------------------------------------------------------------------------ under load

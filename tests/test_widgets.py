@@ -76,6 +76,53 @@ def test_interactive_figure_redraws_with_the_new_values():
     assert len(plt.get_fignums()) == open_before  # Agg: the figures drawn are closed, not leaked
 
 
+def test_next_value_steps_every_kind_of_control_and_wraps():
+    nfe = widgets.nfe_slider(256)
+    assert widgets.next_value(nfe) == 1  # the last option wraps to the first
+    drop = W.Dropdown(options=[("one", 1), ("two", 2)], value=1)
+    assert widgets.next_value(drop) == 2
+    slider = W.FloatSlider(value=0.9, min=0.0, max=1.0, step=0.1)
+    assert widgets.next_value(slider) == pytest.approx(1.0)
+    slider.value = 1.0
+    assert widgets.next_value(slider) == 0.0
+    assert widgets.next_value(W.Checkbox(value=True)) is False
+    with pytest.raises(TypeError, match="cannot step a Text"):
+        widgets.next_value(W.Text("x"))
+
+
+def test_redrawing_is_true_inside_a_live_redraw_only():
+    seen = []
+
+    def draw(a=1):
+        seen.append(widgets.redrawing())
+        plt.subplots()
+
+    slider = W.IntSlider(value=1, min=1, max=3)
+    widgets.interactive_figure(draw, a=slider)
+    slider.value = 2
+    assert seen == [True, True] and not widgets.redrawing()
+
+
+def test_redraw_times_moves_the_first_control_and_times_each_redraw():
+    import time
+
+    seen = []
+
+    def draw(a=1, b="x"):
+        seen.append((a, b))
+        time.sleep(0.02 * a)
+        plt.subplots()
+
+    widgets.interactive_figure(draw, a=W.IntSlider(value=1, min=1, max=3), b=W.Dropdown(options=["x", "y"]))
+    [report] = [r for r in widgets.redraw_times(4) if r["control"] == "a"][-1:]
+    assert [a for a, _ in seen] == [1, 2, 3, 1, 2, 1]  # drawn at construction, 4 steps (wrapping), then back
+    assert len(report["seconds"]) == 4 and report["revisit"] is not None
+    assert report["seconds"][1] > 0.055 and report["seconds"][2] < report["seconds"][1]  # a = 3 sleeps 60 ms, 1: 20
+    assert report["median"] == pytest.approx(
+        sorted(report["seconds"])[1:3][0] / 2 + sorted(report["seconds"])[1:3][1] / 2
+    )
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
