@@ -538,10 +538,10 @@ def widget_redraws(w: dict) -> dict:
     import tempfile
 
     import nbformat
-    from nbclient import NotebookClient
 
     from fmtoy import runcache
     from fmtoy.course.assignments import read_chapter
+    from fmtoy.course.notebooks import execute
 
     start, rows, runs = time.perf_counter(), [], {}
     with tempfile.TemporaryDirectory(prefix="fmtoy-bench-runs-") as cache:
@@ -550,10 +550,7 @@ def widget_redraws(w: dict) -> dict:
             nb = read_chapter(path)
             nb.cells.append(nbformat.v4.new_code_cell(WIDGET_PROBE.format(changes=w["changes"])))
             t0 = time.perf_counter()
-            client = NotebookClient(
-                nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-            )
-            client.execute(env=env)
+            execute(nb, path.parent, env, timeout=900)
             runs[path.stem] = time.perf_counter() - t0
             text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
             line = next(x for x in text.splitlines() if x.startswith("FMTOY-REDRAWS "))

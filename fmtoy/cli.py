@@ -1,5 +1,5 @@
-"""Command line: `fmtoy train | sample | animate | list | assign | grade | student-book`. Errors print one line
-`fmtoy: error: ...` and exit 2.
+"""Command line: `fmtoy train | sample | animate | list | assign | grade | notebooks | student-book`. Errors print one
+line `fmtoy: error: ...` and exit 2.
 
     fmtoy train --data eight_gaussians --path ot --steps 5000 --out runs/x
     fmtoy sample --run runs/x --n 2000 --out samples.png    # midpoint, 4 steps (NFE 8)

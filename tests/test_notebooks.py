@@ -88,13 +88,11 @@ def test_the_cli_writes_them(tmp_path):
 def test_every_written_notebook_executes_top_to_bottom_in_a_fresh_kernel(run_cache, tmp_path):
     """Each notebook in a folder of its own (no book next to it), run by nbclient in a new kernel, beside the site
     build and sharing its run cache (tests/conftest.py: run_cache)."""
-    from nbclient import NotebookClient
-
     from fmtoy import runcache
 
     cache = run_cache
     written = NB.write_notebooks(ROOT, tmp_path / "notebooks", url=URL)
-    env = {**os.environ, runcache.ENV: str(cache), "MPLBACKEND": "Agg"}
+    env = {**os.environ, runcache.ENV: str(cache)}
     times = {}
     for path in written:
         work = tmp_path / path.stem
@@ -102,9 +100,7 @@ def test_every_written_notebook_executes_top_to_bottom_in_a_fresh_kernel(run_cac
         shutil.copy(path, work / path.name)
         nb = nbformat.read(work / path.name, as_version=4)
         start = time.perf_counter()
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute(
-            env=env
-        )
+        NB.execute(nb, work, env)
         times[path.stem] = time.perf_counter() - start
         errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from sphinx.util import logging
 
+from fmtoy.course.notebooks import POLL_SLICE, poll_in_slices  # noqa: F401  (the build's kernels; tests use both)
+
 LAUNCH_KEYS = ("binderhub_url", "jupyterhub_url", "colab_url", "deepnote_url", "jupyterlite_url")
 LOGGER = logging.getLogger(__name__)
 # Execution-time budgets on 2 idle cores: (name, the docnames it sums as a regular expression, seconds).
@@ -25,40 +27,6 @@ EXECUTION_BUDGETS = (
 FROM_CACHE = "from cache: time of the last real run"
 EXECUTED = "fmbook_executed"  # key in myst-nb's env.nb_metadata[docname]: executed (not a cache hit) in this build
 _READ_START: dict[str, float] = {}
-
-
-POLL_SLICE = 1.0  # seconds: the longest a kernel message waits unseen (see poll_in_slices)
-
-
-def poll_in_slices(slice_s: float = POLL_SLICE, clock=time.monotonic) -> None:
-    """Make the build's kernel clients wait for a message in polls of at most `slice_s` seconds.
-
-    nbclient waits for a cell's reply with one asyncio poll of the zmq socket lasting the whole cell timeout. The
-    zmq file descriptor is edge-triggered, and now and then (about one widget cell in 60 beside a busy process,
-    measured) the wake-up is missed: the reply sits in the socket until the poll times out, whose last non-blocking
-    check then finds it, so the cell "succeeds" after exactly the 600 s timeout (jupyter/nbclient#312; pyzmq#1558).
-    Polling in slices bounds such a miss to `slice_s`; timeouts and messages are otherwise unchanged."""
-    from queue import Empty
-
-    from jupyter_client.channels import AsyncZMQSocketChannel
-
-    if getattr(AsyncZMQSocketChannel.get_msg, "fmbook_slice", None) == (slice_s, clock):
-        return
-    whole = getattr(AsyncZMQSocketChannel.get_msg, "fmbook_whole", AsyncZMQSocketChannel.get_msg)
-
-    async def get_msg(self, timeout: float | None = None):
-        deadline = None if timeout is None else clock() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - clock())
-            try:
-                return await whole(self, slice_s if left is None else min(slice_s, left))
-            except Empty:
-                if left is not None and left <= slice_s:
-                    raise
-
-    get_msg.fmbook_slice, get_msg.fmbook_whole = (slice_s, clock), whole
-    get_msg.__doc__ = whole.__doc__
-    AsyncZMQSocketChannel.get_msg = get_msg
 
 
 def wait_for_kernels_in_slices(app, config) -> None:

@@ -9,6 +9,7 @@ one-line message saying how to install it.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import yaml
@@ -32,6 +33,51 @@ if importlib.util.find_spec("fmtoy") is None:
         "fmtoy is not installed and this copy of the book names no repository to install it from (repository.url in "
         "_config.yml): clone the book and run `make lab`, or `pip install -e <clone>[notebooks]`"
     )"""
+
+
+POLL_SLICE = 1.0  # seconds: the longest a kernel message waits unseen (see poll_in_slices)
+
+
+def poll_in_slices(slice_s: float = POLL_SLICE, clock=time.monotonic) -> None:
+    """Make this process's kernel clients (nbclient, myst-nb) wait for a message in polls of at most `slice_s` seconds.
+
+    nbclient waits for a cell's reply with one asyncio poll of the zmq socket lasting the whole cell timeout. The
+    zmq file descriptor is edge-triggered, and now and then (about one widget cell in 60 beside a busy process,
+    measured) the wake-up is missed: the reply sits in the socket until the poll times out, whose last non-blocking
+    check then finds it, so the cell "succeeds" after exactly the 600 s timeout (jupyter/nbclient#312; pyzmq#1558).
+    Polling in slices bounds such a miss to `slice_s`; timeouts and messages are otherwise unchanged."""
+    from queue import Empty
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    if getattr(AsyncZMQSocketChannel.get_msg, "fmbook_slice", None) == (slice_s, clock):
+        return
+    whole = getattr(AsyncZMQSocketChannel.get_msg, "fmbook_whole", AsyncZMQSocketChannel.get_msg)
+
+    async def get_msg(self, timeout: float | None = None):
+        deadline = None if timeout is None else clock() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - clock())
+            try:
+                return await whole(self, slice_s if left is None else min(slice_s, left))
+            except Empty:
+                if left is not None and left <= slice_s:
+                    raise
+
+    get_msg.fmbook_slice, get_msg.fmbook_whole = (slice_s, clock), whole
+    get_msg.__doc__ = whole.__doc__
+    AsyncZMQSocketChannel.get_msg = get_msg
+
+
+def execute(nb, folder: str | Path, env: dict | None = None, timeout: float = 600):
+    """Run notebook `nb` top to bottom with nbclient in a fresh python3 kernel started in `folder` (with environment
+    `env`, default this process's), polling in slices (poll_in_slices); nb gets its outputs and is returned."""
+    from nbclient import NotebookClient
+
+    poll_in_slices()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
+    client.execute(**({"env": env} if env is not None else {}))
+    return nb
 
 
 def book_config(root: str | Path) -> dict:
@@ -101,4 +147,14 @@ def write_notebooks(root: str | Path, out: str | Path, url: str | None = None, b
     return written
 
 
-__all__ = ["SETUP_TAG", "book_config", "setup_source", "with_setup_cell", "chapter_notebooks", "write_notebooks"]
+__all__ = [
+    "POLL_SLICE",
+    "poll_in_slices",
+    "execute",
+    "SETUP_TAG",
+    "book_config",
+    "setup_source",
+    "with_setup_cell",
+    "chapter_notebooks",
+    "write_notebooks",
+]
