@@ -11,6 +11,7 @@ line `fmtoy: error: ...` and exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -183,6 +184,8 @@ def _build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", default="_build/notebooks", help="output folder (default _build/notebooks)")
     n.add_argument("--url", default=None, help="git URL the setup cell installs from (default: repository.url)")
     n.add_argument("--branch", default=None, help="its branch (default: repository.branch, else main)")
+    n.add_argument("--execute", action="store_true", help="then run each in a fresh kernel, in OUT/<chapter>/ "
+                   "with its outputs; OUT/executed.json reports times and errors")  # fmt: skip
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
     b.add_argument("--root", default=str(Path(book).parent), help="book root with _config.yml and _toc.yml")
     b.add_argument("--out", default="_build/student_src", help="output folder (default _build/student_src)")
@@ -487,6 +490,18 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
     written = write_notebooks(args.root, args.out, args.url, args.branch)
     print(f"{len(written)} notebooks: {Path(args.out)}")
+    if not args.execute:
+        return 0
+    from .course.notebooks import execute_notebooks
+
+    report = execute_notebooks(written)
+    text = json.dumps(report, indent=1) + "\n"
+    write_atomically(Path(args.out) / "executed.json", lambda f: f.write(text.encode("utf-8")))
+    for name, r in report.items():
+        print(f"{name}: {r['seconds']:.1f} s" + (f", {r['error']}" if r["error"] else ""))
+    failed = [name for name, r in report.items() if r["error"] or r["unexecuted"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} notebook(s) did not run top to bottom: {', '.join(failed)}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 _BUILD: dict[str, object] = {}  # the site build started beside the other tests: its process, log file and output
+_NOTEBOOKS: dict[str, object] = {}  # the notebook run started beside them: process, log, output, run cache
 
 
 def _build_command(out: Path) -> list[str]:
@@ -49,37 +51,67 @@ def pytest_collection_modifyitems(session, config, items):
     (their CPU-bound work makes it a build on a busy machine): the suite takes about the longer of the two, not their
     sum. FMTOY_SITE=<html folder> checks an existing build instead."""
     needs = [item for item in items if "site" in getattr(item, "fixturenames", ())]
-    if not needs:
+    runs = [item for item in items if "executed_notebooks" in getattr(item, "fixturenames", ())]
+    if not needs and not runs:
         return
-    items[:] = [item for item in items if item not in needs] + needs
-    if os.environ.get("FMTOY_SITE") or config.option.collectonly:
+    items[:] = [item for item in items if item not in needs + runs] + needs + runs
+    if config.option.collectonly:
         return
-    out = config._tmp_path_factory.mktemp("site")
-    log = open(out / "build.log", "w")
-    _BUILD.update(out=out, log=log)
-    _BUILD["proc"] = subprocess.Popen(
-        _build_command(out), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    if needs and not os.environ.get("FMTOY_SITE"):
+        out = config._tmp_path_factory.mktemp("site")
+        log = open(out / "build.log", "w")
+        _BUILD.update(out=out, log=log)
+        _BUILD["proc"] = subprocess.Popen(
+            _build_command(out), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+    if runs:  # `fmtoy notebooks --execute` beside the build, sharing its trainings (run_cache)
+        out = config._tmp_path_factory.mktemp("notebooks")
+        cache = _cache_folder(config._tmp_path_factory)
+        log = open(out / "run.log", "w")
+        cmd = [sys.executable, "-m", "fmtoy", "notebooks", "--root", str(ROOT), "--out", str(out), "--execute",
+               "--url", "https://github.com/example/flow-matching-by-derivation"]  # fmt: skip
+        env = {**os.environ, "FMTOY_RUN_CACHE": str(cache)}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+        _NOTEBOOKS.update(out=out, log=log, proc=proc)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A build still running when the session ends (an early stop) is ended with its kernels."""
-    proc = _BUILD.get("proc")
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """A build or notebook run still going when the session ends (an early stop) is ended with its kernels."""
+    for proc in (_BUILD.get("proc"), _NOTEBOOKS.get("proc")):
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-@pytest.fixture(scope="session")
-def run_cache(tmp_path_factory) -> Path:
-    """The run cache (FMTOY_RUN_CACHE) of the site build started beside the tests, or of FMTOY_SITE's build, else a
-    fresh folder: tests that run whole chapters (tests/test_lab.py, tests/test_notebooks.py) run beside the build
-    and share its trainings, whichever of them trains a recipe first (files are written atomically)."""
+def _cache_folder(tmp_path_factory) -> Path:
     if "out" in _BUILD:
         return _BUILD["out"] / "_build" / "fmtoy-runs"
     if os.environ.get("FMTOY_SITE"):
         return Path(os.environ["FMTOY_SITE"]).resolve().parent / "fmtoy-runs"
-    return tmp_path_factory.mktemp("fmtoy-runs")
+    if "cache" not in _NOTEBOOKS:
+        _NOTEBOOKS["cache"] = tmp_path_factory.mktemp("fmtoy-runs")
+    return _NOTEBOOKS["cache"]
+
+
+@pytest.fixture(scope="session")
+def run_cache(tmp_path_factory) -> Path:
+    """The run cache (FMTOY_RUN_CACHE) of the site build started beside the tests, or of FMTOY_SITE's build, else one
+    folder for the session: what runs whole chapters (tests/test_lab.py, the notebook run of tests/test_notebooks.py)
+    runs beside the build and shares its trainings, whichever trains a recipe first (files are written atomically)."""
+    return _cache_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks() -> tuple[Path, dict, str]:
+    """(folder, report, log) of `fmtoy notebooks --execute`, started at collection beside the other tests and the
+    site build: every chapter written as .ipynb and run top to bottom in a fresh kernel (tests/test_notebooks.py)."""
+    assert "proc" in _NOTEBOOKS, "the notebook run starts at collection (pytest_collection_modifyitems)"
+    code = _NOTEBOOKS["proc"].wait()
+    _NOTEBOOKS["log"].close()
+    out = _NOTEBOOKS["out"]
+    log = (out / "run.log").read_text()
+    assert (out / "executed.json").is_file(), f"the notebook run wrote no report (exit {code}):\n{log[-3000:]}"
+    return out, json.loads((out / "executed.json").read_text()), log
 
 
 @pytest.fixture(scope="session")

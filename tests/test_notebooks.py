@@ -5,11 +5,8 @@ notebook executes top to bottom with nbclient in a fresh kernel, outside the boo
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -85,24 +82,25 @@ def test_the_cli_writes_them(tmp_path):
 
 
 @pytest.mark.notebooks
-def test_every_written_notebook_executes_top_to_bottom_in_a_fresh_kernel(run_cache, tmp_path):
-    """Each notebook in a folder of its own (no book next to it), run by nbclient in a new kernel, beside the site
-    build and sharing its run cache (tests/conftest.py: run_cache)."""
-    from fmtoy import runcache
-
-    cache = run_cache
-    written = NB.write_notebooks(ROOT, tmp_path / "notebooks", url=URL)
-    env = {**os.environ, runcache.ENV: str(cache)}
-    times = {}
-    for path in written:
-        work = tmp_path / path.stem
-        work.mkdir()
-        shutil.copy(path, work / path.name)
-        nb = nbformat.read(work / path.name, as_version=4)
-        start = time.perf_counter()
-        NB.execute(nb, work, env)
-        times[path.stem] = time.perf_counter() - start
-        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-        assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+def test_every_written_notebook_executes_top_to_bottom_in_a_fresh_kernel(executed_notebooks):
+    """`fmtoy notebooks --execute`, started at collection beside the site build (tests/conftest.py): each notebook
+    run by nbclient in a new kernel, in a folder of its own (no book next to it), sharing the build's trainings."""
+    out, report, log = executed_notebooks
+    assert list(report) == [p.stem for p in NB.chapter_notebooks(ROOT)], log[-2000:]
+    for name, r in report.items():
+        assert r["error"] is None and r["unexecuted"] == 0, f"{name}: {r}"
+        nb = nbformat.read(out / name / f"{name}.ipynb", as_version=4)
+        assert NB.SETUP_TAG in nb.cells[0].metadata.tags and nb.cells[0].execution_count == 1
         assert all(c.execution_count for c in nb.cells if c.cell_type == "code" and c.source.strip())
-    print("executed:", ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print("executed:", ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in report.items()))
+
+
+def test_execute_notebooks_reports_an_error_and_unexecuted_cells(tmp_path):
+    """A notebook whose second cell raises: the run stops there, the report names the error and the cell after it."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in ("x = 1", "1 / 0", "y = 2")])
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    report = NB.execute_notebooks([path], timeout=120)
+    assert report["bad"]["error"].startswith("ZeroDivisionError") and report["bad"]["unexecuted"] == 1
+    assert (tmp_path / "bad" / "bad.ipynb").is_file()
