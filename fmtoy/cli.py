@@ -184,6 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", default="_build/notebooks", help="output folder (default _build/notebooks)")
     n.add_argument("--url", default=None, help="git URL the setup cell installs from (default: repository.url)")
     n.add_argument("--branch", default=None, help="its branch (default: repository.branch, else main)")
+    n.add_argument("--only", default=None, help="comma-separated chapters to write (default: every chapter)")
     n.add_argument("--execute", action="store_true", help="then run each in a fresh kernel, in OUT/<chapter>/ "
                    "with its outputs; OUT/executed.json reports times and errors")  # fmt: skip
     b = sub.add_parser("student-book", help="write the student edition's book sources (solutions removed)")
@@ -488,7 +489,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
 def cmd_notebooks(args: argparse.Namespace) -> int:
     from .course.notebooks import write_notebooks
 
-    written = write_notebooks(args.root, args.out, args.url, args.branch)
+    only = None if args.only is None else [c.strip() for c in args.only.split(",") if c.strip()]
+    written = write_notebooks(args.root, args.out, args.url, args.branch, only=only)
     print(f"{len(written)} notebooks: {Path(args.out)}")
     if not args.execute:
         return 0

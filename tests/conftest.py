@@ -68,8 +68,11 @@ def pytest_collection_modifyitems(session, config, items):
         out = config._tmp_path_factory.mktemp("notebooks")
         cache = _cache_folder(config._tmp_path_factory)
         log = open(out / "run.log", "w")
+        from helpers import nbclient_chapters
+
         cmd = [sys.executable, "-m", "fmtoy", "notebooks", "--root", str(ROOT), "--out", str(out), "--execute",
-               "--url", "https://github.com/example/flow-matching-by-derivation"]  # fmt: skip
+               "--url", "https://github.com/example/flow-matching-by-derivation",
+               "--only", ",".join(nbclient_chapters())]  # fmt: skip
         env = {**os.environ, "FMTOY_RUN_CACHE": str(cache)}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         _NOTEBOOKS.update(out=out, log=log, proc=proc)

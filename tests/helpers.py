@@ -38,3 +38,29 @@ def sample_run(run, out, *options: str) -> None:
     from fmtoy.cli import main
 
     assert main(["sample", "--run", str(run), "--out", str(out), "--device", "cpu", *options]) == 0
+
+
+# Who runs which written notebook (make notebooks) top to bottom: tests/test_lab.py opens every chapter with a widget
+# in JupyterLab, the playground from its .md (make lab's view) and the others as their .ipynb; tests/test_notebooks.py
+# runs the rest with nbclient (the playground's .ipynb and the chapters without a widget). Every chapter once each.
+AS_MARKDOWN = "playground"
+
+
+def widget_chapters() -> list[str]:
+    """The chapters whose code builds an interactive_figure, in toc order."""
+    from pathlib import Path
+
+    from fmtoy.course.notebooks import chapter_notebooks
+
+    root = Path(__file__).resolve().parents[1]
+    return [p.stem for p in chapter_notebooks(root) if "interactive_figure(" in p.read_text(encoding="utf-8")]
+
+
+def nbclient_chapters() -> list[str]:
+    """The written notebooks that JupyterLab does not run as .ipynb (tests/test_lab.py): nbclient runs them."""
+    from pathlib import Path
+
+    from fmtoy.course.notebooks import chapter_notebooks
+
+    root, lab = Path(__file__).resolve().parents[1], set(widget_chapters()) - {AS_MARKDOWN}
+    return [p.stem for p in chapter_notebooks(root) if p.stem not in lab]

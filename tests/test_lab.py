@@ -1,5 +1,9 @@
 """The student path in a real JupyterLab (issue 20): `make lab`'s server and settings, each chapter with a widget
-opened as a notebook by jupytext, run top to bottom, and its widget's main control moved in the browser.
+opened as a notebook, run top to bottom in a fresh kernel, and its widget's main control moved in the browser.
+
+The playground opens from its .md through jupytext's notebook view (make lab's default viewer); every other chapter
+opens as the .ipynb that `make notebooks` writes, in a folder without the book, so these runs are also the
+top-to-bottom runs of those notebooks (tests/test_notebooks.py runs the rest with nbclient).
 
 JupyterLab runs headless from this venv on a free loopback port with a token, on a copy of the book (autosave off: the
 chapters are never rewritten), with temporary config, data, runtime and workspace folders (nothing of the user's is
@@ -24,6 +28,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import AS_MARKDOWN, widget_chapters
+
+from fmtoy.course.notebooks import write_notebooks
 
 pytestmark = pytest.mark.notebooks
 
@@ -31,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "_build" / "screenshots" / "lab"
 REDRAW_BOUND = 20.0  # seconds from the control's change to the new image: generous (the budget is 0.5 s idle)
 RUN_TIMEOUT = float(os.environ.get("DEBUG_LAB_TIMEOUT", 600))  # seconds for one chapter's cells
-WIDGET_CHAPTERS = sorted(
-    p.stem for p in (ROOT / "book").glob("*.md") if "interactive_figure(" in p.read_text(encoding="utf-8")
-)
+WIDGET_CHAPTERS = widget_chapters()
 
 
 def free_port() -> int:
@@ -47,6 +52,7 @@ def lab(run_cache, tmp_path_factory):
     """(base URL, token) of a JupyterLab started as `make lab` starts it, on a copy of the book."""
     tmp = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "book", tmp / "book", ignore=shutil.ignore_patterns("_build", "*.ipynb"))
+    write_notebooks(ROOT, tmp / "notebooks", url="https://github.com/example/flow-matching-by-derivation")
     settings = tmp / "settings"
     settings.mkdir()
     overrides = json.loads((ROOT / "book" / "_lab" / "overrides.json").read_text())  # make lab's settings
@@ -129,9 +135,15 @@ WIDGET_IMAGE = """() => {
 }"""
 
 
+def opened_as(chapter: str) -> str:
+    """The file the test opens: the playground as `make lab` shows it (its .md, through jupytext's notebook view),
+    every other chapter as the .ipynb of `make notebooks`, in a folder without the book (its setup cell included)."""
+    return f"book/{chapter}.md" if chapter == AS_MARKDOWN else f"notebooks/{chapter}.ipynb"
+
+
 def run_chapter(page, base: str, token: str, chapter: str) -> dict:
     # a workspace of its own, reset: only this chapter is open (a restored tab could take the focus)
-    page.goto(f"{base}/lab/workspaces/{chapter}/tree/book/{chapter}.md?reset&token={token}")
+    page.goto(f"{base}/lab/workspaces/{chapter}/tree/{opened_as(chapter)}?reset&token={token}")
     page.wait_for_function(NOTEBOOK, timeout=120_000)
     page.wait_for_function(
         "() => { const w = window.jupyterapp.shell.currentWidget; const s = w.sessionContext.session;"

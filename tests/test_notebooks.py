@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import AS_MARKDOWN, nbclient_chapters, widget_chapters
 
 from fmtoy.course import notebooks as NB
 from fmtoy.course.assignments import read_chapter
@@ -83,10 +84,13 @@ def test_the_cli_writes_them(tmp_path):
 
 @pytest.mark.notebooks
 def test_every_written_notebook_executes_top_to_bottom_in_a_fresh_kernel(executed_notebooks):
-    """`fmtoy notebooks --execute`, started at collection beside the site build (tests/conftest.py): each notebook
-    run by nbclient in a new kernel, in a folder of its own (no book next to it), sharing the build's trainings."""
+    """`fmtoy notebooks --execute --only ...`, started at collection beside the site build (tests/conftest.py): each
+    notebook that JupyterLab does not run (tests/helpers.py) run by nbclient in a new kernel, in a folder of its own
+    (no book next to it), sharing the build's trainings; with test_lab's runs, every written notebook once."""
     out, report, log = executed_notebooks
-    assert list(report) == [p.stem for p in NB.chapter_notebooks(ROOT)], log[-2000:]
+    assert list(report) == nbclient_chapters(), log[-2000:]
+    lab = set(widget_chapters()) - {AS_MARKDOWN}  # run as .ipynb in JupyterLab (tests/test_lab.py)
+    assert set(report) | lab == {p.stem for p in NB.chapter_notebooks(ROOT)} and not set(report) & lab
     for name, r in report.items():
         assert r["error"] is None and r["unexecuted"] == 0, f"{name}: {r}"
         nb = nbformat.read(out / name / f"{name}.ipynb", as_version=4)

@@ -261,3 +261,37 @@ def test_plot_vs_nfe_draws_the_means_the_spreads_and_the_floor_band():
     assert len(band) == 1
     with pytest.raises(ValueError, match="no integer NFE keys"):
         plot_vs_nfe({"c": {"xent": 1.0}})
+
+
+# ----------------------------------------------------------------------------------------------- grids (chapter 11)
+def test_plot_grid_distribution_puts_cell_a_b_at_x_a_y_b():
+    p = torch.zeros(4, 4, dtype=torch.float64)
+    p[3, 0] = 1.0  # the cell at the largest x and the smallest y
+    ax = viz.plot_grid_distribution(p, lim=2.0, title="one cell")
+    img = ax.images[0]
+    arr = np.asarray(img.get_array())
+    assert arr[0, 3] == 1.0 and arr.sum() == 1.0  # row = y (origin lower), column = x
+    assert img.origin == "lower" and tuple(img.get_extent()) == (-2.0, 2.0, -2.0, 2.0)
+    assert ax.get_title() == "one cell"
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="square"):
+        viz.plot_grid_distribution(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="Tensor or numpy array"):
+        viz.plot_grid_distribution([[0.0]])
+
+
+def test_animate_chain_shows_each_step_and_checks_its_inputs():
+    dists = [torch.rand(5, 5, generator=make_generator(k), dtype=torch.float64) for k in range(3)]
+    points = torch.randn(3, 7, 2, generator=make_generator(9))
+    anim = viz.animate_chain(dists, points, lim=2.0)
+    anim.draw_frame(2)
+    left, right = anim.fig.axes
+    assert np.allclose(np.asarray(left.images[0].get_array()), dists[2].numpy().T)
+    assert np.allclose(anim.particles.get_offsets(), points[2].numpy())
+    assert "step 2 of 2" in right.get_title() and "t = 1.00" in left.get_title()
+    assert len(list(anim.new_frame_seq())) == 3  # one frame per step
+    plt.close(anim.fig)
+    with pytest.raises(ValueError, match="one distribution per time"):
+        viz.animate_chain(dists[:2], points)
+    with pytest.raises(ValueError, match=r"points must have shape \(steps \+ 1, n, 2\)"):
+        viz.animate_chain(dists, torch.zeros(3, 7))

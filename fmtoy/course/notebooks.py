@@ -151,9 +151,12 @@ def chapter_notebooks(root: str | Path) -> list[Path]:
     return [p for p in paths if p.is_file() and "kernelspec:" in p.read_text(encoding="utf-8").split("\n---", 1)[0]]
 
 
-def write_notebooks(root: str | Path, out: str | Path, url: str | None = None, branch: str | None = None) -> list[Path]:
-    """out/<chapter>.ipynb for every chapter notebook, each with the setup cell (url and branch default to the book's
-    repository.url and repository.branch); every file is written atomically. Returns the paths in toc order."""
+def write_notebooks(
+    root: str | Path, out: str | Path, url: str | None = None, branch: str | None = None, only=None
+) -> list[Path]:
+    """out/<chapter>.ipynb for every chapter notebook (or those named in `only`), each with the setup cell (url and
+    branch default to the book's repository.url and repository.branch); every file is written atomically. Returns the
+    paths in toc order."""
     import nbformat
 
     root, out = Path(root), Path(out)
@@ -163,9 +166,15 @@ def write_notebooks(root: str | Path, out: str | Path, url: str | None = None, b
     url = repo.get("url") if url is None else url
     branch = repo.get("branch") or "main" if branch is None else branch
     setup_source(url, branch)  # a bad URL is reported before anything is written
+    chapters = chapter_notebooks(root)
+    if only is not None:
+        unknown = sorted(set(only) - {p.stem for p in chapters})
+        if unknown:
+            raise ValueError(f"no chapter notebook {unknown[0]!r}; the chapters: {', '.join(p.stem for p in chapters)}")
+        chapters = [p for p in chapters if p.stem in set(only)]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in chapter_notebooks(root):
+    for path in chapters:
         nb = with_setup_cell(read_chapter(path), url, branch)
         target = out / f"{path.stem}.ipynb"
         text = nbformat.writes(nb) + "\n"
