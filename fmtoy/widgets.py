@@ -159,26 +159,27 @@ def next_value(control: W.ValueWidget):
     raise TypeError(f"cannot step a {type(control).__name__}; give redraw_times a selection, slider or checkbox")
 
 
-def redraw_times(changes: int = 5, revisit: bool = True) -> list[dict[str, object]]:
-    """Time the redraws of every live interactive_figure of this process (a chapter's, after running it): its first
-    control moved `changes` steps on (next_value), each redraw timed, then (revisit) back to the first value it had,
-    which a widget that caches its training draws without training. One dict per figure: control, seconds (the
-    changes), median, revisit (seconds or None)."""
+def redraw_times(changes: int = 5, revisit: bool = True, every_control: bool = True) -> list[dict[str, object]]:
+    """Time the redraws of every live interactive_figure of this process (a chapter's, after running it): each control
+    (or only the first, every_control=False) moved `changes` steps on (next_value), each redraw timed, then (revisit)
+    back to the value it had, which a widget that caches its training draws without training, and left there. One
+    dict per figure and control: control, seconds (the changes), median, revisit (seconds or None)."""
     changes, report = check_positive_int("changes", changes), []
     for ref in list(_LIVE):
         box = ref()
         if box is None:
             continue
-        name, control = next(iter(box.fmtoy_controls.items()))
-        first, seconds = control.value, []
-        for _ in range(changes):
-            control.value = next_value(control)
-            seconds.append(box.fmtoy_redraws[-1])
-        back = None
-        if revisit and control.value != first:
-            control.value = first
-            back = box.fmtoy_redraws[-1]
-        report.append({"control": name, "seconds": seconds, "median": statistics.median(seconds), "revisit": back})
+        items = list(box.fmtoy_controls.items())
+        for name, control in items if every_control else items[:1]:
+            first, seconds = control.value, []
+            for _ in range(changes):
+                control.value = next_value(control)
+                seconds.append(box.fmtoy_redraws[-1])
+            back = None
+            if control.value != first:
+                control.value = first
+                back = box.fmtoy_redraws[-1] if revisit else None
+            report.append({"control": name, "seconds": seconds, "median": statistics.median(seconds), "revisit": back})
     return report
 
 
