@@ -59,9 +59,11 @@ bench: $(BENCH_STAMP)
 
 # JupyterLab from the venv (its python3 kernel is the venv's; nothing is installed for the user), with jupytext's
 # notebook view as the default for .md files (book/_lab/overrides.json, read as the app's settings folder).
+# LAB_EXTRA: more JupyterLab options, e.g. make lab LAB_EXTRA="--port=8890" (or --allow-root in a container).
 LAB_ARGS = --ServerApp.root_dir="$(CURDIR)" --LabApp.app_settings_dir="$(CURDIR)/book/_lab"
+LAB_EXTRA ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(LAB_ARGS) --ServerApp.default_url=/lab/tree/book/playground.md
+	$(BIN)/jupyter lab $(LAB_ARGS) --ServerApp.default_url=/lab/tree/book/playground.md $(LAB_EXTRA)
 
 notebooks: $(STAMP)
 	$(BIN)/python -m fmtoy notebooks --out _build/notebooks
