@@ -595,9 +595,10 @@ def _markdown_widgets(wd: dict) -> list[str]:
         "## Widgets: redraw times",
         "",
         f"Each chapter with a widget run top to bottom by nbclient (section time {wd['seconds']:.0f} s), then in the "
-        f"same kernel the first control of each widget moved {wd['params']['changes']} steps (the next option or "
+        f"same kernel every control of each widget moved {wd['params']['changes']} steps (the next option or "
         "value, wrapping) and each redraw timed in the kernel: the draw function and its figure, not the browser. "
-        "Revisit: back to the first value, which a widget that caches its training draws again without training.",
+        "Revisit: one redraw at a value already drawn, which a widget that caches its training draws again "
+        "without training.",
         "",
         "| chapter | control | median (s) | longest (s) | revisit (s) | trains |",
         "| --- | --- | --- | --- | --- | --- |",

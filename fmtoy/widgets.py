@@ -161,9 +161,10 @@ def next_value(control: W.ValueWidget):
 
 def redraw_times(changes: int = 5, revisit: bool = True, every_control: bool = True) -> list[dict[str, object]]:
     """Time the redraws of every live interactive_figure of this process (a chapter's, after running it): each control
-    (or only the first, every_control=False) moved `changes` steps on (next_value), each redraw timed, then (revisit)
-    back to the value it had, which a widget that caches its training draws without training, and left there. One
-    dict per figure and control: control, seconds (the changes), median, revisit (seconds or None)."""
+    (or only the first, every_control=False) moved `changes` steps on (next_value), each redraw timed, then back to
+    the value it had, which is left set. revisit: the time of one redraw at a value already drawn (the way back, or,
+    when the steps wrapped round to the start, the first value stepped to), which a widget that caches its training
+    draws without training. One dict per figure and control: control, seconds (the changes), median, revisit."""
     changes, report = check_positive_int("changes", changes), []
     for ref in list(_LIVE):
         box = ref()
@@ -175,10 +176,14 @@ def redraw_times(changes: int = 5, revisit: bool = True, every_control: bool = T
             for _ in range(changes):
                 control.value = next_value(control)
                 seconds.append(box.fmtoy_redraws[-1])
-            back = None
+            back, start = None, len(box.fmtoy_redraws)
             if control.value != first:
+                control.value = first  # a value drawn before, and where the control was
+            elif revisit:
+                control.value = next_value(control)  # back where it began: the first value it stepped to instead
                 control.value = first
-                back = box.fmtoy_redraws[-1] if revisit else None
+            if revisit and len(box.fmtoy_redraws) > start:
+                back = box.fmtoy_redraws[start]
             report.append({"control": name, "seconds": seconds, "median": statistics.median(seconds), "revisit": back})
     return report
 

@@ -118,8 +118,8 @@ def test_redraw_times_moves_the_first_control_and_times_each_redraw():
     *_, report, other = widgets.redraw_times(4)
     assert report["control"] == "a" and other["control"] == "b"
     assert seen[:6] == [(2, "x"), (3, "x"), (1, "x"), (2, "x"), (1, "x"), (1, "y")]  # 4 steps (wrapping), back, b
-    assert seen[6:] == [(1, "x"), (1, "y"), (1, "x")]  # b: x -> y -> x -> y -> x, ends where it began: no revisit
-    assert other["revisit"] is None and len(other["seconds"]) == 4
+    assert seen[6:] == [(1, "x"), (1, "y"), (1, "x"), (1, "y"), (1, "x")]  # b wraps to x: revisit y, then back
+    assert other["revisit"] is not None and len(other["seconds"]) == 4
     assert len(report["seconds"]) == 4 and report["revisit"] is not None
     assert [r["control"] for r in widgets.redraw_times(1, every_control=False)][-1] == "a"
     assert report["seconds"][1] > 0.055 and report["seconds"][2] < report["seconds"][1]  # a = 3 sleeps 60 ms, 1: 20
