@@ -63,7 +63,7 @@ bench: $(BENCH_STAMP)
 LAB_ARGS = --ServerApp.root_dir="$(CURDIR)" --LabApp.app_settings_dir="$(CURDIR)/book/_lab"
 LAB_EXTRA ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(LAB_ARGS) --ServerApp.default_url=/lab/tree/book/playground.md $(LAB_EXTRA)
+	$(BIN)/jupyter lab $(LAB_ARGS) $(LAB_EXTRA)
 
 notebooks: $(STAMP)
 	$(BIN)/python -m fmtoy notebooks --out _build/notebooks

@@ -126,7 +126,7 @@ STATE = """() => {
   const errors = [];
   for (const m of code)
     for (const o of m.outputs.toJSON()) if (o.output_type === 'error') errors.push(o.ename + ': ' + o.evalue);
-  return {status: kernel ? kernel.status : 'none', done: code.filter(m => m.executionCount !== null).length,
+  return {status: kernel ? kernel.status : 'none', done: code.filter(m => m.executionCount != null).length,
           total: code.length, errors};
 }"""
 WIDGET_IMAGE = """() => {
