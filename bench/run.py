@@ -521,9 +521,9 @@ def judge_under_load(ul: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ widgets
 def widget_chapters(names=None) -> list[Path]:
     """The chapters whose code builds an interactive_figure, in toc order (or the named ones)."""
-    from fmtoy.course.notebooks import chapter_notebooks
+    from fmtoy.course import notebooks
 
-    found = [p for p in chapter_notebooks(ROOT) if "interactive_figure(" in p.read_text(encoding="utf-8")]
+    found = notebooks.widget_chapters(ROOT)
     if names is not None:
         found = [p for p in found if p.stem in names]
         if len(found) != len(names):

@@ -26,7 +26,10 @@ def _check_model_time(t: float | Tensor, n: int, like: Tensor) -> Tensor:
 
 def time_frequencies(time_features: int) -> Tensor:
     """2 pi f_k for time_features / 2 geometric frequencies f_k from 0.5 to 32 cycles per unit time: smooth enough for
-    coarse ODE steps."""
+    coarse ODE steps. time_features: a positive even integer (sin and cos pairs), else ValueError."""
+    check_positive_int("time_features", time_features)
+    if time_features % 2:
+        raise ValueError(f"time_features must be even (sin and cos pairs), got {time_features}")
     return 2 * math.pi * torch.logspace(math.log10(0.5), math.log10(32.0), time_features // 2)
 
 
@@ -47,13 +50,11 @@ class VelocityMLP(nn.Module):
         self.dim = check_positive_int("dim", dim)
         self.hidden = check_positive_int("hidden", hidden)
         self.depth = check_positive_int("depth", depth)
-        self.time_features = check_positive_int("time_features", time_features)
-        if time_features % 2:
-            raise ValueError(f"time_features must be even (sin and cos pairs), got {time_features}")
+        self.time_features, freqs = time_features, time_frequencies(time_features)
         if isinstance(cond_dim, bool) or not isinstance(cond_dim, int) or cond_dim < 0:
             raise ValueError(f"cond_dim must be an integer >= 0 (0: no conditioning input), got {cond_dim!r}")
         self.cond_dim = cond_dim
-        self.register_buffer("freqs", time_frequencies(time_features), persistent=False)
+        self.register_buffer("freqs", freqs, persistent=False)
         cond_width = time_features if cond_dim else 0
         self.cond_embed = (
             nn.Sequential(nn.Linear(cond_dim, cond_width), nn.SiLU(), nn.Linear(cond_width, cond_width))

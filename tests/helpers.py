@@ -47,13 +47,12 @@ AS_MARKDOWN = "playground"
 
 
 def widget_chapters() -> list[str]:
-    """The chapters whose code builds an interactive_figure, in toc order."""
+    """The chapters whose code builds an interactive_figure, in toc order (fmtoy.course.notebooks.widget_chapters)."""
     from pathlib import Path
 
-    from fmtoy.course.notebooks import chapter_notebooks
+    from fmtoy.course import notebooks
 
-    root = Path(__file__).resolve().parents[1]
-    return [p.stem for p in chapter_notebooks(root) if "interactive_figure(" in p.read_text(encoding="utf-8")]
+    return [p.stem for p in notebooks.widget_chapters(Path(__file__).resolve().parents[1])]
 
 
 def nbclient_chapters() -> list[str]:

@@ -78,7 +78,7 @@ def offer_notebook_download(app, pagename, templatename, context, doctree) -> No
     same notebooks as `make notebooks`, with their outputs)."""
     import nbformat
 
-    from fmtoy.course.notebooks import with_setup_cell
+    from fmtoy.course.notebooks import with_setup_cell, write_notebook
 
     executed = Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
     if not executed.is_file():
@@ -88,10 +88,7 @@ def offer_notebook_download(app, pagename, templatename, context, doctree) -> No
     nb = with_setup_cell(nb, opts.get("repository_url"), opts.get("repository_branch") or "main")
     target = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = nbformat.writes(nb) + "\n"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    write_notebook(nb, target)
     context["ipynb_source"] = f"{pagename}.ipynb"
 
 

@@ -69,6 +69,14 @@ def poll_in_slices(slice_s: float = POLL_SLICE, clock=time.monotonic) -> None:
     AsyncZMQSocketChannel.get_msg = get_msg
 
 
+def write_notebook(nb, path: str | Path) -> None:
+    """nb as .ipynb JSON at `path`, written atomically (a reader never sees half a notebook)."""
+    import nbformat
+
+    text = nbformat.writes(nb) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def execute(nb, folder: str | Path, env: dict | None = None, timeout: float = 600):
     """Run notebook `nb` top to bottom with nbclient in a fresh python3 kernel started in `folder` (with environment
     `env`, default this process's), polling in slices (poll_in_slices); nb gets its outputs and is returned."""
@@ -101,8 +109,7 @@ def execute_notebooks(paths, env: dict | None = None, timeout: float = 600) -> d
         if errors and error is None:
             error = f"{errors[0].ename}: {errors[0].evalue}"
         unexecuted = sum(1 for c in nb.cells if c.cell_type == "code" and c.source.strip() and not c.execution_count)
-        text = nbformat.writes(nb) + "\n"
-        write_atomically(work / path.name, lambda f, text=text: f.write(text.encode("utf-8")))
+        write_notebook(nb, work / path.name)
         report[path.stem] = {"seconds": round(seconds, 2), "error": error, "unexecuted": unexecuted}
     return report
 
@@ -151,13 +158,17 @@ def chapter_notebooks(root: str | Path) -> list[Path]:
     return [p for p in paths if p.is_file() and "kernelspec:" in p.read_text(encoding="utf-8").split("\n---", 1)[0]]
 
 
+def widget_chapters(root: str | Path) -> list[Path]:
+    """The chapter notebooks whose code builds an interactive_figure (a live widget), in toc order."""
+    return [p for p in chapter_notebooks(root) if "interactive_figure(" in p.read_text(encoding="utf-8")]
+
+
 def write_notebooks(
     root: str | Path, out: str | Path, url: str | None = None, branch: str | None = None, only=None
 ) -> list[Path]:
     """out/<chapter>.ipynb for every chapter notebook (or those named in `only`), each with the setup cell (url and
     branch default to the book's repository.url and repository.branch); every file is written atomically. Returns the
     paths in toc order."""
-    import nbformat
 
     root, out = Path(root), Path(out)
     if not (root / "_toc.yml").is_file():
@@ -177,8 +188,7 @@ def write_notebooks(
     for path in chapters:
         nb = with_setup_cell(read_chapter(path), url, branch)
         target = out / f"{path.stem}.ipynb"
-        text = nbformat.writes(nb) + "\n"
-        write_atomically(target, lambda f, text=text: f.write(text.encode("utf-8")))
+        write_notebook(nb, target)
         written.append(target)
     return written
 
@@ -193,5 +203,7 @@ __all__ = [
     "setup_source",
     "with_setup_cell",
     "chapter_notebooks",
+    "widget_chapters",
+    "write_notebook",
     "write_notebooks",
 ]

@@ -26,7 +26,7 @@ from ..data import Distribution, get_dataset
 from ..device import resolve_device
 from ..models import _check_model_time, fourier_time, time_frequencies
 from ..threads import thread_policy, under_policy
-from ..train import FitContext, FitResult, RecipeConfig, check_config, fit, fit_options, run_config
+from ..train import FitContext, FitResult, RecipeConfig, build_model, check_config, fit, fit_options, run_config
 
 SOURCES = ("uniform", "mask")
 MAX_VALUES = 64
@@ -52,11 +52,16 @@ def _check_states(x: Tensor, tokens: int, name: str = "x") -> Tensor:
     return x.long()
 
 
-def _check_t(t: float, upto: float = 1.0) -> float:
+def _device(generator: torch.Generator | None, device) -> torch.device:
+    """Where to draw: the generator's device, else `device` (default cpu)."""
+    return generator.device if generator is not None else resolve_device(device or "cpu")
+
+
+def _check_t(t: float) -> float:
     if isinstance(t, Tensor) and t.numel() == 1:
         t = float(t)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= upto:
-        raise ValueError(f"t must be a number in [0, {upto:g}], got {t!r}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be a number in [0, 1], got {t!r}")
     return float(t)
 
 
@@ -88,7 +93,7 @@ class GridDistribution:
     def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         """n states (n, 2) long drawn from q, on the generator's device (or `device`)."""
         n = check_positive_int("n", n)
-        dev = generator.device if generator is not None else resolve_device(device or "cpu")
+        dev = _device(generator, device)
         flat = torch.multinomial(self.probs.reshape(-1).to(dev), n, replacement=True, generator=generator)
         return torch.stack([flat // self.values, flat % self.values], dim=1)
 
@@ -160,6 +165,11 @@ class MixturePath:
             return torch.full((self.tokens,), 1.0 / self.values, dtype=torch.float64)
         return F.one_hot(torch.tensor(self.mask), self.tokens).double()
 
+    def source_grid(self) -> Tensor:
+        """p_0(a, b) = p_0(a) p_0(b) over the T x T states, (T, T) float64: where every chain starts."""
+        s0 = self.source_probs()
+        return s0[:, None] * s0[None, :]
+
     def conditional(self, t: float) -> Tensor:
         """K_t[a, c] = p_t(x^i = a | x_1^i = c), (T, V) float64: columns sum to 1."""
         k = self.kappa(_check_t(t))
@@ -168,7 +178,7 @@ class MixturePath:
     def sample_source(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         """n states of p_0 = p_0 x p_0, (n, 2) long."""
         n = check_positive_int("n", n)
-        dev = generator.device if generator is not None else resolve_device(device or "cpu")
+        dev = _device(generator, device)
         if self.mask is not None:
             return torch.full((n, 2), self.mask, dtype=torch.long, device=dev)
         return torch.randint(self.values, (n, 2), generator=generator, device=dev)
@@ -340,8 +350,7 @@ def kolmogorov_solve(
     """p_1 from p_0 by integrating d/dt p = p Q_t (the exact marginal generator) with `steps` Euler or midpoint
     steps; neither evaluates the rates at t = 1. (T, T) float64. threads: as propagate."""
     steps, method = check_positive_int("steps", steps), check_choice("method", method, ("euler", "midpoint"))
-    s0, h = exact.path.source_probs(), 1.0 / steps
-    p = s0[:, None] * s0[None, :]
+    p, h = exact.path.source_grid(), 1.0 / steps
     with thread_policy(threads) as tuner:
         for k in range(steps):
             t = k * h
@@ -414,8 +423,7 @@ def propagate(
     if joint and not isinstance(model, ExactPosterior):
         raise TypeError("joint=True needs the ExactPosterior (a per-coordinate model has no joint posterior)")
     states, tk = all_states(path.tokens), path.tokens
-    s0 = path.source_probs()
-    p, out = s0[:, None] * s0[None, :], []
+    p, out = path.source_grid(), []
     with thread_policy(threads) as tuner:
         for t in time_grid(steps):
             out.append(p)
@@ -479,11 +487,7 @@ class PosteriorMLP(nn.Module):
             raise ValueError(f"tokens must be values ({values}) or values + 1 (a mask token), got {tokens!r}")
         self.dim = check_positive_int("dim", dim)
         self.embed = nn.Embedding(self.dim * self.tokens, check_positive_int("embed", embed))
-        if time_features % 2:
-            raise ValueError(f"time_features must be even (sin and cos pairs), got {time_features}")
-        self.register_buffer(
-            "freqs", time_frequencies(check_positive_int("time_features", time_features)), persistent=False
-        )
+        self.register_buffer("freqs", time_frequencies(time_features), persistent=False)
         layers: list[nn.Module] = []
         width = self.dim * embed + 1 + time_features
         for _ in range(check_positive_int("depth", depth)):
@@ -571,11 +575,8 @@ def initial_model(config: DiscreteConfig) -> PosteriorMLP:
     """The PosteriorMLP that train_discrete(config) starts from, initialised from torch.manual_seed(config.seed) (the
     global RNG is left untouched)."""
     check_config(config, DiscreteConfig)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return PosteriorMLP(
-            config.values, config.values + (config.source == "mask"), config.hidden, config.depth, config.embed
-        )
+    tokens = config.values + (config.source == "mask")
+    return build_model(config, 2, PosteriorMLP, values=config.values, tokens=tokens, embed=config.embed)
 
 
 def train_discrete(config: DiscreteConfig, progress: bool = False) -> FitResult:
