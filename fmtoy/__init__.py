@@ -7,12 +7,12 @@
 
 The core modules, one concept each, flat at the top: data (target distributions), paths (conditional probability
 paths and their schedules), marginal (the exact marginal field, Theorem 1, and its score), models, losses, train
-(fit: the one training loop), solvers, sde (the four readings of a model and the SDEs with its marginals, chapter 9),
-metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at once, one
-process per core), device, cli. The families, in subpackages: methods (shortcut and meanflow, chapter 6; vrfm,
-chapter 7; guidance, chapter 8; discrete, chapter 11), teaching (chapter-only helpers), symbolic (SymPy
-derivations, one module per topic), course (assignments and the autograder). The plotting names (plot_samples,
-...) load matplotlib on first use.
+(fit: the one training loop), solvers (and the flow map, chapter 10), sde (the four readings of a model and the SDEs
+with its marginals, chapter 9), metrics, viz, widgets, threads (the CPU thread policy), workers (several runs at
+once, one process per core), device, cli. The families, in subpackages: methods (shortcut and meanflow, chapter 6;
+vrfm, chapter 7; guidance, chapter 8; reflow and consistency, chapter 10; discrete, chapter 11), teaching
+(chapter-only helpers), symbolic (SymPy derivations, one module per topic), course (assignments and the
+autograder). The plotting names (plot_samples, ...) load matplotlib on first use.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .metrics import energy_distance, mmd, nll, nll_gap, w2
 from .models import VelocityMLP
 from .paths import AffinePath, CondOTPath, GaussianPath, SchedulerOutput, VEPath, VPPath, get_path, list_paths
 from .sde import MarginalSDE, convert, euler_maruyama
-from .solvers import SOLVERS, divergence, integrate, log_likelihood, sample
+from .solvers import SOLVERS, divergence, flow_map, integrate, log_likelihood, sample
 from .threads import describe as describe_threads
 from .train import FitConfig, FitResult, TrainConfig, TrainingDiverging, TrainingInterrupted, fit, fit_cfm, train_flow
 from .workers import run_jobs, train_many
@@ -91,6 +91,7 @@ __all__ = [
     "SOLVERS",
     "divergence",
     "integrate",
+    "flow_map",
     "log_likelihood",
     "sample",
     "describe_threads",

@@ -67,6 +67,15 @@ def _mean_pairwise(x: Tensor, y: Tensor, same: bool, kernel=None) -> float:
     return total / (n * (n - 1))
 
 
+def paired_error(x: Tensor, y: Tensor) -> float:
+    """mean_i |x_i - y_i| in float64: the distance between paired samples (the same noise through two samplers, or a
+    sample and the exact flow map's image of its noise)."""
+    x, y = check_points(x, name="x"), check_points(y, name="y")
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return float((x.double() - y.double()).norm(dim=1).mean())
+
+
 @under_policy
 def energy_distance(x: Tensor, y: Tensor) -> float:
     """Unbiased energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics, i != j): mean 0 when p = q."""
@@ -157,6 +166,11 @@ class Spread(float):
     def above(self, other: float | Spread) -> bool:
         """True if the value is above `other` for every seed (paired by seed when other is a Spread)."""
         return all(a > b for a, b in self._pairs(other))
+
+    def verdict(self, other: float | Spread) -> str:
+        """ "below" or "above" `other` when that holds for every seed, else "not separated from": the word a
+        comparative sentence may use."""
+        return "below" if self.below(other) else "above" if self.above(other) else "not separated from"
 
     def in_floor_units(self, floor: tuple[float, float]) -> Spread:
         """(value - floor mean) / floor sd per seed: how far above its noise floor (noise_floor's (mean, sd))."""

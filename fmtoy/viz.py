@@ -147,6 +147,30 @@ def plot_over_reference(
     return ax
 
 
+def _plot_rows(rows: dict, ax: Axes, xlabel: str, ylabel: str, title: str | None, numbers: type, kind: str) -> Axes:
+    """rows {label: {x: value or Spread}} as lines with a Spread's sd as error bars (the x keys of type `numbers`,
+    named `kind` in the error for a row that has none)."""
+    for label, by_x in rows.items():
+        xs = sorted(k for k in by_x if isinstance(k, numbers) and not isinstance(k, bool))
+        if not xs:
+            raise ValueError(f"row {label!r} has no {kind} keys, got {list(by_x)}")
+        vals = [by_x[k] for k in xs]
+        ax.errorbar(
+            xs,
+            [float(v) for v in vals],
+            yerr=[getattr(v, "sd", 0.0) for v in vals],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label=label,
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def plot_vs_nfe(
     rows: dict,
     floor: tuple[float, float] | None = None,
@@ -156,29 +180,21 @@ def plot_vs_nfe(
     ylabel: str = "energy distance",
 ) -> Axes:
     """A quality-vs-cost figure: rows {label: {nfe: value or Spread}} as lines over NFE (log 2 axis), a Spread's sd as
-    error bars, and the noise floor (mean, sd) as a grey band of mean +- 3 sd (chapters 5-9's tables, drawn)."""
+    error bars, and the noise floor (mean, sd) as a grey band of mean +- 3 sd (chapters 5-10's tables, drawn)."""
     ax = _axes(ax, figsize=(5.5, 3.8))
-    for label, by_nfe in rows.items():
-        nfes = sorted(n for n in by_nfe if isinstance(n, int))
-        if not nfes:
-            raise ValueError(f"row {label!r} has no integer NFE keys, got {list(by_nfe)}")
-        vals = [by_nfe[n] for n in nfes]
-        ax.errorbar(
-            nfes,
-            [float(v) for v in vals],
-            yerr=[getattr(v, "sd", 0.0) for v in vals],
-            fmt="o-",
-            ms=3,
-            capsize=2,
-            label=label,
-        )
     if floor is not None:
         ax.axhspan(floor[0] - 3 * floor[1], floor[0] + 3 * floor[1], color="0.85", zorder=0, label="noise floor ± 3 sd")
+    _plot_rows(rows, ax, "NFE", ylabel, title, int, "integer NFE")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="NFE", ylabel=ylabel)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
+    return ax
+
+
+def plot_vs_time(rows: dict, ax: Axes | None = None, *, title: str | None = None, ylabel: str = "error") -> Axes:
+    """rows {label: {t: value or Spread}} as lines over t in [0, 1] (t = 0 noise, t = 1 data), a Spread's sd as error
+    bars, log y axis: an error against the exact object along the flow (chapter 10's consistency models)."""
+    ax = _axes(ax, figsize=(5.5, 3.8))
+    _plot_rows(rows, ax, "t", ylabel, title, float, "float time")
+    ax.set(yscale="log", xlim=(0, 1))
     return ax
 
 

@@ -356,3 +356,50 @@ def test_steps_for_nfe_and_the_quality_sweep():
     sweep = quality_vs_nfe(ExactField(CondOTPath(), q), x0, ref, (1, 2, 4, 16), "midpoint")
     assert list(sweep) == [2, 4, 16]  # NFE 1 cannot be spent by midpoint: left out
     assert sweep[16] < sweep[2] / 5  # more evaluations, closer to the target
+
+
+# ----------------------------------------------------------------------------------------------- the flow map (ch. 10)
+def test_flow_map_semigroup_inverse_and_per_row_times():
+    from fmtoy.data import eight_gaussians
+    from fmtoy.marginal import ExactField
+    from fmtoy.paths import CondOTPath
+    from fmtoy.solvers import flow_map
+
+    field = ExactField(CondOTPath(), eight_gaussians())
+    x = torch.randn(400, 2, generator=make_generator(0), dtype=torch.float64)
+    whole = flow_map(field, x, 0.0, 1.0, steps=64)
+    resid = {}
+    for steps in (8, 16):  # two legs on grids unlike the whole step's: Phi_{0.3->1} o Phi_{0->0.3} = Phi_{0->1}
+        legs = flow_map(field, flow_map(field, x, 0.0, 0.3, steps=steps), 0.3, 1.0, steps=2 * steps)
+        resid[steps] = (legs - whole).norm(dim=1).max().item()
+    assert resid[16] < 1e-4 and resid[8] / resid[16] > 8  # to solver tolerance, which falls at RK4's order
+    back = flow_map(field, whole, 1.0, 0.0, steps=64)  # Phi_{1->0} inverts Phi_{0->1}
+    assert (back - x).abs().max() < 1e-4
+    s = torch.rand(400, generator=make_generator(1), dtype=torch.float64) * 0.5
+    t = s + 0.5
+    rows = flow_map(field, x, s, t, steps=32)
+    for i in (0, 7, 399):  # per-row times: each row its own interval, the same number of steps
+        one = flow_map(field, x[i : i + 1], s[i].item(), t[i].item(), steps=32)
+        torch.testing.assert_close(rows[i : i + 1], one, rtol=1e-12, atol=1e-12)
+    assert torch.equal(flow_map(field, x, 0.4, 0.4), x)
+    calls = []
+    flow_map(lambda y, tt: calls.append(1) or y, x, 0.0, 0.5, method="euler", steps_per_unit=4)
+    assert len(calls) == 2  # ceil(0.5 * 4) steps
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(s=1.5), "s must be"),
+        (dict(t=torch.full((10,), 1.2)), r"t must lie in \[0, 1\]"),
+        (dict(t=torch.full((3,), 0.5)), "t has 3 entries but x has 10 rows"),
+        (dict(steps=0), "steps"),
+        (dict(method="heun"), "allowed: euler, midpoint, rk4"),
+    ],
+)
+def test_flow_map_rejects_bad_input(kwargs, match):
+    from fmtoy.solvers import flow_map
+
+    args = dict(velocity=lambda y, tt: y, x=torch.zeros(10, 2), s=0.0, t=1.0)
+    with pytest.raises(ValueError, match=match):
+        flow_map(**{**args, **kwargs})

@@ -344,3 +344,73 @@ def test_discrete_bad_inputs(call, error, name):
     with pytest.raises(error, match=name) as info:
         call(SD)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- flow maps (ch. 10)
+is_zero = S.is_zero
+
+
+def _flowmap_modules():
+    from fmtoy.symbolic import flowmap, shortcut
+
+    return flowmap, shortcut
+
+
+def test_flow_map_properties_of_the_gaussian_flow():
+    F, Z = _flowmap_modules()
+    g = Z.gaussian_marginal_flow()
+    assert sp.simplify(F.semigroup_residual(g)) == 0
+    assert sp.simplify(F.backward_residual(g)) == 0
+    f = F.consistency_function(g)
+    assert sp.simplify(F.consistency_residual(f, g)) == 0 and sp.simplify(f(Z.x, 1) - Z.x) == 0
+    st = F.s_time
+    mean, variance = F.gaussian_pushforward(g, st * Z.m, sp.sqrt((1 - st) ** 2 + st**2 * Z.s_data**2))
+    assert sp.simplify(mean - Z.t * Z.m) == 0
+    assert sp.simplify(variance - ((1 - Z.t) ** 2 + Z.t**2 * Z.s_data**2)) == 0
+
+
+def test_flow_map_checks_fail_for_wrong_maps():
+    F, Z = _flowmap_modules()
+    g = Z.gaussian_marginal_flow()
+    euler = Z.KnownFlow(g.u, lambda xx, tt, rr: xx + (rr - tt) * g.u.subs({Z.x: xx, Z.t: tt}, simultaneous=True))
+    assert not is_zero(F.semigroup_residual(euler), method="points")  # one Euler step is not a flow map
+    assert not is_zero(F.backward_residual(euler), method="points")
+    f_wrong = lambda xx, tt: g.phi(xx, tt, sp.Rational(9, 10))  # noqa: E731  (ends at t = 0.9, not 1)
+    assert sp.simplify(F.consistency_residual(f_wrong, g)) == 0 and sp.simplify(f_wrong(Z.x, 1) - Z.x) != 0
+    with pytest.raises(ValueError, match="affine"):
+        F.gaussian_pushforward(Z.KnownFlow(Z.x**2, lambda xx, tt, rr: xx**3), 0, 1)
+
+
+def test_gaussian_reflow_costs_and_straight_paths():
+    F, Z = _flowmap_modules()
+    g = Z.gaussian_marginal_flow()
+    R = F.gaussian_reflow(g)
+    assert sp.expand(R.rectified_map - (Z.m + Z.s_data * Z.x)) == 0
+    assert sp.factor(R.cost_independent - R.cost_rectified) == 2 * Z.s_data  # > 0: the cost falls by 2s
+    assert sp.simplify(Z.flow_residual(R.rectified_flow)) == 0  # the rectified field generates the straight lines
+    assert sp.simplify(F.acceleration(R.rectified_flow)) == 0
+    assert not is_zero(F.acceleration(g), method="points")  # the marginal flow itself curves (s != 1)
+    assert sp.simplify(R.rectified_flow.phi(Z.x, 0, 1) - R.rectified_map) == 0  # a second reflow: the same coupling
+
+
+def test_distillation_fixed_point_is_the_solvers_composition():
+    F, Z = _flowmap_modules()
+    n = 4
+    lin, g = Z.linear_flow(), Z.gaussian_marginal_flow()
+    for flow in (lin, g):
+        exact = F.distillation_fixed_point(
+            lambda xx, k, flow=flow: flow.phi(xx, sp.Rational(k, n), sp.Rational(k + 1, n)), n
+        )
+        assert all(is_zero(exact[k] - flow.phi(Z.x, sp.Rational(k, n), 1), method="points") for k in range(n + 1))
+    euler = F.distillation_fixed_point(lambda xx, k: xx + Z.lam * xx / n, n)
+    assert sp.expand(euler[0] - (1 + Z.lam / n) ** n * Z.x) == 0  # n Euler steps, not exp(lambda) x
+    assert not is_zero(euler[0] - lin.phi(Z.x, 0, 1), method="points")
+
+
+def test_training_bias_is_second_order_with_the_conditional_variance():
+    F, _ = _flowmap_modules()
+    bias = F.training_bias()
+    assert sp.simplify(bias.difference - bias.second_order) == 0
+    assert bias.difference.has(F.var) and sp.diff(bias.difference, F.delta).subs(F.delta, 0) == 0
+    with pytest.raises(ValueError, match="at most 3"):
+        F.training_bias(order=4)

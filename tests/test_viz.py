@@ -295,3 +295,16 @@ def test_animate_chain_shows_each_step_and_checks_its_inputs():
         viz.animate_chain(dists[:2], points)
     with pytest.raises(ValueError, match=r"points must have shape \(steps \+ 1, n, 2\)"):
         viz.animate_chain(dists, torch.zeros(3, 7))
+
+
+def test_plot_vs_time_draws_spreads_over_t_on_a_log_axis():
+    from fmtoy.metrics import Spread
+    from fmtoy.viz import plot_vs_time
+
+    ax = plot_vs_time({"cd": {0.0: Spread([1.0, 3.0]), 0.5: Spread([0.2, 0.4]), 1: 9.0}})
+    line = ax.containers[0].lines[0]
+    assert list(line.get_xdata()) == [0.0, 0.5] and list(line.get_ydata()) == pytest.approx([2.0, 0.3])  # int: skipped
+    assert ax.get_yscale() == "log" and ax.get_xlim() == (0.0, 1.0)
+    with pytest.raises(ValueError, match="no float time keys"):
+        plot_vs_time({"c": {1: 0.1}})
+    plt.close("all")

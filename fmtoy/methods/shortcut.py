@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
 from ..data import Distribution, get_dataset
+from ..metrics import paired_error
 from ..models import VelocityMLP, _check_model_time
-from ..solvers import integrate, integrate_average
+from ..solvers import flow_map, integrate, integrate_average
 from ..threads import thread_policy
 from ..train import (
     FitContext,
@@ -336,17 +337,12 @@ def sample_shortcut(
     return integrate_average(s, x0, check_sampling_steps(steps, max_steps), return_trajectory)
 
 
-def _mean_gap(a: Tensor, b: Tensor) -> float:
-    """mean_i |a_i - b_i| in float64: the distance between paired samples (the same noise, two samplers)."""
-    return float((a - b).double().norm(dim=1).mean())
-
-
 def self_paired_error(s: Shortcut, x0: Tensor, steps: int = 1, max_steps: int | None = None) -> float:
     """mean_i |x_i^(steps) - x_i^(M)|: `steps` shortcut steps against M of the same model from the same noise (M its
     max_steps), the gap part 4 of ch. 6's theorem says perfect self-consistency closes."""
     max_steps = getattr(s, "max_steps", 128) if max_steps is None else check_max_steps(max_steps)
     few, many = sample_shortcut(s, x0, steps, max_steps), sample_shortcut(s, x0, max_steps, max_steps)
-    return _mean_gap(few, many)
+    return paired_error(few, many)
 
 
 def one_step_yardsticks(
@@ -369,7 +365,7 @@ def one_step_yardsticks(
     out = {
         "ED, N=1": energy_distance(one, reference),
         f"ED, {top}": energy_distance(many, reference),
-        "self-paired": _mean_gap(one, many),
+        "self-paired": paired_error(one, many),
     }
     if exact_end is not None:
         exact_end = check_points(exact_end, s.dim, name="exact_end")
@@ -377,7 +373,7 @@ def one_step_yardsticks(
         if m > len(x0):
             raise ValueError(f"exact_end has {m} rows, more than x0's {len(x0)}")
         for key, x in (("N=1", one), (top, many)):
-            out[f"paired to exact, {key}"] = _mean_gap(x[:m], exact_end)
+            out[f"paired to exact, {key}"] = paired_error(x[:m], exact_end)
     if mixture is not None:
         out["off-mode, N=1"], out[f"off-mode, {top}"] = (
             off_mode_fraction(one, mixture),
@@ -403,7 +399,8 @@ def off_mode_fraction(x: Tensor, mixture: Distribution, sds: float = 3.0) -> flo
 def exact_shortcut(
     field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float, d: float, steps_per_unit: int = 256
 ) -> Tensor:
-    """s*(x, t, d) = (phi_{t, t+d}(x) - x) / d by RK4 with ceil(d * steps_per_unit) steps; d = 0: the field u_t(x)."""
+    """s*(x, t, d) = (phi_{t, t+d}(x) - x) / d by RK4 (fmtoy.solvers.flow_map) with ceil(d * steps_per_unit) steps;
+    d = 0: the field u_t(x)."""
     x = check_points(x)
     t, d = check_unit_time("t", t), check_unit_time("d", d)
     if t + d > 1 + 1e-12:
@@ -412,8 +409,7 @@ def exact_shortcut(
         with torch.no_grad():
             return field(x, x.new_full((x.shape[0],), t))
     steps = max(1, math.ceil(d * check_positive_int("steps_per_unit", steps_per_unit) - 1e-9))
-    end = integrate(field, x, steps, "rk4", t0=t, t1=min(t + d, 1.0))
-    return (end - x) / d
+    return (flow_map(field, x, t, min(t + d, 1.0), steps=steps) - x) / d  # (Phi_{t->t+d}(x) - x) / d, ch. 10
 
 
 class ExactShortcut:
