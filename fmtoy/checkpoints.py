@@ -23,7 +23,9 @@ from torch import nn
 from ._files import default_mode, replace_folder, write_atomically
 from ._version import __version__
 from .device import resolve_device
+from .methods.consistency import ConsistencyConfig, ConsistencyMLP
 from .methods.meanflow import MeanFlowConfig, MeanFlowMLP
+from .methods.reflow import ReflowConfig
 from .methods.shortcut import ShortcutConfig, ShortcutMLP
 from .methods.vrfm import VRFMConfig, build_vrfm
 from .train import FitResult, TrainConfig, build_model
@@ -37,11 +39,14 @@ METHODS: dict[str, tuple[type, Callable[[object, int], nn.Module]]] = {
     "shortcut": (ShortcutConfig, lambda c, dim: build_model(c, dim, ShortcutMLP, max_steps=c.max_steps)),
     "meanflow": (MeanFlowConfig, lambda c, dim: build_model(c, dim, MeanFlowMLP)),
     "vrfm": (VRFMConfig, lambda c, dim: build_vrfm(c, dim)[0]),
+    "reflow": (ReflowConfig, lambda c, dim: build_model(c, dim)),
+    "consistency": (ConsistencyConfig, lambda c, dim: build_model(c, dim, ConsistencyMLP)),
 }
 
 
 def method_of(config: object) -> str:
-    """The method name of a config ("cfm", "shortcut", "meanflow", "vrfm"); TypeError for anything else."""
+    """The method name of a config ("cfm", "shortcut", "meanflow", "vrfm", "reflow", "consistency"); TypeError for
+    anything else."""
     for name, (cls, _) in METHODS.items():
         if type(config) is cls:
             return name

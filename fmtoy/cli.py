@@ -80,8 +80,15 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="{train,sample,animate,list,assign,grade,notebooks,student-book}", required=True
     )
 
-    t = sub.add_parser("train", help="train a model: conditional flow matching (default), shortcut, meanflow, vrfm")
-    t.add_argument("--method", default="cfm", help="cfm (default), shortcut, meanflow or vrfm (chapters 6-7)")
+    t = sub.add_parser(
+        "train",
+        help="train a model: conditional flow matching (default), shortcut, meanflow, vrfm, reflow, consistency",
+    )
+    t.add_argument(
+        "--method",
+        default="cfm",
+        help="cfm (default), shortcut, meanflow or vrfm (chapters 6-7), reflow or consistency (chapter 10)",
+    )
     t.add_argument("--data", default=None, help=f"data set (default {d.data}; vrfm: a setting, default hexagon_2d)")
     t.add_argument("--path", default=None, help=f"cfm only: probability path ot, ve, vp (default {d.path})")
     t.add_argument(
@@ -267,7 +274,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import warnings
 
     from .checkpoints import RunWriter, method_of
+    from .methods.consistency import train_consistency
     from .methods.meanflow import train_meanflow
+    from .methods.reflow import train_reflow
     from .methods.shortcut import train_shortcut
     from .methods.vrfm import train_vrfm
     from .train import TrainingDiverging, TrainingInterrupted, train_flow
@@ -278,7 +287,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{name}_{config.path if method == 'cfm' else method}".replace("/", "-"))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    entry = {"cfm": train_flow, "shortcut": train_shortcut, "meanflow": train_meanflow, "vrfm": train_vrfm}[method]
+    entry = {
+        "cfm": train_flow,
+        "shortcut": train_shortcut,
+        "meanflow": train_meanflow,
+        "vrfm": train_vrfm,
+        "reflow": train_reflow,
+        "consistency": train_consistency,
+    }[method]
     try:
         writer = RunWriter(out)  # before training: an unwritable --out fails now, not after the run
     except OSError as e:
@@ -346,11 +362,13 @@ def _run_data(config):
 
 def _flow(args: argparse.Namespace, trajectory: bool):
     """x_0 ~ p_0 of the run (seeded) pushed through the learned flow with args.steps steps: the ODE solver for CFM
-    and VRFM (z drawn once per particle), the N-step sampler for shortcut and MeanFlow models."""
+    and VRFM (z drawn once per particle) and reflow, the N-step sampler for shortcut and MeanFlow models, multistep
+    consistency sampling (fresh noise from the run's seed) for consistency models."""
     import torch
 
     from .checkpoints import method_of
     from .device import make_generator
+    from .methods.consistency import sample_consistency
     from .methods.meanflow import sample_meanflow
     from .methods.shortcut import sample_shortcut
     from .methods.vrfm import sample_vrfm
@@ -366,9 +384,11 @@ def _flow(args: argparse.Namespace, trajectory: bool):
             f"--n {n} particles x --steps {steps} would keep {size / 1024**3:.1f} GiB of trajectory; "
             f"allowed: at most {MAX_TRAJECTORY_BYTES // 1024**3} GiB (fewer --n or --steps)"
         )
+    threads, method = _threads(args.threads), method_of(config)
+    if method == "consistency" and trajectory:
+        raise ValueError("a consistency model jumps to the data and has no trajectory to animate; use `fmtoy sample`")
     gen = make_generator(args.seed, dev)
     x0 = source.sample(n, generator=gen, device=dev)
-    threads, method = _threads(args.threads), method_of(config)
     start = time.perf_counter()
     if method == "shortcut":
         x = sample_shortcut(model, x0, steps, return_trajectory=trajectory)
@@ -376,6 +396,8 @@ def _flow(args: argparse.Namespace, trajectory: bool):
         x = sample_meanflow(model, x0, steps, return_trajectory=trajectory)
     elif method == "vrfm":
         x = sample_vrfm(model, x0, steps, args.solver, generator=gen, return_trajectory=trajectory)
+    elif method == "consistency":
+        x = sample_consistency(model, x0, steps, generator=gen, intervals=config.intervals)
     else:
         x = integrate(model, x0, steps, args.solver, return_trajectory=trajectory, threads=threads)
     if not bool(torch.isfinite(x).all()):

@@ -76,6 +76,19 @@ def paired_error(x: Tensor, y: Tensor) -> float:
     return float((x.double() - y.double()).norm(dim=1).mean())
 
 
+def switched_modes(x: Tensor, y: Tensor, mixture) -> float:
+    """Fraction of paired rows whose nearest component mean (of a Gaussian mixture) differs between x_i and y_i: how
+    much of a paired error is samples landing in another mode (chapter 10)."""
+    x, y = check_points(x, name="x"), check_points(y, name="y")
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not hasattr(mixture, "means"):
+        raise TypeError(f"mixture must be a fmtoy GaussianMixture (with means), got {type(mixture).__name__}")
+    means = mixture.means.double().to(x.device)
+    nearest = [torch.cdist(v.double(), means).argmin(1) for v in (x, y)]
+    return float((nearest[0] != nearest[1]).double().mean())
+
+
 @under_policy
 def energy_distance(x: Tensor, y: Tensor) -> float:
     """Unbiased energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics, i != j): mean 0 when p = q."""

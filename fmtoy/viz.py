@@ -17,6 +17,7 @@ import torch
 from matplotlib import animation
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
+from matplotlib.image import AxesImage
 from torch import Tensor
 
 from ._checks import check_choice, check_positive, check_positive_int, check_unit_time, check_velocity_output
@@ -202,7 +203,7 @@ def markdown_table(
     header: Sequence[object], rows: Sequence[Sequence[object]], fmt: str = ".3f", align: str | None = None
 ) -> str:
     """A markdown table: numbers formatted with `fmt` (strings as they are); align per column, e.g. "lrr"."""
-    header = [str(h) for h in header]
+    header = [str(h).replace("|", "\\|") for h in header]
     if any(len(r) != len(header) for r in rows):
         raise ValueError(f"every row needs {len(header)} cells (one per header), got {sorted({len(r) for r in rows})}")
     align = align or "l" + "r" * (len(header) - 1)
@@ -220,6 +221,31 @@ def show_table(header: Sequence[object], rows: Sequence[Sequence[object]], title
     from IPython.display import Markdown, display
 
     display(Markdown((f"**{title}**\n\n" if title else "") + markdown_table(header, rows, **kwargs)))
+
+
+def plot_grid_values(
+    values: Tensor | np.ndarray,
+    lim: float,
+    ax: Axes | None = None,
+    *,
+    norm=None,
+    cmap: str = "magma",
+    title: str | None = None,
+) -> AxesImage:
+    """An image of one value per point of grid_points(lim, grid) (values of shape (grid * grid,)): e.g. a one-step
+    sampler's error |x^(1) - Phi_{0->1}(x_0)| over the noise x_0 (chapter 10). Returns the image (for a colorbar)."""
+    if not isinstance(values, (Tensor, np.ndarray)):
+        raise TypeError(f"values must be a torch.Tensor or numpy array of shape (grid * grid,), got {type(values)}")
+    arr = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else values.astype(np.float64)
+    grid = int(round(np.sqrt(arr.size)))
+    if arr.ndim != 1 or grid * grid != arr.size:
+        raise ValueError(f"values must hold grid * grid entries (one per grid_points cell), got {arr.size}")
+    ax = _axes(ax)
+    lim = check_positive("lim", lim)
+    image = ax.imshow(arr.reshape(grid, grid), origin="lower", extent=(-lim, lim, -lim, lim), norm=norm, cmap=cmap)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return image
 
 
 def plot_density(

@@ -66,6 +66,10 @@ WRONG = {
         "import math\ndef em_step(x, u, score, g, h, z):\n"
         "    return x + h * (u + g**2 * score) + g * math.sqrt(h) * z   # the reverse-time factor g^2"
     ),
+    "ex-ch10-cd-target": (
+        "import torch\ndef cd_target(f, field, x, t, dt):\n    with torch.no_grad():\n"
+        "        return f(x + dt * field(x, t), t)   # the target read at the start time, not at t + dt"
+    ),
     "ex-ch11-euler": (
         "import torch\ndef euler_probs(x, post, t, h):\n"
         "    lam = h   # forgot the 1 / (1 - t) of kappa' / (1 - kappa)\n"

@@ -249,6 +249,7 @@ def test_execution_table_sums_each_budget(fmbook):
         record("book/ch3_cfm", None),
         record("book/ch8_guidance", 41.0),
         record("book/ch9_sde", 39.0),
+        record("book/ch10_reflow", 50.0),
         record("book/ch11_discrete", 12.0),
     ]
     markdown, data = fmbook.execution_table(records)
@@ -256,8 +257,9 @@ def test_execution_table_sums_each_budget(fmbook):
         {"budget": "playground + chapters 1-7", "seconds": 230.5, "limit": 240.0, "over": False},
         {"budget": "chapter 8", "seconds": 41.0, "limit": 40.0, "over": True},
         {"budget": "chapter 9", "seconds": 39.0, "limit": 40.0, "over": False},
+        {"budget": "chapter 10", "seconds": 50.0, "limit": 60.0, "over": False},
         {"budget": "chapter 11", "seconds": 12.0, "limit": 40.0, "over": False},
-        {"budget": "whole book", "seconds": 342.5, "limit": 480.0, "over": False},
+        {"budget": "whole book", "seconds": 392.5, "limit": 480.0, "over": False},
     ]
     assert "OVER BUDGET" in budget_line(markdown, "chapter 8")
     assert "| 230.50 | 240 | within budget |" in budget_line(markdown, "playground + chapters 1-7")
@@ -280,6 +282,7 @@ def test_only_the_playground_and_chapters_1_to_7_count_against_the_240_s_budget(
     assert [(n, lim) for n, _, lim in fmbook.EXECUTION_BUDGETS[1:-1]] == [
         ("chapter 8", 40.0),
         ("chapter 9", 40.0),
+        ("chapter 10", 60.0),
         ("chapter 11", 40.0),
     ]
     assert counted == ["book/playground"] + sorted(d for d in toc_files(TOC) if re.fullmatch(r"book/ch[1-7]_\w+", d))

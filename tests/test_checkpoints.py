@@ -7,9 +7,11 @@ import pytest
 import torch
 from helpers import sample_run
 
-from fmtoy.checkpoints import FORMAT, load_checkpoint, save_checkpoint
+from fmtoy.checkpoints import FORMAT, load_checkpoint, save_checkpoint, save_run
 from fmtoy.cli import main
+from fmtoy.methods.consistency import ConsistencyConfig, train_consistency
 from fmtoy.methods.meanflow import MeanFlowConfig, train_meanflow
+from fmtoy.methods.reflow import ReflowConfig, train_reflow
 from fmtoy.methods.shortcut import ShortcutConfig, train_shortcut
 from fmtoy.methods.vrfm import VRFMConfig, train_vrfm
 from fmtoy.train import TrainConfig, train_flow
@@ -21,6 +23,8 @@ RUNS = {
     "shortcut": lambda: train_shortcut(ShortcutConfig(batch_size=32, max_steps=4, teacher="ema", **SMALL)),
     "meanflow": lambda: train_meanflow(MeanFlowConfig(batch_size=16, **SMALL)),
     "vrfm": lambda: train_vrfm(VRFMConfig(batch_size=16, **SMALL)),
+    "reflow": lambda: train_reflow(ReflowConfig(batch_size=16, pairs=64, teacher_steps=2, **SMALL)),
+    "consistency": lambda: train_consistency(ConsistencyConfig(batch_size=16, intervals=4, **SMALL)),
 }
 
 
@@ -83,7 +87,9 @@ def test_version_1_cfm_checkpoints_still_load(tmp_path):
     assert torch.equal(_outputs(model), _outputs(m)) and config.hidden == m.hidden
 
 
-@pytest.mark.parametrize("method, steps", [("shortcut", "2"), ("meanflow", "2"), ("vrfm", "3")])
+@pytest.mark.parametrize(
+    "method, steps", [("shortcut", "2"), ("meanflow", "2"), ("vrfm", "3"), ("reflow", "2"), ("consistency", "2")]
+)
 def test_the_cli_trains_and_samples_every_method(method, steps, tmp_path, capsys):
     run = tmp_path / method
     assert (
@@ -117,7 +123,10 @@ def test_cfm_only_options_are_refused_for_other_methods(capsys):
     assert main(["train", "--method", "shortcut", "--path", "ve"]) == 2
     assert "--path applies to --method cfm only" in capsys.readouterr().err
     assert main(["train", "--method", "diffusion"]) == 2
-    assert "unknown method 'diffusion'; allowed: cfm, meanflow, shortcut, vrfm" in capsys.readouterr().err
+    assert (
+        "unknown method 'diffusion'; allowed: cfm, consistency, meanflow, reflow, shortcut, vrfm"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("method", RUNS)
@@ -248,3 +257,11 @@ def test_an_interrupted_run_is_marked(tmp_path):
     assert interrupted_at(tmp_path / "r") == 4 and interrupted_at(tmp_path / "r" / "model.pt") == 4
     save_run(tmp_path / "r", _run(2))  # a complete run in its place: no mark
     assert interrupted_at(tmp_path / "r") is None
+
+
+def test_a_consistency_run_has_no_trajectory_to_animate(tmp_path, capsys):
+    run = tmp_path / "cm"
+    save_run(run, RUNS["consistency"]())
+    out = tmp_path / "a.html"
+    assert main(["animate", "--run", str(run), "--n", "20", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 2
+    assert "has no trajectory to animate" in capsys.readouterr().err and not out.exists()

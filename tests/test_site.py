@@ -189,9 +189,10 @@ def test_the_build_reports_every_notebooks_execution_time(site):
         240,
         40,
         40,
+        60,
         40,
         480,
-    ]  # playground + ch1-7, chapters 8, 9, 11, book
+    ]  # playground + ch1-7, chapters 8, 9, 10, 11, book
 
 
 def test_the_book_kernels_train_under_the_thread_policy(site):

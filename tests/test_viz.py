@@ -242,6 +242,7 @@ def test_markdown_table_formats_numbers_and_refuses_ragged_rows():
 
     text = markdown_table(["model", "ED"], [["FM", 0.12345], ["a|b", 2]], fmt=".2f")
     assert text.splitlines() == ["| model | ED |", "| --- | ---: |", "| FM | 0.12 |", "| a\\|b | 2 |"]
+    assert markdown_table(["E|x|", "b"], [[1, 2]]).splitlines()[0] == "| E\\|x\\| | b |"  # a header's bars too
     with pytest.raises(ValueError, match="every row needs 2 cells"):
         markdown_table(["a", "b"], [[1]])
     with pytest.raises(ValueError, match="align must have one of l, r, c per column"):
@@ -307,4 +308,18 @@ def test_plot_vs_time_draws_spreads_over_t_on_a_log_axis():
     assert ax.get_yscale() == "log" and ax.get_xlim() == (0.0, 1.0)
     with pytest.raises(ValueError, match="no float time keys"):
         plot_vs_time({"c": {1: 0.1}})
+    plt.close("all")
+
+
+def test_plot_grid_values_draws_one_cell_per_grid_point():
+    from fmtoy.viz import grid_points, plot_grid_values
+
+    points, _ = grid_points(3.0, 10)
+    image = plot_grid_values(points[:, 0], 3.0, title="x")  # the x coordinate: columns increase left to right
+    arr = image.get_array()
+    assert arr.shape == (10, 10) and (arr[:, 1:] > arr[:, :-1]).all() and image.get_extent() == [-3, 3, -3, 3]
+    with pytest.raises(ValueError, match="grid \\* grid"):
+        plot_grid_values(torch.zeros(10), 3.0)
+    with pytest.raises(TypeError, match="values must be"):
+        plot_grid_values([0.0] * 4, 3.0)
     plt.close("all")

@@ -21,6 +21,7 @@ EXECUTION_BUDGETS = (
     ("playground + chapters 1-7", r"book/(playground|ch[1-7]_\w+)", 240.0),
     ("chapter 8", r"book/ch8_\w+", 40.0),
     ("chapter 9", r"book/ch9_\w+", 40.0),
+    ("chapter 10", r"book/ch10_\w+", 60.0),
     ("chapter 11", r"book/ch11_\w+", 40.0),
     ("whole book", r".*", 480.0),
 )

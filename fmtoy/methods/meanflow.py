@@ -11,6 +11,7 @@ flow-matching rows (d = 0) keep the noise-side one, t = min; the adaptive weight
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,9 +96,11 @@ def meanflow_loss(
     eps = check_positive("eps", eps)
     tc, dc = _check_model_time(t, x0.shape[0], x0), _check_model_time(d, x0.shape[0], x0)
     xt, v = (1 - tc) * x0 + tc * x1, x1 - x0
-    s, ds = torch.func.jvp(
-        lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc), (v, torch.ones_like(tc), -torch.ones_like(dc))
-    )
+    with warnings.catch_warnings():  # torch loads its JVP decompositions through torch.jit.script, once per process
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        s, ds = torch.func.jvp(
+            lambda a, b, c: model(a, b[:, 0], c[:, 0]), (xt, tc, dc), (v, torch.ones_like(tc), -torch.ones_like(dc))
+        )
     y = (v + dc * ds).detach()  # the regression target, without gradient
     err = (s - y).square().sum(1)
     weight = (err.detach() + eps).pow(-power) if power > 0 else torch.ones_like(err)

@@ -1,4 +1,4 @@
-"""Reflow (Liu et al. 2022; ch. 10): the rectified coupling (x_0, Phi_{0->1}(x_0)) of a flow, its transport costs,
+"""Reflow (Liu et al. 2023; ch. 10): the rectified coupling (x_0, Phi_{0->1}(x_0)) of a flow, its transport costs,
 and flow matching on a fixed coupling, on fmtoy.train.fit.
 
 Rectify((X_0, X_1)) is the flow of v(x, t) = E[X_1 - X_0 | X_t = x], X_t = (1 - t) X_0 + t X_1. Started from the
@@ -41,7 +41,7 @@ COSTS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def rectified_coupling(velocity: Velocity, x0: Tensor, steps: int = 64, method: str = "rk4") -> tuple[Tensor, Tensor]:
-    """(x_0, Phi_{0->1}(x_0)): the coupling a flow defines (Liu et al. 2022, Rectify), the end points by `steps`
+    """(x_0, Phi_{0->1}(x_0)): the coupling a flow defines (Liu et al. 2023, Rectify), the end points by `steps`
     fixed steps of `method` (no gradient)."""
     x0 = check_points(x0, name="x0")
     return x0, flow_map(velocity, x0, 0.0, 1.0, steps=check_positive_int("steps", steps), method=method)
