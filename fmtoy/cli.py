@@ -408,11 +408,20 @@ def _flow(args: argparse.Namespace, trajectory: bool):
     return x.cpu(), config, model, time.perf_counter() - start
 
 
+def _sampler_label(config, args: argparse.Namespace) -> str:
+    """How a run was sampled: the ODE solver with its NFE, or the method's own N-step sampler (one call a step)."""
+    from .checkpoints import method_of
+    from .solvers import nfe
+
+    method = method_of(config)
+    if method in ("shortcut", "meanflow", "consistency"):
+        return f"{method} sampler, {args.steps} steps, NFE={args.steps}"
+    return f"{args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample x_1 = psi_1(x_0) from a run and write it as .npy, .csv or .png."""
     import numpy as np
-
-    from .solvers import nfe
 
     out = Path(args.out)
     if out.suffix.lower() not in SAMPLE_FORMATS:
@@ -445,14 +454,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             lim=lim,
             color="C1",
             s=3,
-            title=f"{name}: {len(arr)} samples, {args.solver}, NFE={nfe(args.solver, args.steps)}",
+            title=f"{name}: {len(arr)} samples, {_sampler_label(config, args)}",
         )
         write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
-    print(
-        f"sampled {len(arr)} points ({args.solver}, {args.steps} steps, NFE={nfe(args.solver, args.steps)}) "
-        f"in {seconds:.2f} s; wrote {out}"
-    )
+    print(f"sampled {len(arr)} points ({_sampler_label(config, args)}) in {seconds:.2f} s; wrote {out}")
     return 0
 
 

@@ -117,6 +117,9 @@ def test_the_cli_trains_and_samples_every_method(method, steps, tmp_path, capsys
     sample_run(str(run), str(tmp_path / "x.npy"), "--n", "50", "--steps", steps)
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (50, 2) and np.isfinite(x).all()
+    own = method in ("shortcut", "meanflow", "consistency")  # one network call a step; else the midpoint solver's 2
+    want = f"{method} sampler, {steps} steps, NFE={steps}" if own else f"midpoint, {steps} steps, NFE={2 * int(steps)}"
+    assert want in capsys.readouterr().out
 
 
 def test_cfm_only_options_are_refused_for_other_methods(capsys):
