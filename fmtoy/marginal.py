@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_points, check_time
-from .data import GaussianMixture, StandardNormal
-from .paths import GaussianPath
+from .data import GaussianMixture, StandardNormal, get_dataset
+from .paths import CondOTPath, GaussianPath
 from .threads import under_policy
 
 LOG_2PI = math.log(2 * math.pi)
@@ -219,6 +219,18 @@ def marginal_distribution(
     covs = (al**2 * target.covs[None] + sg**2 * source.covs[:, None]).reshape(k, d, d)
     weights = (source.weights[:, None] * target.weights[None]).reshape(k)
     return GaussianMixture(weights, means, covs, name=f"p_t(t={t.item():.4g}, {path.name}, {target.name})")
+
+
+def exact_field_of(data: str, path: GaussianPath | None = None) -> ExactField:
+    """The exact marginal field from N(0, I) to the named data set along `path` (CondOT by default): ch. 10's
+    referee. ValueError unless the data set is a Gaussian mixture (only then is the field known in closed form)."""
+    target = get_dataset(data)
+    if not isinstance(target, GaussianMixture):
+        raise ValueError(
+            f"the exact field is known for Gaussian-mixture data sets only (e.g. eight_gaussians), got {data!r}: "
+            "reflow and consistency distillation from the exact field need one (use a trained flow otherwise)"
+        )
+    return ExactField(CondOTPath() if path is None else path, target)
 
 
 class ExactField:

@@ -347,3 +347,11 @@ def test_error_messages():
         M.marginal_log_prob(X, 0.5, CondOTPath(), EIGHT, StandardNormal(3))
     with pytest.raises(TypeError, match="GaussianMixture"):
         M.marginal_velocity(X, 0.5, CondOTPath(), None)
+
+
+def test_exact_field_of_a_named_mixture_and_the_refusal_of_others():
+    field = M.exact_field_of("eight_gaussians")
+    assert isinstance(field, M.ExactField) and isinstance(field.path, CondOTPath)
+    assert isinstance(M.exact_field_of("eight_gaussians", VPPath()).path, VPPath)
+    with pytest.raises(ValueError, match="Gaussian-mixture data sets only .* got 'checkerboard'"):
+        M.exact_field_of("checkerboard")

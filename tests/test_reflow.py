@@ -9,11 +9,10 @@ import torch
 
 from fmtoy.data import GaussianMixture, eight_gaussians
 from fmtoy.device import make_generator
-from fmtoy.marginal import ExactField
+from fmtoy.marginal import ExactField, exact_field_of
 from fmtoy.methods.reflow import (
     COSTS,
     ReflowConfig,
-    exact_field_of,
     fit_coupling,
     fit_reflow,
     pool_sampler,

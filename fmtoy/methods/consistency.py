@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_points, check_positive_int
 from ..data import Distribution, get_dataset
 from ..device import resolve_device
+from ..marginal import exact_field_of
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import SOLVERS, Velocity, flow_map
 from ..threads import thread_policy
@@ -37,7 +38,6 @@ from ..train import (
     run_config,
     train_flow,
 )
-from .reflow import exact_field_of
 
 Consistency = Callable[[Tensor, Tensor], Tensor]  # f(x, t): x (n, dim), t (n,) -> (n, dim)
 MODES = ("distillation", "training")

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_points, check_positive_int
-from ..data import GaussianMixture, StandardNormal, get_dataset
+from ..data import StandardNormal
 from ..device import make_generator, resolve_device
 from ..losses import cfm_loss
-from ..marginal import ExactField
+from ..marginal import ExactField, exact_field_of
 from ..paths import CondOTPath
 from ..solvers import SOLVERS, Velocity, flow_map
 from ..train import (
@@ -119,17 +119,6 @@ class ReflowConfig(RecipeConfig):
         check_choice("solver", self.solver, SOLVERS)
 
 
-def exact_field_of(data: str) -> ExactField:
-    """The exact CondOT marginal field from N(0, I) to the named data set, which must be a Gaussian mixture."""
-    target = get_dataset(data)
-    if not isinstance(target, GaussianMixture):
-        raise ValueError(
-            f"reflow from the exact field needs a Gaussian-mixture data set (its flow is computable), got {data!r}; "
-            "use fit_coupling with pairs from a trained flow instead"
-        )
-    return ExactField(CondOTPath(), target)
-
-
 def _reflow(
     model: nn.Module,
     teacher: Velocity,
@@ -203,5 +192,4 @@ __all__ = [
     "fit_reflow",
     "ReflowConfig",
     "train_reflow",
-    "exact_field_of",
 ]
