@@ -46,6 +46,16 @@ def check_points(x: Tensor, dim: int | None = None, name: str = "x") -> Tensor:
     return x
 
 
+def check_paired(a: Tensor, b: Tensor, names: tuple[str, str] = ("x0", "x1")) -> tuple[Tensor, Tensor]:
+    """Return (a, b) if both are point sets of one shape (n, d), row i of one paired with row i of the other."""
+    a, b = check_points(a, name=names[0]), check_points(b, name=names[1])
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape (n, d), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return a, b
+
+
 def check_time(t: float | Tensor, n: int | None = None, like: Tensor | None = None) -> Tensor:
     """Return t as a tensor of shape (n, 1) (or (1, 1) for a scalar) after checking 0 <= t <= 1.
 

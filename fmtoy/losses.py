@@ -7,18 +7,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_points
+from ._checks import check_choice, check_paired
 from .models import _check_model_time
 
 Coupling = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
-
-
-def _check_pair(x0: Tensor, x1: Tensor) -> None:
-    """Check that x0 (source) and x1 (target) are point sets of the same shape (n, d)."""
-    check_points(x0, name="x0")
-    check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape (n, d), got {tuple(x0.shape)} and {tuple(x1.shape)}")
 
 
 def cfm_loss(
@@ -29,7 +21,7 @@ def cfm_loss(
 
     Shape checks only (no range check on t, no device sync): callers keep t in [path.t_min, path.t_max].
     """
-    _check_pair(x0, x1)
+    check_paired(x0, x1)
     if not callable(getattr(path, "schedule", None)):
         raise TypeError(f"path must be a GaussianPath (fmtoy.paths, with .schedule(t)), got {type(path).__name__}")
     tc = _check_model_time(t, x0.shape[0], x0)  # (n, 1)
@@ -47,14 +39,14 @@ def cfm_loss(
 
 def independent_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
     """pi(x_0, x_1) = p_0(x_0) q(x_1): keep the independently drawn pairs as they are."""
-    _check_pair(x0, x1)
+    check_paired(x0, x1)
     return x0, x1
 
 
 @torch.no_grad()
 def minibatch_ot_coupling(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
     """Minibatch OT (Tong et al. 2023): re-pair x1 by the permutation minimising sum_i |x0_i - x1_sigma(i)|^2."""
-    _check_pair(x0, x1)
+    check_paired(x0, x1)
     cost = torch.cdist(x0.double(), x1.double()).square().cpu().numpy()
     from scipy.optimize import linear_sum_assignment  # imported on first use (0.3 s)
 

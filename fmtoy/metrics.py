@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_points, check_positive, check_positive_int
+from ._checks import check_paired, check_points, check_positive, check_positive_int
 from .data import StandardNormal
 from .solvers import STAGES, Velocity, integrate, log_likelihood, steps_for_nfe
 from .threads import under_policy
@@ -70,18 +70,14 @@ def _mean_pairwise(x: Tensor, y: Tensor, same: bool, kernel=None) -> float:
 def paired_error(x: Tensor, y: Tensor) -> float:
     """mean_i |x_i - y_i| in float64: the distance between paired samples (the same noise through two samplers, or a
     sample and the exact flow map's image of its noise)."""
-    x, y = check_points(x, name="x"), check_points(y, name="y")
-    if x.shape != y.shape:
-        raise ValueError(f"paired samples need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = check_paired(x, y, ("x", "y"))
     return float((x.double() - y.double()).norm(dim=1).mean())
 
 
 def switched_modes(x: Tensor, y: Tensor, mixture) -> float:
     """Fraction of paired rows whose nearest component mean (of a Gaussian mixture) differs between x_i and y_i: how
     much of a paired error is samples landing in another mode (chapter 10)."""
-    x, y = check_points(x, name="x"), check_points(y, name="y")
-    if x.shape != y.shape:
-        raise ValueError(f"paired samples need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = check_paired(x, y, ("x", "y"))
     if not hasattr(mixture, "means"):
         raise TypeError(f"mixture must be a fmtoy GaussianMixture (with means), got {type(mixture).__name__}")
     means = mixture.means.double().to(x.device)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_points, check_positive_int
+from .._checks import check_choice, check_paired, check_points, check_positive_int
 from ..data import Distribution, get_dataset
 from ..device import resolve_device
 from ..marginal import exact_field_of
@@ -110,9 +110,7 @@ def consistency_loss(
     """mean_i |f(x_{t_i}, t_i) - target_i|^2 on grid times t_i (ch. 10): the distillation target (needs `field`) or
     the training target; the target comes from `teacher` (default: the model itself, without gradient)."""
     check_choice("mode", mode, MODES)
-    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    x0, x1 = check_paired(x0, x1)
     if mode == "distillation" and not callable(field):
         raise ValueError("mode='distillation' needs field, the velocity v(x, t) to distil (exact or trained)")
     dt = 1.0 / check_intervals(intervals)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_points, check_positive, check_positive_int
+from .._checks import check_choice, check_paired, check_points, check_positive, check_positive_int
 from ..data import Distribution, get_dataset
 from ..models import VelocityMLP, _check_model_time
 from ..solvers import integrate_average
@@ -89,9 +89,7 @@ def meanflow_loss(
     """mean_i w_i |s(x_t, t, d) - sg(v + d (v . grad_x s + d_t s - d_d s))|^2, v = x_1 - x_0, x_t = (1-t) x_0 + t x_1
     (ch. 6, Prop. MeanFlow); adaptive weight w = sg(1 / (|err|^2 + eps)^power) (official: power 1, eps 0.01; power 0:
     plain squared error)."""
-    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    x0, x1 = check_paired(x0, x1)
     power = check_positive("power", power, allow_zero=True)
     eps = check_positive("eps", eps)
     tc, dc = _check_model_time(t, x0.shape[0], x0), _check_model_time(d, x0.shape[0], x0)

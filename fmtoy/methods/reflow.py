@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_points, check_positive_int
+from .._checks import check_choice, check_paired, check_points, check_positive_int
 from ..data import StandardNormal
 from ..device import make_generator, resolve_device
 from ..losses import cfm_loss
@@ -47,20 +47,10 @@ def rectified_coupling(velocity: Velocity, x0: Tensor, steps: int = 64, method: 
     return x0, flow_map(velocity, x0, 0.0, 1.0, steps=check_positive_int("steps", steps), method=method)
 
 
-def _check_pairs(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-    """x0 and x1: point sets of one shape, row i of one paired with row i of the other."""
-    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(
-            f"x0 and x1 must have the same shape (paired rows), got {tuple(x0.shape)} and {tuple(x1.shape)}"
-        )
-    return x0, x1
-
-
 def transport_cost(x0: Tensor, x1: Tensor, cost: str = "squared") -> tuple[float, float]:
     """(mean, standard error) of c(x_1 - x_0) over paired rows: E c(X_1 - X_0) of a coupling, c in COSTS (ch. 10,
     Thm. reflow)."""
-    x0, x1 = _check_pairs(x0, x1)
+    x0, x1 = check_paired(x0, x1)
     c = COSTS[check_choice("cost", cost, COSTS)]((x1 - x0).double())
     if len(c) < 2:
         raise ValueError(f"a transport cost with a standard error needs at least 2 pairs, got {len(c)}")
@@ -69,7 +59,7 @@ def transport_cost(x0: Tensor, x1: Tensor, cost: str = "squared") -> tuple[float
 
 def pool_sampler(x0: Tensor, x1: Tensor) -> Callable[[FitContext], tuple[Tensor, Tensor]]:
     """draw(ctx) -> batch_size rows (x_0, x_1) of a fixed coupling, drawn with replacement from fit's generator."""
-    x0, x1 = _check_pairs(x0, x1)
+    x0, x1 = check_paired(x0, x1)
     pools: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def draw(ctx: FitContext) -> tuple[Tensor, Tensor]:

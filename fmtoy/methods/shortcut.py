@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
+from .._checks import check_choice, check_paired, check_points, check_positive, check_positive_int, check_unit_time
 from ..data import Distribution, get_dataset
 from ..metrics import paired_error
 from ..models import VelocityMLP, _check_model_time
@@ -195,9 +195,7 @@ def shortcut_batch(
 ) -> ShortcutBatch:
     """Stratified levels (each of 0 ... L-1 gets floor(m / L) rows, the rest d = 1, as in the official code), t on
     the grid of its own d; flow-matching rows get t ~ U{0, 1/M, ..., 1 - 1/M} and level L."""
-    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    x0, x1 = check_paired(x0, x1)
     n, dev = x0.shape[0], x0.device
     m = sc_rows(n, k, max_steps)
     top = n_levels(max_steps) - 1

@@ -20,10 +20,10 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_points, check_positive, check_positive_int, check_unit_time
+from .._checks import check_choice, check_paired, check_points, check_positive, check_positive_int, check_unit_time
 from ..data import Distribution, GaussianMixture, StandardNormal, circle_mixture, eight_gaussians
 from ..device import make_generator, resolve_device
-from ..losses import _check_pair, cfm_loss
+from ..losses import cfm_loss
 from ..marginal import ExactField, _check_models, posterior_weights
 from ..metrics import Spread, _mean_pairwise, energy_distance
 from ..models import VelocityMLP, _check_model_time
@@ -107,7 +107,7 @@ class PosteriorEncoder(nn.Module):
 
     def forward(self, x0: Tensor, x1: Tensor, xt: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar), each (n, latent_dim), from the inputs named in self.inputs (the others are ignored)."""
-        _check_pair(x0, x1)
+        check_paired(x0, x1)
         if xt.shape != x0.shape:
             raise ValueError(f"xt must have the shape of x0 {tuple(x0.shape)}, got {tuple(xt.shape)}")
         w = self.net[0].weight
@@ -225,7 +225,7 @@ def vrfm_loss(
     """
     kl_weight = check_positive("kl_weight", kl_weight, allow_zero=True)
     path = CondOTPath() if path is None else path
-    _check_pair(x0, x1)
+    check_paired(x0, x1)
     k = _latent_dim(model)
     if encoder is None:
         z = x0.new_zeros(x0.shape[0], k) if k else None
@@ -263,7 +263,7 @@ def vrfm_elbo(
     kl_weight = check_positive("kl_weight", kl_weight)
     n_samples = check_positive_int("n_samples", n_samples)
     path = CondOTPath() if path is None else path
-    _check_pair(x0, x1)
+    check_paired(x0, x1)
     tc = _check_model_time(t, x0.shape[0], x0)
     xt, v = _schedule_xt(path, x0, x1, tc), _schedule_v(path, x0, x1, tc)
     mu, logvar = _posterior(encoder, model, x0, x1, xt, tc)

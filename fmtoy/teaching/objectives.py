@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_points, check_positive, check_positive_int, check_time
+from .._checks import check_choice, check_paired, check_points, check_positive, check_positive_int, check_time
 from ..data import Distribution, GaussianMixture
 from ..device import make_generator
 from ..marginal import marginal_velocity
@@ -160,9 +160,7 @@ def cfm_loss_x0(
     s = check_positive("sigma_min", sigma_min, allow_zero=True)
     if s >= 1:
         raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
-    x0, x1 = check_points(x0, name="x0"), check_points(x1, name="x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape (n, d), got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    x0, x1 = check_paired(x0, x1)
     tc = check_time(t, x0.shape[0], like=x0)
     psi = tc * x1 + (1 - (1 - s) * tc) * x0
     return squared_error(x1 - (1 - s) * x0, _predict(model, psi, tc)).mean()
