@@ -144,8 +144,8 @@ def flow_map(
         else:
             times.append(check_unit_time(name, v))
     s, t = times
-    span = float((t - s).abs().max()) if isinstance(s, Tensor) or isinstance(t, Tensor) else abs(t - s)
-    if steps is None:
+    if steps is None:  # (a device sync for per-row times: only when the caller leaves the step count to us)
+        span = float((t - s).abs().max()) if isinstance(s, Tensor) or isinstance(t, Tensor) else abs(t - s)
         steps = max(1, math.ceil(span * check_positive_int("steps_per_unit", steps_per_unit) - 1e-9))
     steps = check_positive_int("steps", steps)
     if not isinstance(s, Tensor) and not isinstance(t, Tensor):

@@ -11,6 +11,7 @@ t_n = n / N, n = 0 ... N - 1; the loss is |f_theta(x_{t_n}, t_n) - sg f_teacher(
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -190,19 +191,10 @@ class ConsistencyConfig(RecipeConfig):
         check_positive_int("teacher_steps", self.teacher_steps)
 
     def flow_teacher(self) -> TrainConfig:
-        """The TrainConfig of the flow-matching teacher of field="flow" (the same recipe as the chapter's FM row)."""
-        return TrainConfig(
-            data=self.data,
-            steps=self.teacher_steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            hidden=self.hidden,
-            depth=self.depth,
-            seed=self.seed,
-            device=self.device,
-            lr_schedule=self.lr_schedule,
-            threads=self.threads,
-        )
+        """The TrainConfig of the flow-matching teacher of field="flow": this recipe's shared fields (data, network,
+        batch, lr, seed, device, ...) with teacher_steps steps (the same recipe as the chapter's FM row)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecipeConfig)}
+        return TrainConfig(**{**shared, "steps": self.teacher_steps})
 
 
 def _fit_recipe(

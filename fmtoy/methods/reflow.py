@@ -23,7 +23,6 @@ from ..marginal import ExactField, exact_field_of
 from ..paths import CondOTPath
 from ..solvers import SOLVERS, Velocity, flow_map
 from ..train import (
-    FitConfig,
     FitContext,
     FitResult,
     RecipeConfig,
@@ -109,35 +108,6 @@ class ReflowConfig(RecipeConfig):
         check_choice("solver", self.solver, SOLVERS)
 
 
-def _reflow(
-    model: nn.Module,
-    teacher: Velocity,
-    rounds: int,
-    pairs: int,
-    teacher_steps: int,
-    solver: str,
-    config: FitConfig,
-    progress: bool,
-) -> FitResult:
-    """`rounds` reflows starting from `teacher`; each round's network starts from a copy of `model`'s weights."""
-    dev = resolve_device(config.device)
-    fresh = copy.deepcopy(model)
-    x0 = StandardNormal(model.dim).sample(pairs, make_generator(config.seed, "cpu")).double()
-    earlier: dict[str, nn.Module] = {}
-    seconds, result = 0.0, None
-    for k in range(1, rounds + 1):
-        if result is not None:
-            teacher = earlier[f"round_{k - 1}"] = result.model
-            model = copy.deepcopy(fresh)
-        src = x0.to(dev, torch.float64 if isinstance(teacher, ExactField) else torch.float32)
-        _, x1 = rectified_coupling(teacher, src, teacher_steps, solver)
-        result = fit_coupling(model, src, x1, progress=progress, **vars(config))
-        seconds += result.seconds
-    result.modules.update(earlier)
-    result.seconds = seconds
-    return result
-
-
 def fit_reflow(
     model: nn.Module,
     teacher: Velocity,
@@ -162,7 +132,22 @@ def fit_reflow(
     rounds, pairs = check_positive_int("rounds", rounds), check_positive_int("pairs", pairs)
     check_positive_int("teacher_steps", teacher_steps)
     check_choice("solver", solver, SOLVERS)
-    return _reflow(model, teacher, rounds, pairs, teacher_steps, solver, fit_options(options, lr=3e-3), progress)
+    config = fit_options(options, lr=3e-3)
+    dev, fresh = resolve_device(config.device), copy.deepcopy(model)  # every round starts from model's weights
+    x0 = StandardNormal(model.dim).sample(pairs, make_generator(config.seed, "cpu")).double()
+    earlier: dict[str, nn.Module] = {}
+    seconds, result = 0.0, None
+    for k in range(1, rounds + 1):
+        if result is not None:
+            teacher = earlier[f"round_{k - 1}"] = result.model
+            model = copy.deepcopy(fresh)
+        src = x0.to(dev, torch.float64 if isinstance(teacher, ExactField) else torch.float32)
+        _, x1 = rectified_coupling(teacher, src, teacher_steps, solver)
+        result = fit_coupling(model, src, x1, progress=progress, **vars(config))
+        seconds += result.seconds
+    result.modules.update(earlier)
+    result.seconds = seconds
+    return result
 
 
 def train_reflow(config: ReflowConfig, progress: bool = False) -> FitResult:
