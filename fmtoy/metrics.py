@@ -74,15 +74,20 @@ def paired_error(x: Tensor, y: Tensor) -> float:
     return float((x.double() - y.double()).norm(dim=1).mean())
 
 
+def nearest_mode(x: Tensor, mixture) -> Tensor:
+    """Index of the nearest component mean of a Gaussian mixture for each row of x, shape (n,) (chapter 10: the mode a
+    sample landed in, the basin of a noise point)."""
+    x = check_points(x)
+    if not hasattr(mixture, "means"):
+        raise TypeError(f"mixture must be a fmtoy GaussianMixture (with means), got {type(mixture).__name__}")
+    return torch.cdist(x.double(), mixture.means.double().to(x.device)).argmin(1)
+
+
 def switched_modes(x: Tensor, y: Tensor, mixture) -> float:
     """Fraction of paired rows whose nearest component mean (of a Gaussian mixture) differs between x_i and y_i: how
     much of a paired error is samples landing in another mode (chapter 10)."""
     x, y = check_paired(x, y, ("x", "y"))
-    if not hasattr(mixture, "means"):
-        raise TypeError(f"mixture must be a fmtoy GaussianMixture (with means), got {type(mixture).__name__}")
-    means = mixture.means.double().to(x.device)
-    nearest = [torch.cdist(v.double(), means).argmin(1) for v in (x, y)]
-    return float((nearest[0] != nearest[1]).double().mean())
+    return float((nearest_mode(x, mixture) != nearest_mode(y, mixture)).double().mean())
 
 
 @under_policy

@@ -275,12 +275,12 @@ def test_spread_over_seeds_claims_seed_by_seed():
 
 def test_paired_error_and_switched_modes():
     from fmtoy.data import eight_gaussians
-    from fmtoy.metrics import paired_error, switched_modes
+    from fmtoy.metrics import nearest_mode, paired_error, switched_modes
 
     q = eight_gaussians()
     x = q.means[[0, 1, 2, 3]].double() + 0.1
     y = q.means[[0, 1, 5, 3]].double()
-    assert switched_modes(x, y, q) == 0.25
+    assert switched_modes(x, y, q) == 0.25 and nearest_mode(x, q).tolist() == [0, 1, 2, 3]
     assert paired_error(x, x + torch.tensor([3.0, 4.0], dtype=torch.float64)) == pytest.approx(5.0)
     with pytest.raises(ValueError, match="same shape"):
         paired_error(x, y[:2])
