@@ -430,53 +430,69 @@ def test_ctrl_c_saves_the_run_so_far_marked_interrupted(tmp_path):
 
 
 KILLER = r"""
-import json, os, shutil, signal, sys, time
-import fmtoy.checkpoints as C, fmtoy.cli, fmtoy.train  # everything imported before forking,
+import json, os, signal, shutil, sys
+import fmtoy._files as F, fmtoy.checkpoints as C, fmtoy.cli, fmtoy.train  # everything imported before forking,
 import torch._dynamo  # noqa (what torch.optim imports on first use: 1.3 s in every fork otherwise)
 folder, snapshots, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for name in ("fsync", "rename", "replace", "link"):  # every step of the save takes a few ms: kills land inside it
-    def slowed(*a, _call=getattr(os, name), **k):
-        time.sleep(0.003)
-        return _call(*a, **k)
-    setattr(os, name, slowed)
-write, signal_fd = C.RunWriter.write, [None]
-def announced(self, *a, **k):  # the moment the save begins, told to the killer through a pipe
-    os.write(signal_fd[0], b"S")
-    return write(self, *a, **k)
+# The save's moments: it is cut into events, the entry to and the return from each file-system call it makes (and from
+# the swap itself). A child told to die at event e SIGKILLs itself there, so a kill lands at the same point of the
+# save on a busy machine as on an idle one (a kill timed by a clock landed all before the swap on a loaded CI).
+events, kill_at, saving = [0], [None], [False]
+def event():
+    events[0] += 1
+    if events[0] == kill_at[0]:
+        os.kill(os.getpid(), signal.SIGKILL)
+def counted(module, name):
+    call = getattr(module, name)
+    def wrapper(*a, **k):
+        if saving[0]:
+            event()
+            try:
+                return call(*a, **k)
+            finally:
+                event()
+        return call(*a, **k)
+    setattr(module, name, wrapper)
+for name in ("fsync", "rename", "replace", "link", "open", "close", "scandir", "unlink", "rmdir"):
+    counted(os, name)
+counted(F, "_exchange")
+write = C.RunWriter.write
+def announced(self, *a, **k):  # the save begins: event 1 (a kill here is before any file is written)
+    saving[0] = True
+    event()
+    try:
+        return write(self, *a, **k)
+    finally:
+        saving[0] = False
 C.RunWriter.write = announced
-signal_fd[0] = os.open(os.devnull, os.O_WRONLY)
-def train(seed, steps):  # `fmtoy train` in a child process; returns its pid and the read end of its pipe
+def train(seed, steps, at):  # `fmtoy train` in a child process told to die at event `at` (None: never); its pid, pipe
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        signal_fd[0] = w
+        events[0], kill_at[0] = 0, at
         code = fmtoy.cli.main(["train", "--seed", str(seed), "--steps", str(steps), "--hidden", "16", "--depth", "1",
                                "--batch-size", "64", "--threads", "1", "--quiet", "--out", folder])
-        os.write(w, b"E")
+        os.write(w, str(events[0]).encode())
         os._exit(code)
     os.close(w)
     return pid, r
-pid, r = train(0, 20)  # the good run the folder holds at first; it also times one whole save
-assert os.read(r, 1) == b"S"
-t0 = time.perf_counter()
-assert os.read(r, 1) == b"E"
-save = time.perf_counter() - t0
-assert os.waitpid(pid, 0)[1] == 0
-trials = []
-for i in range(n):
-    seed, steps = i + 1, 21 + i
-    pid, r = train(seed, steps)
-    assert os.read(r, 1) == b"S"
-    time.sleep(save * 1.3 * i / (n - 1))  # from the first moment of the save to just after its end
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+def finish(pid, r):
+    told = os.read(r, 64)
     os.close(r)
+    return os.waitpid(pid, 0)[1], told
+status, told = finish(*train(0, 20, None))  # the good run the folder holds at first; it also counts the save's events
+assert status == 0 and int(told) > 10, (status, told)
+total, trials = int(told), []
+for i in range(n):  # the kills spread evenly from the save's first event to its last
+    seed, steps, at = i + 1, 21 + i, 1 + round(i * (total - 1) / (n - 1))
+    status, told = finish(*train(seed, steps, at))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and told == b"", (at, status, told)
     shutil.copytree(folder, os.path.join(snapshots, str(i)))
-    trials.append({"seed": seed, "steps": steps})
-pid, r = train(99, 30)  # a run after the killed ones: it tidies what they left
-assert os.read(r, 1) == b"S" and os.read(r, 1) == b"E" and os.waitpid(pid, 0)[1] == 0
-print(json.dumps({"save_seconds": save, "trials": trials}))
+    trials.append({"seed": seed, "steps": steps, "event": at})
+status, told = finish(*train(99, 30, None))  # a run after the killed ones: it tidies what they left
+assert status == 0
+print(json.dumps({"events": total, "trials": trials}))
 """
 
 
@@ -484,7 +500,8 @@ def test_sigkill_around_the_save_always_leaves_one_whole_run(tmp_path):
     """The issue's test: a run folder holding a good run is re-trained into and `fmtoy train` is killed (SIGKILL) at
     20 moments spread over its save; the folder must always hold a loadable run whose three files are one run, the
     old or the new. The `fmtoy train` processes are forks of one process that imported fmtoy once (a fresh
-    interpreter per kill would cost 80 s), each running fmtoy.cli.main as the console script does."""
+    interpreter per kill would cost 80 s), each running fmtoy.cli.main as the console script does; the moments are
+    counted file-system calls of the save, not clock times, so they land in the same places however busy the machine."""
     folder, snaps, n = tmp_path / "runs" / "r", tmp_path / "snapshots", 20
     proc = subprocess.run(
         [sys.executable, "-c", KILLER, str(folder), str(snaps), str(n)], capture_output=True, text=True, timeout=240
